@@ -1,0 +1,3 @@
+from flowdppo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Command line: ``flowdppo train | sample | eval | pretrain``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG_TRAIN = """examples:
+  flowdppo train                                  # the default Flow-DPPO run on digits
+  flowdppo train configs/digits/grpo.yaml         # a recipe
+  flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
+  flowdppo train --resume runs/dppo-digits-20261124-120000
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowdppo",
+        description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="train a policy (no arguments: the default Flow-DPPO digits run)",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG] [key=value ...]",
+        help="an optional YAML config, then overrides such as train.lr=3e-4",
+    )
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
+    s = sub.add_parser("sample", help="sample images from a trained run or a task's base model")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
+    src.add_argument("--task", help="a built-in task's base model (e.g. digits)")
+    s.add_argument("--prompts", required=True, help="comma-separated prompts, e.g. three,seven")
+    s.add_argument("-n", type=int, default=8, help="samples per prompt (default 8)")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
+    s.add_argument("--guidance", type=float, default=None, help="guidance scale")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+
+    e = sub.add_parser(
+        "eval", help="reward and KL to the reference on trained and held-out prompts"
+    )
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("-n", type=int, default=None, help="samples per prompt (default: the run's)")
+    e.add_argument("--out", default=None, help="write the metrics as JSON here")
+
+    r = sub.add_parser("pretrain", help="pretrain a built-in task's base model and reward model")
+    r.add_argument("--task", default="digits")
+    r.add_argument("--out", default=None, help="output folder (default: the package's assets)")
+    r.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _train(ns) -> int:
+    from flowdppo.config import load_config
+    from flowdppo.trainer.loop import Trainer
+
+    if ns.resume:
+        from flowdppo.config import config_from_dict, read_yaml
+
+        if ns.args:
+            raise SystemExit("error: --resume takes the run's own config; drop the other arguments")
+        run_dir = Path(ns.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml)")
+        cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+        trainer = Trainer(cfg, run_dir, resume=True)
+    else:
+        path = None
+        overrides = list(ns.args)
+        if overrides and "=" not in overrides[0]:
+            path = overrides.pop(0)
+        cfg = load_config(path, overrides)
+        run_dir = Path(cfg.log.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        trainer = Trainer(cfg, run_dir)
+    print(
+        f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> {run_dir}",
+        flush=True,
+    )
+    summary = trainer.train()
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    before, after = summary["before"], summary["after"]
+    print("\nreward (ODE samples, fixed noise)      before -> after")
+    for key in sorted(after):
+        if "/reward/" in key or "/kl_ref/" in key:
+            b = before.get(key, float("nan"))
+            print(
+                f"  {key:<38} {b:.4f} -> {after[key]:.4f}"
+                if "reward" in key
+                else f"  {key:<38} {b:.2e} -> {after[key]:.2e}"
+            )
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_per_phase_s"].items())
+    print(f"time per phase: {times}")
+    run = summary["run_dir"]
+    print(
+        f"logs: {run}/metrics.jsonl, {run}/tensorboard; grids: {run}/grids/; "
+        f"checkpoints: {run}/ckpt-*; summary: {run}/summary.json"
+    )
+
+
+def _sample(ns) -> int:
+    import torch
+
+    from flowdppo.trainer.loop import make_sampler_spec
+    from flowdppo.trainer.rollout import ForwardCounter, sample
+    from flowdppo.trainer.runlog import save_grid
+
+    if ns.run:
+        from flowdppo.runs import load_run
+
+        cfg, task, model, _ = load_run(ns.run)
+    else:
+        from flowdppo.config import Config
+        from flowdppo.tasks import get_task
+
+        task = get_task(ns.task)
+        cfg = Config(task=ns.task)
+        model = task.build_model(None)
+    if ns.steps is not None:
+        cfg.sampler.num_steps = ns.steps
+        cfg.sampler.num_sde_steps = 1
+    if ns.guidance is not None:
+        cfg.sampler.guidance_scale = ns.guidance
+    prompts = [p.strip() for p in ns.prompts.split(",") if p.strip()]
+    spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None))
+    gen = torch.Generator().manual_seed(ns.seed)
+    batch = [p for p in prompts for _ in range(ns.n)]
+    noise = model.initial_noise(len(batch), gen)
+    final, _ = sample(model, model.encode(batch), noise, spec, [], gen, ForwardCounter())
+    save_grid(model.decode(final), batch, Path(ns.out), columns=min(ns.n, 8))
+    print(f"wrote {len(batch)} samples to {ns.out}")
+    return 0
+
+
+def _eval(ns) -> int:
+    from flowdppo.evaluate import Evaluator
+    from flowdppo.rewards import get_reward
+    from flowdppo.runs import load_run
+    from flowdppo.trainer.loop import make_sampler_spec
+
+    cfg, task, model, iteration = load_run(ns.run)
+    rewards = {n: get_reward(n) for n in (cfg.reward.names or task.default_rewards)}
+    spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None))
+    ev = Evaluator(
+        model,
+        rewards,
+        spec,
+        cfg.sampler.num_sde_steps,
+        cfg.sampler.sde_window,
+        ns.n or cfg.log.eval_samples_per_prompt,
+        seed=cfg.train.seed + 1,
+    )
+    metrics = ev.run(task.train_prompts, task.heldout_prompts)
+    metrics["iteration"] = iteration
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if ns.out:
+        Path(ns.out).write_text(text)
+    return 0
+
+
+def _pretrain(ns) -> int:
+    from flowdppo.tasks import get_task
+
+    task = get_task(ns.task)
+    pretrain = task.extra.get("pretrain")
+    if pretrain is None:
+        raise SystemExit(f"error: task {ns.task!r} has no pretraining routine")
+    pretrain(ns.out, ns.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flowdppo.config import ConfigError
+    from flowdppo.trainer.checkpoint import CheckpointError
+    from flowdppo.trainer.loop import TrainingError
+
+    ns = _parser().parse_args(argv)
+    handlers = {"train": _train, "sample": _sample, "eval": _eval, "pretrain": _pretrain}
+    try:
+        return handlers[ns.command](ns)
+    except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

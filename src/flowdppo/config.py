@@ -1,0 +1,280 @@
+"""Run configuration: YAML files plus ``key=value`` overrides, validated into typed objects.
+
+Every value is checked before any work starts. An unknown key, a wrong type or an
+impossible combination is a :class:`ConfigError` whose message names the key and says what
+would be valid. The defaults are the built-in Flow-DPPO run on the digits task.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OBJECTIVES = {"dppo": "dppo", "grpo": "clip", "clip": "clip", "cps": "clip", "dance": "clip"}
+KERNEL_OF_PRESET = {"dppo": "flow", "grpo": "flow", "clip": "flow", "cps": "cps", "dance": "dance"}
+KERNELS = ("flow", "cps", "dance")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplerConfig(_Section):
+    num_steps: int = Field(10, ge=1, description="denoising steps per sample")
+    eta: float = Field(0.7, ge=0, description="noise level of the SDE kernel")
+    num_sde_steps: int = Field(3, ge=1, description="exploration (SDE) steps per trajectory")
+    sde_window: tuple[float, float] = Field(
+        (0.0, 0.5), description="fraction window of the schedule the SDE steps are drawn from"
+    )
+    shift: float | None = Field(None, gt=0, description="time shift; null: the model's own")
+    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance (1: off)")
+    log_prob_reduce: Literal["mean", "sum"] = "mean"
+    score: Literal["gaussian", "cps"] = Field(
+        "gaussian", description="cps: the CPS authors' unnormalised -(x' - mean)^2 score"
+    )
+
+    @field_validator("sde_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.0 <= lo < hi <= 1.0):
+            raise ValueError(f"must satisfy 0 <= lo < hi <= 1, got [{lo}, {hi}]")
+        return v
+
+
+class ObjectiveConfig(_Section):
+    dppo_threshold: float = Field(
+        1e-4, ge=0, description="Flow-DPPO trust-region KL (for the log_prob_reduce in use)"
+    )
+    dppo_mask: Literal["asymmetric", "kl", "first_order"] = "asymmetric"
+    clip_range: float = Field(1e-4, gt=0, description="ratio clip for grpo/cps")
+    clip_range_high: float | None = Field(None, gt=0)
+    beta: float = Field(0.0, ge=0, description="weight of the exact KL to the reference model")
+
+
+class RewardConfig(_Section):
+    names: list[str] = Field(default_factory=list, description="empty: the task's default")
+    weights: dict[str, float] = Field(default_factory=dict)
+    combine: Literal["weighted", "gdpo"] = "weighted"
+    adv_std: Literal["global", "group"] = "global"
+    adv_clip: float | None = Field(None, gt=0)
+
+
+class TrainConfig(_Section):
+    iterations: int = Field(40, ge=1)
+    prompts_per_iteration: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2, description="samples per prompt (a group needs two)")
+    inner_epochs: int = Field(1, ge=1, description="passes over each rollout")
+    minibatch_size: int = Field(32, ge=1, description="samples per gradient step")
+    grad_accum: int = Field(1, ge=1, description="minibatches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_iterations: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    weights: str | None = Field(None, description="base weights path; null: the task's shipped")
+    finetune: Literal["lora", "full"] = "lora"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_targets: list[str] | None = Field(None, description="null: the task's default")
+
+
+class LogConfig(_Section):
+    run_dir: str | None = Field(None, description="null: runs/<name>-<time>")
+    grid_every: int = Field(10, ge=0, description="iterations between sample grids (0: end only)")
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(10, ge=0, description="iterations between evaluations (0: end only)")
+    eval_samples_per_prompt: int = Field(16, ge=1)
+    ref_kl: bool = Field(True, description="log the KL to the reference model every iteration")
+    tensorboard: bool = True
+
+
+class Config(_Section):
+    name: str = "dppo-digits"
+    task: str = "digits"
+    algorithm: str = Field(
+        "dppo", description="dppo, grpo, cps, dance, or OBJECTIVE+KERNEL such as dppo+cps"
+    )
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm(cls, v: str) -> str:
+        parse_algorithm(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        s = self.sampler
+        lo, hi = s.sde_window
+        window = [k for k in range(s.num_steps) if lo <= k / s.num_steps < hi]
+        if s.num_sde_steps > s.num_steps:
+            raise ValueError(
+                f"sampler.num_sde_steps ({s.num_sde_steps}) is more than sampler.num_steps "
+                f"({s.num_steps})"
+            )
+        if s.num_sde_steps > len(window):
+            raise ValueError(
+                f"sampler.num_sde_steps ({s.num_sde_steps}) is more than the "
+                f"{len(window)} steps in sampler.sde_window {list(s.sde_window)} of "
+                f"{s.num_steps} steps: widen the window or draw fewer"
+            )
+        if self.kernel == "cps" and s.eta > 1:
+            raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")
+        if s.eta == 0:
+            raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
+        return self
+
+    @property
+    def objective_name(self) -> str:
+        return parse_algorithm(self.algorithm)[0]
+
+    @property
+    def kernel(self) -> str:
+        return parse_algorithm(self.algorithm)[1]
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.train.prompts_per_iteration * self.train.group_size
+
+
+def parse_algorithm(name: str) -> tuple[str, str]:
+    """``"dppo+cps"`` -> ``("dppo", "cps")``: the objective and the kernel."""
+    head, _, kernel = name.partition("+")
+    if head not in OBJECTIVES or (kernel and kernel not in KERNELS):
+        raise ValueError(
+            f"unknown algorithm {name!r}: use dppo, grpo, cps, dance, or OBJECTIVE+KERNEL "
+            f"with OBJECTIVE in (dppo, clip) and KERNEL in {KERNELS}, e.g. dppo+cps"
+        )
+    return OBJECTIVES[head], kernel or KERNEL_OF_PRESET[head]
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            section = _section_model(loc[:-1])
+            options = list(section.model_fields)
+            lines.append(
+                f"unknown key {key!r}{_suggest(str(loc[-1]), options)}; valid keys here: "
+                f"{', '.join(options)}"
+            )
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) or "got" in msg else f" (got {got!r})"
+            lines.append(f"{key}: {msg}{shown}" if key else msg)
+    return "\n  ".join(lines)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(
+                f"override {dotted!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            )
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-3", "algorithm=grpo"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.iterations=20)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
+        _set_path(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and overrides."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return config_from_dict(tree, source=str(path) if path else "defaults")
+
+
+def config_from_dict(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration ({source}):\n  {_explain(err)}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,45 @@
+"""Load a trained run back: its config, task and model with the latest checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flowdppo.config import Config, ConfigError, config_from_dict, read_yaml
+from flowdppo.models.base import FlowModel
+from flowdppo.models.finetune import apply_finetuning
+from flowdppo.tasks import Task, get_task
+from flowdppo.trainer import checkpoint as ckpt
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, Task, FlowModel, int]:
+    """(config, task, model with trained weights, iteration of the checkpoint)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (it has no config.yaml)")
+    cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    task = get_task(cfg.task)
+    model = task.build_model(cfg.model.weights)
+    apply_finetuning(
+        model,
+        cfg.model.finetune,
+        rank=cfg.model.lora_rank,
+        alpha=cfg.model.lora_alpha,
+        targets=cfg.model.lora_targets or task.extra.get("lora_targets"),
+    )
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise ckpt.CheckpointError(f"run {run_dir} has no checkpoint yet")
+    payload, state, _, _ = ckpt.load_checkpoint(path)
+    params = dict(model.module.named_parameters())
+    missing = set(state) - set(params)
+    if missing:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} has tensors the model lacks: {sorted(missing)[:3]}"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    model.module.eval()
+    return cfg, task, model, payload["iteration"]

@@ -1,0 +1,369 @@
+"""One training loop for every model and algorithm (SPEC section 6).
+
+Per iteration: roll out P prompts x G samples with no gradient, score them, form group
+advantages, then replay the recorded SDE steps for I inner epochs of minibatches and apply
+the objective. Flow-DPPO and the ratio-clipping baselines differ only in the objective
+function called in :func:`flowdppo.trainer.update.step_loss`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from flowdppo import schedule
+from flowdppo.advantages import combine_rewards
+from flowdppo.config import Config, dump_config
+from flowdppo.evaluate import Evaluator
+from flowdppo.models.finetune import apply_finetuning, trainable_state
+from flowdppo.rewards import get_reward
+from flowdppo.tasks import get_task
+from flowdppo.trainer import checkpoint as ckpt
+from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
+from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
+from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def make_sampler_spec(
+    cfg: Config, model_shift: float, num_train_timesteps: int | None
+) -> SamplerSpec:
+    s = cfg.sampler
+    shift = model_shift if s.shift is None else s.shift
+    sigmas = schedule.sigma_schedule(s.num_steps, shift, num_train_timesteps=num_train_timesteps)
+    return SamplerSpec(cfg.kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+
+
+def lr_factor(cfg: Config, step: int, total: int) -> float:
+    t = cfg.train
+    warm = t.warmup_iterations * max(1, total // t.iterations)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    if t.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if t.lr_schedule == "linear":
+        return 1 - progress
+    return 1.0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.task = get_task(cfg.task)
+        reward_names = cfg.reward.names or self.task.default_rewards
+        self.rewards = {name: get_reward(name) for name in reward_names}
+        unknown = set(cfg.reward.weights) - set(self.rewards)
+        if unknown:
+            raise TrainingError(
+                f"reward.weights names {sorted(unknown)}, which are not in reward.names "
+                f"{reward_names}"
+            )
+        self.model = self.task.build_model(cfg.model.weights)
+        targets = cfg.model.lora_targets or self.task.extra.get("lora_targets")
+        self.params = apply_finetuning(
+            self.model,
+            cfg.model.finetune,
+            rank=cfg.model.lora_rank,
+            alpha=cfg.model.lora_alpha,
+            targets=targets,
+        )
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
+        )
+        self.spec = make_sampler_spec(
+            cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None)
+        )
+        self.objective = ObjectiveSpec(
+            cfg.objective_name,
+            cfg.objective.dppo_threshold,
+            cfg.objective.dppo_mask,
+            cfg.objective.clip_range,
+            cfg.objective.clip_range_high,
+            cfg.objective.beta,
+        )
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.counter = ForwardCounter()
+        self.evaluator = Evaluator(
+            self.model,
+            self.rewards,
+            self.spec,
+            cfg.sampler.num_sde_steps,
+            cfg.sampler.sde_window,
+            cfg.log.eval_samples_per_prompt,
+            seed=t.seed + 1,
+            counter=self.counter,
+        )
+        self.iteration = 0
+        self.optimizer_steps = 0
+        self.phase_time: dict[str, float] = {}
+        self.summary: dict = {}
+        if resume:
+            self._resume()
+        else:
+            self._start_run_dir()
+
+    # ---------------------------------------------------------------- run directory
+    def _start_run_dir(self) -> None:
+        if ckpt.latest_checkpoint(self.run_dir) is not None:
+            raise TrainingError(
+                f"run directory {self.run_dir} already holds checkpoints; continue it with "
+                f"--resume {self.run_dir} or choose another log.run_dir"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        probe = self.run_dir / ".write-test"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise TrainingError(f"run directory {self.run_dir} is not writable: {exc}") from exc
+        ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise TrainingError(
+                f"nothing to resume in {self.run_dir}: it holds no checkpoint "
+                "(start a new run without --resume)"
+            )
+        payload, model_state, optim_state, rng = ckpt.load_checkpoint(path)
+        current = trainable_state(self.model.module)
+        if set(model_state) != set(current):
+            raise TrainingError(
+                f"checkpoint {path} does not match this model's trainable parameters "
+                "(was it written with another model or fine-tuning mode?)"
+            )
+        with torch.no_grad():
+            for name, p in self.model.module.named_parameters():
+                if name in model_state:
+                    p.copy_(model_state[name])
+        self.optimizer.load_state_dict(optim_state)
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        st = payload["state"]
+        self.iteration = payload["iteration"]
+        self.optimizer_steps = st["optimizer_steps"]
+        self.phase_time = st["phase_time"]
+        self.summary = st["summary"]
+        self.counter.calls, self.counter.samples = st["forward_calls"], st["forward_samples"]
+        self.counter.backward = st["backward_calls"]
+
+    def _checkpoint(self) -> None:
+        state = {
+            "optimizer_steps": self.optimizer_steps,
+            "phase_time": self.phase_time,
+            "summary": self.summary,
+            "forward_calls": self.counter.calls,
+            "forward_samples": self.counter.samples,
+            "backward_calls": self.counter.backward,
+        }
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        ckpt.save_checkpoint(
+            self.run_dir,
+            self.iteration,
+            trainable_state(self.model.module),
+            self.optimizer,
+            rng,
+            state,
+            keep=self.cfg.log.keep_checkpoints,
+        )
+
+    @contextmanager
+    def _timed(self, phase: str, metrics: dict):
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        metrics[f"time/{phase}"] = metrics.get(f"time/{phase}", 0.0) + elapsed
+        self.phase_time[phase] = self.phase_time.get(phase, 0.0) + elapsed
+
+    # ---------------------------------------------------------------- one iteration
+    def _draw_prompts(self) -> tuple[list[str], torch.Tensor]:
+        t = self.cfg.train
+        pool = self.task.train_prompts
+        pick = torch.randint(len(pool), (t.prompts_per_iteration,), generator=self.generator)
+        prompts = [pool[i] for i in pick.tolist() for _ in range(t.group_size)]
+        group = torch.arange(t.prompts_per_iteration).repeat_interleave(t.group_size)
+        return prompts, group
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, fn in self.rewards.items():
+            r = torch.as_tensor(fn(images, prompts)).detach().float().reshape(-1)
+            if r.shape[0] != len(prompts):
+                raise TrainingError(
+                    f"reward {name!r} returned {r.shape[0]} values for {len(prompts)} samples"
+                )
+            if not torch.isfinite(r).all():
+                raise TrainingError(
+                    f"reward {name!r} returned {int((~torch.isfinite(r)).sum())} non-finite "
+                    "values; fix the reward function"
+                )
+            out[name] = r
+        return out
+
+    def _update(self, ro, advantages: torch.Tensor, metrics: dict) -> None:
+        t = self.cfg.train
+        acc = StatsAccumulator()
+        n_steps = len(ro.sde_steps)
+        total_updates = t.iterations * self._updates_per_iteration()
+        grad_norms = []
+        first_dev = None
+        pending = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for epoch in range(t.inner_epochs):
+            perm = torch.randperm(ro.batch_size, generator=self.generator)
+            for start in range(0, ro.batch_size, t.minibatch_size):
+                idx = perm[start : start + t.minibatch_size]
+                for i in range(n_steps):
+                    loss, stats = step_loss(
+                        self.model, ro, idx, i, advantages, self.spec, self.objective, self.counter
+                    )
+                    # Average over the trained steps and the samples of the optimizer step.
+                    (loss.mean() / (n_steps * t.grad_accum)).backward()
+                    self.counter.backward += 1
+                    acc.add(stats)
+                    if epoch == 0 and start == 0:
+                        dev = max(
+                            abs(float(stats["ratio_max"]) - 1), abs(float(stats["ratio_min"]) - 1)
+                        )
+                        first_dev = dev if first_dev is None else max(first_dev, dev)
+                pending += 1
+                last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= ro.batch_size
+                if pending == t.grad_accum or last:
+                    grad_norms.append(self._optimizer_step(total_updates))
+                    pending = 0
+        metrics.update(acc.result())
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["first_update_ratio_dev"] = first_dev
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+
+    def _updates_per_iteration(self) -> int:
+        t = self.cfg.train
+        minibatches = math.ceil(self.cfg.samples_per_iteration / t.minibatch_size)
+        return t.inner_epochs * math.ceil(minibatches / t.grad_accum)
+
+    def _optimizer_step(self, total_updates: int) -> float:
+        t = self.cfg.train
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not torch.isfinite(norm):
+            raise TrainingError(
+                "the gradient is not finite (NaN or inf); lower train.lr or check the reward"
+            )
+        if t.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = t.lr * lr_factor(self.cfg, self.optimizer_steps, total_updates)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return float(norm)
+
+    def run_iteration(self) -> dict[str, float]:
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        with self._timed("rollout", metrics):
+            prompts, group = self._draw_prompts()
+            sde_steps = schedule.choose_sde_steps(
+                cfg.sampler.num_steps,
+                cfg.sampler.num_sde_steps,
+                cfg.sampler.sde_window,
+                self.generator,
+            )
+            ro = rollout(
+                self.model, prompts, group, self.spec, sde_steps, self.generator, self.counter
+            )
+        with self._timed("reward", metrics):
+            rewards = self._score(self.model.decode(ro.final), prompts)
+            advantages = combine_rewards(
+                rewards,
+                group,
+                weights=cfg.reward.weights,
+                method=cfg.reward.combine,
+                std=cfg.reward.adv_std,
+                clip=cfg.reward.adv_clip,
+            )
+        if cfg.log.ref_kl:
+            with self._timed("ref_kl", metrics):
+                kl = reference_kl(self.model, ro, self.spec, self.counter)
+            metrics["kl_ref/mean"] = float(kl.mean())
+            metrics["kl_ref/path"] = float(kl.sum(0).mean())
+        with self._timed("update", metrics):
+            self._update(ro, advantages, metrics)
+        total = sum(rewards.values()) if len(rewards) > 1 else next(iter(rewards.values()))
+        metrics["reward/mean"] = float(total.mean())
+        for name, r in rewards.items():
+            metrics[f"reward/{name}/mean"] = float(r.mean())
+            metrics[f"reward/{name}/std"] = float(r.std(unbiased=False))
+        metrics["advantage/abs_mean"] = float(advantages.abs().mean())
+        metrics["time/iteration"] = time.perf_counter() - start
+        metrics.update({k: float(v) for k, v in self.counter.as_dict().items()})
+        return metrics
+
+    # ---------------------------------------------------------------- the run
+    def _evaluate(self, tag: str, log: RunLog | None, metrics: dict | None) -> dict:
+        with self._timed("eval", metrics if metrics is not None else {}):
+            result = self.evaluator.run(
+                self.task.train_prompts,
+                self.task.heldout_prompts,
+                grid_path=self.run_dir / "grids" / f"{tag}.png",
+            )
+        if metrics is not None:
+            metrics.update(result)
+        return result
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        log = RunLog(self.run_dir, cfg.log.tensorboard, start_iteration=self.iteration)
+        progress = Progress(cfg.train.iterations, self.iteration)
+        try:
+            if "before" not in self.summary:
+                self.summary["before"] = self._evaluate("iter-000000", None, None)
+            while self.iteration < cfg.train.iterations:
+                metrics = self.run_iteration()
+                self.iteration += 1
+                last = self.iteration == cfg.train.iterations
+                every = cfg.log.eval_every
+                if last or (every and self.iteration % every == 0):
+                    self._evaluate(f"iter-{self.iteration:06d}", log, metrics)
+                log.log(self.iteration, metrics)
+                progress.update(self.iteration - 1, cfg.train.iterations, metrics)
+                if last or self.iteration % cfg.log.checkpoint_every == 0:
+                    if last:
+                        self.summary["after"] = {
+                            k: v for k, v in metrics.items() if k.startswith("eval/")
+                        }
+                    self._checkpoint()
+        finally:
+            progress.close()
+            log.close()
+        return self._write_summary()
+
+    def _write_summary(self) -> dict:
+        summary = {
+            "name": self.cfg.name,
+            "algorithm": self.cfg.algorithm,
+            "iterations": self.iteration,
+            "before": self.summary.get("before", {}),
+            "after": self.summary.get("after", {}),
+            "time_per_phase_s": self.phase_time,
+            "counts": self.counter.as_dict(),
+            "run_dir": str(self.run_dir),
+        }
+        ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+
+def metrics_of(run_dir: str | Path) -> list[dict]:
+    return read_metrics(Path(run_dir) / "metrics.jsonl")

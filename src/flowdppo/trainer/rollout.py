@@ -1,0 +1,170 @@
+"""Rollouts: sample trajectories and record what the update needs to replay them.
+
+For every exploration (SDE) step the rollout keeps the state, the sampled next state, the
+old log-prob and the old mean. Flow-DPPO's KL anchor is that stored mean, so it costs no
+forward pass beyond what sampling already did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowdppo import kernels
+from flowdppo.models.base import Cond, FlowModel
+
+
+@dataclass
+class SamplerSpec:
+    """How one trajectory is sampled (the config's sampler section, resolved)."""
+
+    kernel: str
+    sigmas: torch.Tensor  # [N + 1], from 1 down to 0
+    eta: float
+    guidance_scale: float = 1.0
+    reduce: str = "mean"
+    score: str = "gaussian"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def sigma_max(self) -> float:
+        # The first entry below 1, for the flow kernel's sigma = 1 step.
+        return float(self.sigmas[1]) if self.num_steps > 1 else 0.5
+
+    def transition(self, k: int, velocity, x) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.transition(
+            self.kernel,
+            velocity,
+            x,
+            self.sigmas[k],
+            self.sigmas[k + 1],
+            self.eta,
+            sigma_max=self.sigma_max,
+        )
+
+    def step(self, k: int, kind: str, velocity, x, **kw) -> kernels.StepOutput:
+        return kernels.step(
+            kind,
+            velocity,
+            x,
+            self.sigmas[k],
+            self.sigmas[k + 1],
+            self.eta,
+            sigma_max=self.sigma_max,
+            reduce=self.reduce,
+            score=self.score,
+            **kw,
+        )
+
+
+@dataclass
+class Rollout:
+    """A batch of trajectories; SDE-step tensors are stacked as [K, B, ...]."""
+
+    prompts: list[str]
+    group: torch.Tensor  # [B] group id (one per prompt draw)
+    cond: Cond
+    final: torch.Tensor  # [B, ...] final latents
+    sde_steps: list[int]
+    states: torch.Tensor
+    next_states: torch.Tensor
+    means: torch.Tensor
+    log_probs: torch.Tensor  # [K, B]
+    stds: torch.Tensor  # [K]
+
+    @property
+    def batch_size(self) -> int:
+        return self.final.shape[0]
+
+
+class ForwardCounter:
+    """Counts model forward calls and the samples they process, per phase."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.samples: dict[str, int] = {}
+        self.backward = 0
+
+    def velocity(self, model: FlowModel, phase: str, x, sigma, cond, guidance_scale):
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+        self.samples[phase] = self.samples.get(phase, 0) + x.shape[0]
+        return model.velocity(x, sigma, cond, guidance_scale)
+
+    def as_dict(self) -> dict[str, int]:
+        out = {f"forward_calls/{k}": v for k, v in self.calls.items()}
+        out.update({f"forward_samples/{k}": v for k, v in self.samples.items()})
+        out["backward_calls"] = self.backward
+        return out
+
+
+@torch.no_grad()
+def sample(
+    model: FlowModel,
+    cond: Cond,
+    noise: torch.Tensor,
+    spec: SamplerSpec,
+    sde_steps: list[int],
+    generator: torch.Generator,
+    counter: ForwardCounter,
+    phase: str = "rollout",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run the sampler; return final latents and the recorded SDE steps."""
+    x = noise.float()
+    b = x.shape[0]
+    record: dict[str, list] = {"states": [], "next_states": [], "means": [], "log_probs": []}
+    stds = []
+    sde = set(sde_steps)
+    for k in range(spec.num_steps):
+        sigma = spec.sigmas[k].expand(b)
+        v = counter.velocity(model, phase, x, sigma, cond, spec.guidance_scale)
+        out = spec.step(k, spec.kernel if k in sde else "ode", v, x, generator=generator)
+        if k in sde:
+            record["states"].append(x)
+            record["next_states"].append(out.prev_sample)
+            record["means"].append(out.mean)
+            record["log_probs"].append(out.log_prob)
+            stds.append(out.std.reshape(()))
+        x = out.prev_sample
+    if not stds:  # an all-ODE pass records nothing
+        return x, {}
+    stacked = {k: torch.stack(v) for k, v in record.items()}
+    stacked["stds"] = torch.stack(stds)
+    return x, stacked
+
+
+def rollout(
+    model: FlowModel,
+    prompts: list[str],
+    group: torch.Tensor,
+    spec: SamplerSpec,
+    sde_steps: list[int],
+    generator: torch.Generator,
+    counter: ForwardCounter,
+    cond: Cond | None = None,
+    phase: str = "rollout",
+) -> Rollout:
+    cond = model.encode(prompts) if cond is None else cond
+    noise = model.initial_noise(len(prompts), generator)
+    final, rec = sample(model, cond, noise, spec, sde_steps, generator, counter, phase)
+    return Rollout(prompts, group, cond, final, list(sde_steps), **rec)
+
+
+@torch.no_grad()
+def reference_kl(
+    model: FlowModel, ro: Rollout, spec: SamplerSpec, counter: ForwardCounter
+) -> torch.Tensor:
+    """Exact per-step KL between the policy that sampled ``ro`` and the reference model,
+    at every recorded SDE step of the rollout's own trajectories: [K, B]."""
+    out = []
+    with model.reference():
+        for i, k in enumerate(ro.sde_steps):
+            x = ro.states[i]
+            sigma = spec.sigmas[k].expand(x.shape[0])
+            v_ref = counter.velocity(model, "ref_kl", x, sigma, ro.cond, spec.guidance_scale)
+            mean_ref, std = spec.transition(k, v_ref, x)
+            out.append(kernels.gaussian_kl(ro.means[i], mean_ref, std, spec.reduce))
+    return torch.stack(out)

@@ -1,0 +1,121 @@
+"""What a run writes: metrics.jsonl, TensorBoard events, sample grids, console progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+METRICS = "metrics.jsonl"
+
+
+def _clean(value: float) -> float | None:
+    # JSON has no NaN / inf; write null so every line stays valid JSON.
+    return value if math.isfinite(value) else None
+
+
+class RunLog:
+    """Appends one JSON line per iteration and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, start_iteration: int = 0):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS
+        truncate_metrics(self.path, start_iteration)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote past its last checkpoint.
+            self.writer = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=start_iteration
+            )
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        record = {"iteration": iteration, **{k: _clean(float(v)) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if math.isfinite(float(v)):
+                    self.writer.add_scalar(k, float(v), iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def truncate_metrics(path: Path, keep_through: int) -> None:
+    """Keep metric lines of iterations ``<= keep_through`` (the resumed checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= keep_through:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a line cut by a kill: everything after it is stale too
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def save_grid(
+    images: torch.Tensor, captions: list[str], path: Path, columns: int, cell: int = 64
+) -> None:
+    """Save images [B, C, H, W] in [0, 1] as a PNG grid with a caption under each."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    b, c = images.shape[:2]
+    rows = math.ceil(b / columns)
+    caption_h = 12
+    canvas = Image.new("RGB", (columns * cell, rows * (cell + caption_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(b):
+        arr = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        img = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
+        img = img.resize((cell, cell), Image.NEAREST)
+        x, y = (i % columns) * cell, (i // columns) * (cell + caption_h)
+        canvas.paste(img, (x, y))
+        draw.text((x + 2, y + cell), captions[i][: cell // 6], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+class Progress:
+    """A live bar on a terminal; one plain line per iteration otherwise."""
+
+    def __init__(self, total: int, start: int):
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+
+    def update(self, iteration: int, total: int, metrics: dict[str, float]) -> None:
+        reward = metrics.get("reward/mean", float("nan"))
+        kl = metrics.get("kl_ref/mean", float("nan"))
+        extra = metrics.get("masked_fraction", metrics.get("clip_fraction", float("nan")))
+        label = "masked" if "masked_fraction" in metrics else "clipped"
+        if self.bar is not None:
+            self.bar.set_postfix(
+                reward=f"{reward:.3f}", kl_ref=f"{kl:.2e}", **{label: f"{extra:.2f}"}
+            )
+            self.bar.update(1)
+        else:
+            print(
+                f"iter {iteration + 1}/{total} reward {reward:.4f} kl_ref {kl:.3e} "
+                f"{label} {extra:.3f} time {metrics.get('time/iteration', 0):.2f}s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

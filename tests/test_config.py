@@ -1,0 +1,87 @@
+import pytest
+
+from flowdppo.config import Config, ConfigError, load_config, parse_algorithm, parse_overrides
+
+
+def test_defaults_are_the_flow_dppo_digits_run():
+    cfg = load_config()
+    assert (cfg.task, cfg.objective_name, cfg.kernel) == ("digits", "dppo", "flow")
+    assert cfg.samples_per_iteration == cfg.train.prompts_per_iteration * cfg.train.group_size
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("dppo", ("dppo", "flow")),
+        ("grpo", ("clip", "flow")),
+        ("cps", ("clip", "cps")),
+        ("dppo+cps", ("dppo", "cps")),
+        ("dppo+dance", ("dppo", "dance")),
+        ("dance", ("clip", "dance")),
+        ("clip+cps", ("clip", "cps")),
+    ],
+)
+def test_algorithm_names(name, expected):
+    assert parse_algorithm(name) == expected
+    assert load_config(None, [f"algorithm={name}"]).kernel == expected[1]
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "algorithm: grpo\ntrain:\n  lr: 1e-4\n  group_size: 4\nobjective:\n  clip_range: 2e-4\n"
+    )
+    cfg = load_config(path, ["train.group_size=6", "sampler.sde_window=[0.0, 0.6]"])
+    assert cfg.algorithm == "grpo" and cfg.train.lr == 1e-4 and cfg.objective.clip_range == 2e-4
+    assert cfg.train.group_size == 6 and cfg.sampler.sde_window == (0.0, 0.6)
+
+
+def test_override_values_are_typed():
+    tree = parse_overrides(["a.b=3", "a.c=true", "d=[1, 2]", "e=x"])
+    assert tree == {"a": {"b": 3, "c": True}, "d": [1, 2], "e": "x"}
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["train.group_size=1"], "train.group_size"),
+        (["train.grup_size=3"], "unknown key 'train.grup_size' \\(did you mean 'group_size'"),
+        (["sampler.sde_window=[0.2, 1.5]"], "sampler.sde_window"),
+        (["sampler.sde_window=[-0.1, 0.5]"], "sampler.sde_window"),
+        (["sampler.num_sde_steps=12"], "more than sampler.num_steps"),
+        (["sampler.num_sde_steps=6"], "steps in sampler.sde_window"),
+        (["algorithm=ppo"], "unknown algorithm 'ppo'"),
+        (["train.lr=fast"], "train.lr"),
+        (["train.lr=-1"], "train.lr"),
+        (["sampler.eta=0"], "sampler.eta"),
+        (["algorithm=cps", "sampler.eta=1.5"], "sampler.eta must be <= 1"),
+        (["log.nonsense=1"], "unknown key 'log.nonsense'"),
+        (["train.lr"], "key=value"),
+        (["train=3"], "train"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+    assert configs, "the repository ships recipes under configs/"
+    for path in configs:
+        assert isinstance(load_config(path), Config)
