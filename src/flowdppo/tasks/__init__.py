@@ -43,4 +43,4 @@ def get_task(name: str) -> Task:
     return _TASKS[name]()
 
 
-from flowdppo.tasks import digits  # noqa: E402,F401  (registers the built-in task)
+from flowdppo.tasks import digits, shapes  # noqa: E402,F401  (registers the built-in tasks)

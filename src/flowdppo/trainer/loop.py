@@ -69,6 +69,9 @@ class Trainer:
                 f"{reward_names}"
             )
         self.model = self.task.build_model(cfg.model.weights)
+        # LoRA initialises its adapters from the global RNG: seed it so that two runs with
+        # one seed start identically, even within one process.
+        torch.manual_seed(cfg.train.seed)
         targets = cfg.model.lora_targets or self.task.extra.get("lora_targets")
         self.params = apply_finetuning(
             self.model,

@@ -1,0 +1,88 @@
+"""A toy task for fast trainer tests: 2x2x2 latents, an MLP velocity, a brightness reward."""
+
+import pytest
+import torch
+from torch import nn
+
+from flowdppo.models.base import FlowModel
+from flowdppo.rewards import _FACTORIES, register_reward
+from flowdppo.tasks import _TASKS, Task, register_task
+
+PROMPTS = ["bright", "dark", "grey"]
+
+
+class ToyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = nn.Embedding(len(PROMPTS), 8)
+        self.inp = nn.Linear(8 + 8 + 1, 32)
+        self.out = nn.Linear(32, 8)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x, sigma, label):
+        h = torch.cat([x.flatten(1), self.embed(label), sigma[:, None]], dim=1)
+        return self.out(torch.tanh(self.inp(h))).view_as(x)
+
+
+class ToyModel(FlowModel):
+    def __init__(self):
+        self.module = ToyNet()
+
+    def encode(self, prompts):
+        return {"label": torch.tensor([PROMPTS.index(p) for p in prompts])}
+
+    def initial_noise(self, n, generator):
+        return torch.randn(n, 2, 2, 2, generator=generator)
+
+    def velocity(self, x, sigma, cond, guidance_scale=1.0):
+        return self.module(x, sigma, cond["label"])
+
+    def decode(self, x):
+        return ((x.clamp(-1, 1) + 1) / 2)[:, :1]
+
+
+def _brightness(images, prompts):
+    target = torch.tensor([{"bright": 1.0, "dark": 0.0, "grey": 0.5}[p] for p in prompts])
+    return 1 - (images.mean(dim=(1, 2, 3)) - target).abs()
+
+
+if "toy" not in _TASKS:
+    register_reward("toy_brightness")(lambda: _brightness)
+    register_reward("toy_contrast")(lambda: lambda images, prompts: images.std(dim=(1, 2, 3)))
+
+    @register_task("toy")
+    def _toy():
+        return Task(
+            name="toy",
+            build_model=lambda weights: ToyModel(),
+            default_rewards=["toy_brightness"],
+            train_prompts=["bright", "dark"],
+            heldout_prompts=["grey"],
+            extra={"lora_targets": ["inp", "out"]},
+        )
+
+
+TOY = [
+    "task=toy",
+    "train.iterations=2",
+    "train.prompts_per_iteration=2",
+    "train.group_size=4",
+    "train.minibatch_size=4",
+    "sampler.num_steps=6",
+    "sampler.num_sde_steps=2",
+    "log.eval_samples_per_prompt=4",
+    "log.tensorboard=false",
+    "log.checkpoint_every=1",
+    "train.lr=1e-2",
+]
+
+
+@pytest.fixture
+def toy_overrides():
+    return list(TOY)
+
+
+assert _FACTORIES  # the registry is shared with the package
