@@ -10,6 +10,7 @@ from pathlib import Path
 
 EPILOG_TRAIN = """examples:
   flowdppo train                                  # the default Flow-DPPO run on digits
+  flowdppo train --task shapes                    # Flow-DPPO on the compositional shapes task
   flowdppo train configs/digits/grpo.yaml         # a recipe
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
   flowdppo train --resume runs/dppo-digits-20261124-120000
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         help="an optional YAML config, then overrides such as train.lr=3e-4",
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument(
+        "--task",
+        help="a built-in task (digits, shapes) with its recommended budget; same as task=NAME "
+        "plus that budget, under any CONFIG and overrides",
+    )
 
     s = sub.add_parser("sample", help="sample images from a trained run or a task's base model")
     src = s.add_mutually_exclusive_group(required=True)
@@ -69,7 +75,7 @@ def _train(ns) -> int:
     if ns.resume:
         from flowdppo.config import config_from_dict, read_yaml
 
-        if ns.args:
+        if ns.args or ns.task:
             raise SystemExit("error: --resume takes the run's own config; drop the other arguments")
         run_dir = Path(ns.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -81,8 +87,14 @@ def _train(ns) -> int:
         overrides = list(ns.args)
         if overrides and "=" not in overrides[0]:
             path = overrides.pop(0)
-        cfg = load_config(path, overrides)
-        run_dir = Path(cfg.log.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        base = None
+        if ns.task:
+            from flowdppo.tasks import get_task
+
+            base = get_task(ns.task).extra.get("recommended", {})
+            overrides.insert(0, f"task={ns.task}")
+        cfg = load_config(path, overrides, base=base)
+        run_dir = Path(cfg.log.run_dir or f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         trainer = Trainer(cfg, run_dir)
     print(
         f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> {run_dir}",
