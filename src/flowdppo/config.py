@@ -224,8 +224,18 @@ class Config(_Section):
                     "task 'prompts' needs a diffusers model: set model.kind to one of "
                     f"{', '.join(DIFFUSERS_KINDS)} and model.path to its directory"
                 )
-            pipeline_keys = ("path", "resolution", "frames", "max_sequence_length")
-            set_keys = [k for k in pipeline_keys if getattr(m, k) is not None]
+            pipeline_keys = (
+                "path",
+                "resolution",
+                "frames",
+                "dtype",
+                "gradient_checkpointing",
+                "max_sequence_length",
+                "negative_prompt",
+                "device",
+            )
+            fields = ModelConfig.model_fields
+            set_keys = [k for k in pipeline_keys if getattr(m, k) != fields[k].default]
             if set_keys:
                 raise ValueError(
                     f"model.{set_keys[0]} is for diffusers models; set model.kind to one of "
