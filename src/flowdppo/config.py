@@ -246,8 +246,8 @@ class Config(_Section):
                 f"model.frames is for video models (model.kind wan); {m.kind} makes images"
             )
         if self.task != "prompts":
-            for key in ("train_prompts", "heldout_prompts"):
-                if getattr(d, key) is not None:
+            for key, field in DataConfig.model_fields.items():
+                if getattr(d, key) != field.default:
                     raise ValueError(
                         f"data.{key} is read by task 'prompts' only (this run's task is "
                         f"{self.task!r})"
