@@ -378,3 +378,35 @@ def test_the_documented_sd3_command_runs_with_a_pickscore_model(
     (row,) = metrics_of(run)
     assert row["first_update_ratio_dev"] < 1e-5 and row["grad_norm"] > 0
     assert "reward/pickscore/mean" in row and "eval/train/reward/pickscore" in row
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_of_a_real_model_run_equals_an_uninterrupted_one(
+    pipes, prompt_files, tmp_path, monkeypatch
+):
+    def run(name):
+        args = overrides("sd3", pipes["sd3"], prompt_files, tmp_path / name)
+        return load_config(None, [*args, "train.iterations=3", "log.checkpoint_every=1"])
+
+    Trainer(run("full"), tmp_path / "full").train()
+    original = Trainer._checkpoint
+
+    def crash_after_one(self):
+        original(self)
+        if self.iteration == 1:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash_after_one)
+    with pytest.raises(Crash):
+        Trainer(run("crashed"), tmp_path / "crashed").train()
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+    # As `flowdppo train --resume RUN_DIR`: the run's own config.yaml rebuilds the task.
+    assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    digest = [
+        json.loads((tmp_path / r / "ckpt-000003" / "state.json").read_text())["sha256"]
+        for r in ("full", "crashed")
+    ]
+    assert digest[0] == digest[1]  # bit-identical LoRA and optimizer state
