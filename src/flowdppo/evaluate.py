@@ -66,7 +66,10 @@ class Evaluator:
         kl = reference_kl(self.model, ro, self.spec, self.counter)
         out[f"eval/{tag}/kl_ref/mean"] = float(kl.mean())
         out[f"eval/{tag}/kl_ref/path"] = float(kl.sum(0).mean())
-        return out, images, batch
+        # Only the grid's samples are kept, on the CPU: decoded videos of a real model are
+        # large, and the grid shows at most 8 per prompt.
+        keep = [i for i in range(len(batch)) if i % self.n < min(self.n, 8)]
+        return out, images[keep].cpu(), [batch[i] for i in keep]
 
     def run(
         self, train_prompts: list[str], heldout_prompts: list[str], grid_path: Path | None = None
@@ -78,8 +81,7 @@ class Evaluator:
             images = torch.cat([images, held_images])
             captions = captions + held_captions
         if grid_path is not None:
-            cols = min(self.n, 8)
-            # Show the first `cols` samples of every prompt, one prompt per row.
-            keep = [i for i in range(len(captions)) if i % self.n < cols]
-            save_grid(images[keep], [captions[i] for i in keep], grid_path, columns=cols)
+            # The first samples of every prompt (up to 8), one prompt per row; a video shows
+            # its middle frame.
+            save_grid(images, captions, grid_path, columns=min(self.n, 8))
         return metrics

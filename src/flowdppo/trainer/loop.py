@@ -22,7 +22,7 @@ from flowdppo.config import Config, dump_config
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
-from flowdppo.tasks import get_task
+from flowdppo.tasks import task_for_config
 from flowdppo.trainer import checkpoint as ckpt
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
 from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
@@ -34,11 +34,17 @@ class TrainingError(RuntimeError):
 
 
 def make_sampler_spec(
-    cfg: Config, model_shift: float, num_train_timesteps: int | None
+    cfg: Config, model_shift: float, num_train_timesteps: int | None, model=None
 ) -> SamplerSpec:
     s = cfg.sampler
     shift = model_shift if s.shift is None else s.shift
-    sigmas = schedule.sigma_schedule(s.num_steps, shift, num_train_timesteps=num_train_timesteps)
+    if s.shift is None and callable(getattr(model, "sigmas", None)):
+        # A diffusers model knows its pipeline's exact schedule (dynamic shift included).
+        sigmas = model.sigmas(s.num_steps)
+    else:
+        sigmas = schedule.sigma_schedule(
+            s.num_steps, shift, num_train_timesteps=num_train_timesteps
+        )
     return SamplerSpec(cfg.kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
 
 
@@ -59,12 +65,20 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task = get_task(cfg.task)
+        self.task = task_for_config(cfg)
         threads = cfg.train.threads or self.task.extra.get("threads")
         if threads:
             torch.set_num_threads(threads)
         reward_names = cfg.reward.names or self.task.default_rewards
-        self.rewards = {name: get_reward(name) for name in reward_names}
+        stray = sorted(set(cfg.reward.options) - set(reward_names))
+        if stray:
+            raise TrainingError(
+                f"reward.options names {stray}, which this run does not use (its rewards: "
+                f"{reward_names})"
+            )
+        self.rewards = {
+            name: get_reward(name, **cfg.reward.options.get(name, {})) for name in reward_names
+        }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
             raise TrainingError(
@@ -88,7 +102,7 @@ class Trainer:
             self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
         )
         self.spec = make_sampler_spec(
-            cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None)
+            cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None), self.model
         )
         self.objective = ObjectiveSpec(
             cfg.objective_name,
@@ -204,7 +218,7 @@ class Trainer:
     def _score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for name, fn in self.rewards.items():
-            r = torch.as_tensor(fn(images, prompts)).detach().float().reshape(-1)
+            r = torch.as_tensor(fn(images, prompts)).detach().float().reshape(-1).cpu()
             if r.shape[0] != len(prompts):
                 raise TrainingError(
                     f"reward {name!r} returned {r.shape[0]} values for {len(prompts)} samples"
@@ -299,7 +313,7 @@ class Trainer:
                 method=cfg.reward.combine,
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
-            )
+            ).to(ro.final.device)
         if cfg.log.ref_kl:
             with self._timed("ref_kl", metrics):
                 kl = reference_kl(self.model, ro, self.spec, self.counter)
@@ -321,8 +335,7 @@ class Trainer:
     def _evaluate(self, tag: str, log: RunLog | None, metrics: dict | None) -> dict:
         with self._timed("eval", metrics if metrics is not None else {}):
             result = self.evaluator.run(
-                self.task.train_prompts,
-                self.task.heldout_prompts,
+                *self.task.eval_split(),
                 grid_path=self.run_dir / "grids" / f"{tag}.png",
             )
         if metrics is not None:
