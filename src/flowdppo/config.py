@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite number is never a meaningful setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SamplerConfig(_Section):
@@ -66,6 +67,12 @@ class RewardConfig(_Section):
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)
+    max_invalid_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="samples with a NaN/inf reward are excluded; abort above this fraction",
+    )
 
 
 class TrainConfig(_Section):
@@ -82,6 +89,9 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_iterations: int = Field(0, ge=0)
     seed: int = 0
+    max_skipped_steps: int = Field(
+        3, ge=0, description="non-finite optimizer steps skipped in a row before aborting"
+    )
 
 
 class ModelConfig(_Section):
