@@ -88,10 +88,17 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_iterations: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds every random draw of the run")
     max_skipped_steps: int = Field(
         3, ge=0, description="non-finite optimizer steps skipped in a row before aborting"
     )
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both Adam betas must be in [0, 1), got {list(v)}")
+        return v
 
 
 class ModelConfig(_Section):
@@ -146,7 +153,7 @@ class Config(_Section):
             raise ValueError(
                 f"sampler.num_sde_steps ({s.num_sde_steps}) is more than the "
                 f"{len(window)} steps in sampler.sde_window {list(s.sde_window)} of "
-                f"{s.num_steps} steps: widen the window or draw fewer"
+                f"sampler.num_steps = {s.num_steps}: widen the window or draw fewer"
             )
         if self.kernel == "cps" and s.eta > 1:
             raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")
