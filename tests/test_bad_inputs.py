@@ -348,3 +348,40 @@ def test_full_disk_while_logging(tmp_path, toy_overrides, monkeypatch):
     assert [r["iteration"] for r in metrics_of(run)] == [1]
     assert ckpt.latest_checkpoint(run).name == "ckpt-000001"
     ckpt.load_checkpoint(run / "ckpt-000001")
+
+
+# ---------------------------------------------------------------- kills before a checkpoint
+def test_metrics_cut_by_a_kill_are_trimmed_to_the_checkpoint(tmp_path):
+    from flowdppo.trainer.runlog import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1, "a": 1}\n{"iteration": 2, "a": 2}\n{"iteration": 3, "a"')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"iteration": 1, "a": 1}\n{"iteration": 2, "a": 2}\n'
+    truncate_metrics(path, 1)
+    assert path.read_text() == '{"iteration": 1, "a": 1}\n'
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_start_again(
+    tmp_path, toy_overrides, monkeypatch
+):
+    _, ref = _run(tmp_path, toy_overrides, name="reference")
+    original = Trainer._checkpoint
+
+    def crash(self):
+        raise Crash
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash)
+    with pytest.raises(Crash):
+        _run(tmp_path, toy_overrides)
+    run = tmp_path / "run"
+    assert len(metrics_of(run)) == 1 and ckpt.latest_checkpoint(run) is None
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        _resume(run, toy_overrides)
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+    _run(tmp_path, toy_overrides)  # the same directory, from the start
+    assert _strip_time(metrics_of(run)) == _strip_time(metrics_of(ref))
