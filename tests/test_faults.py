@@ -37,18 +37,24 @@ CONFIG = [
 ]
 
 
-def _flowdppo(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+def _start(args: list[str], fault: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("FLOWDPPO_FAULT", None)
     if fault:
         env["FLOWDPPO_FAULT"] = fault
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "flowdppo", "train", *args],
         env=env,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
+
+
+def _flowdppo(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    proc = _start(args, fault)
+    _, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
 
 
 def _killed(args: list[str], fault: str) -> None:
@@ -75,40 +81,45 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_sigkill_at_five_points_then_resume_is_bit_exact(tmp_path):
     ref, run = tmp_path / "reference", tmp_path / "killed"
-    done = _flowdppo(CONFIG + [f"log.run_dir={ref}"])
-    assert done.returncode == 0, done.stderr[-2000:]
+    reference = _start(CONFIG + [f"log.run_dir={ref}"])  # alongside the killed run
+    try:
+        # Iteration 2's rollout (forward passes 7-12; 6 per iteration): only ckpt-1 exists.
+        _killed(CONFIG + [f"log.run_dir={run}"], "rollout:9")
+        assert list(_checkpoints(run)) == ["ckpt-000001"] and _latest(run) == "ckpt-000001"
+        resume = ["--resume", str(run)]
 
-    # Iteration 2's rollout (forward passes 7-12; 6 per iteration): only ckpt-1 exists.
-    _killed(CONFIG + [f"log.run_dir={run}"], "rollout:9")
-    assert list(_checkpoints(run)) == ["ckpt-000001"] and _latest(run) == "ckpt-000001"
-    resume = ["--resume", str(run)]
+        # Iteration 3's update, after its first optimizer step (update passes 5-8 of this
+        # process are iteration 3; 2 SDE steps x 2 minibatches).
+        _killed(resume, "update:7")
+        assert list(_checkpoints(run)) == ["ckpt-000001", "ckpt-000002"]
+        assert _latest(run) == "ckpt-000002"
 
-    # Iteration 3's update, after its first optimizer step (update passes 5-8 of this
-    # process are iteration 3; 2 SDE steps x 2 minibatches).
-    _killed(resume, "update:7")
-    assert list(_checkpoints(run)) == ["ckpt-000001", "ckpt-000002"]
-    assert _latest(run) == "ckpt-000002"
+        # Iteration 4's checkpoint: tensor files written, state.json not yet.
+        _killed(resume, "checkpoint:tensors:2")
+        assert (run / ".ckpt-000004.tmp" / "model.safetensors").is_file()
+        assert not (run / ".ckpt-000004.tmp" / "state.json").exists()
+        assert list(_checkpoints(run)) == ["ckpt-000002", "ckpt-000003"]
+        assert _latest(run) == "ckpt-000003"
+        assert _metrics(run)[-1]["iteration"] == 4  # logged before its checkpoint: stale now
 
-    # Iteration 4's checkpoint: tensor files written, state.json not yet.
-    _killed(resume, "checkpoint:tensors:2")
-    assert (run / ".ckpt-000004.tmp" / "model.safetensors").is_file()
-    assert not (run / ".ckpt-000004.tmp" / "state.json").exists()
-    assert list(_checkpoints(run)) == ["ckpt-000002", "ckpt-000003"]
-    assert _latest(run) == "ckpt-000003"
-    assert _metrics(run)[-1]["iteration"] == 4  # logged before its checkpoint: stale now
+        # Iteration 4's checkpoint is in place and `latest` moved; ckpt-2 is about to be pruned.
+        _killed(resume, "checkpoint:pruning:1")
+        assert not (run / ".ckpt-000004.tmp").exists()  # the half-written one was cleared
+        assert list(_checkpoints(run)) == ["ckpt-000002", "ckpt-000003", "ckpt-000004"]
+        assert _latest(run) == "ckpt-000004"
 
-    # Iteration 4's checkpoint is in place and `latest` moved; ckpt-2 is about to be pruned.
-    _killed(resume, "checkpoint:pruning:1")
-    assert not (run / ".ckpt-000004.tmp").exists()  # the half-written one was cleared
-    assert list(_checkpoints(run)) == ["ckpt-000002", "ckpt-000003", "ckpt-000004"]
-    assert _latest(run) == "ckpt-000004"
+        # Iteration 5's checkpoint renamed into place, `latest` not yet moved to it.
+        _killed(resume, "checkpoint:renamed:1")
+        assert "ckpt-000005" in _checkpoints(run) and _latest(run) == "ckpt-000004"
 
-    # Iteration 5's checkpoint renamed into place, `latest` not yet moved to it.
-    _killed(resume, "checkpoint:renamed:1")
-    assert "ckpt-000005" in _checkpoints(run) and _latest(run) == "ckpt-000004"
-
-    finished = _flowdppo(resume)
-    assert finished.returncode == 0, finished.stderr[-2000:]
+        finished = _flowdppo(resume)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        _, err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, err[-2000:]
+    finally:
+        if reference.poll() is None:  # a failed assertion above: do not leave it running
+            reference.kill()
+            reference.wait()
 
     assert _metrics(run) == _metrics(ref)
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4, 5]
