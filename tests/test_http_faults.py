@@ -2,7 +2,7 @@
 
 Complements the hang / 5xx / dead-port tests in ``test_rewards_real.py``: here the server
 drops the connection without answering, sends half an answer, stalls after its headers,
-or disappears between two requests. Each ends in a bounded number of attempts and a
+trickles its answer a byte at a time, or disappears between two requests. Each ends in a bounded number of attempts and a
 ``RewardServerError`` naming the URL; in a training run, in a ``TrainingError`` naming
 the reward, with the checkpoints intact and a resume that loses nothing.
 """
@@ -62,6 +62,13 @@ class Server:
                     self.wfile.write(b'{"rewards": [0.')
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if server.mode == "trickle":  # a byte every 0.1 s, for up to 100 s
+                    for _ in range(1000):
+                        if server.release.wait(0.1):
+                            return
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
                     return
                 server.release.wait(10)  # "stall": headers sent, then nothing
 
@@ -162,3 +169,13 @@ def test_training_stops_clearly_when_the_server_dies_and_resumes_after(
 
     assert strip(metrics_of(run)) == strip(metrics_of(tmp_path / "reference"))
     assert len(metrics_of(run)) == 3
+
+
+def test_a_trickling_server_is_cut_off_at_the_timeout(server):
+    """Each byte arrives within the socket timeout, the whole answer does not."""
+    server.mode = "trickle"
+    reward = http_rewards.HttpReward(server.url, timeout=0.4, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(http_rewards.RewardServerError, match="timed out"):
+        reward(_images(), ["a", "b"])
+    assert time.monotonic() - t0 < 1.5 and server.requests == 1
