@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flowdppo.trainer import checkpoint as ckpt
 
 CONFIG = [
@@ -134,3 +136,14 @@ def test_sigkill_at_five_points_then_resume_is_bit_exact(tmp_path):
     for key in ("before", "after", "counts", "iterations"):
         assert summaries[0][key] == summaries[1][key]
     assert not list(run.glob(".ckpt-*"))  # no temporary or half-removed directory left
+
+
+def test_fault_spec_parsing():
+    from flowdppo.trainer.faults import _parse
+
+    assert _parse(None) is None and _parse("") is None
+    assert _parse("update:3") == ("update", 3)
+    assert _parse("checkpoint:tensors:2") == ("checkpoint:tensors", 2)
+    for bad in ("update", "update:0", ":3", "update:x"):
+        with pytest.raises(ValueError, match="POINT:N"):
+            _parse(bad)
