@@ -81,13 +81,13 @@ def _train(ns) -> int:
     from flowdppo.trainer.loop import Trainer
 
     if ns.resume:
-        from flowdppo.config import config_from_dict, read_yaml
+        from flowdppo.config import ConfigError, config_from_dict, read_yaml
 
         if ns.args or ns.task:
-            raise SystemExit("error: --resume takes the run's own config; drop the other arguments")
+            raise ConfigError("--resume takes the run's own config; drop the other arguments")
         run_dir = Path(ns.resume)
         if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml)")
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
         cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
         trainer = Trainer(cfg, run_dir, resume=True)
     else:

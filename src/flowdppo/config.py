@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite number is never a meaningful setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SamplerConfig(_Section):
@@ -66,6 +67,12 @@ class RewardConfig(_Section):
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)
+    max_invalid_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="samples with a NaN/inf reward are excluded; abort above this fraction",
+    )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="keyword options per reward, {name: {key: value}} (e.g. a model path)",
@@ -92,10 +99,20 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_iterations: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds every random draw of the run")
+    max_skipped_steps: int = Field(
+        3, ge=0, description="non-finite optimizer steps skipped in a row before aborting"
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; null: the task's recommendation"
     )
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both Adam betas must be in [0, 1), got {list(v)}")
+        return v
 
 
 MODEL_KINDS = ("task", "sd3", "flux", "wan")
@@ -199,7 +216,7 @@ class Config(_Section):
             raise ValueError(
                 f"sampler.num_sde_steps ({s.num_sde_steps}) is more than the "
                 f"{len(window)} steps in sampler.sde_window {list(s.sde_window)} of "
-                f"{s.num_steps} steps: widen the window or draw fewer"
+                f"sampler.num_steps = {s.num_steps}: widen the window or draw fewer"
             )
         if self.kernel == "cps" and s.eta > 1:
             raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")

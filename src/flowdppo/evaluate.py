@@ -15,6 +15,7 @@ import torch
 from flowdppo import schedule
 from flowdppo.models.base import FlowModel
 from flowdppo.rewards import Reward
+from flowdppo.trainer.guards import call_reward
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout, sample
 from flowdppo.trainer.runlog import save_grid
 
@@ -53,10 +54,15 @@ class Evaluator:
         out = {}
         total = 0
         for name, fn in self.rewards.items():
-            r = torch.as_tensor(fn(images, batch)).float().reshape(-1)
-            out[f"eval/{tag}/reward/{name}"] = float(r.mean())
+            r = call_reward(name, fn, images, batch)
+            # Like training, leave NaN / inf rewards out of the means (and count them).
+            out[f"eval/{tag}/reward/{name}"] = float(r[torch.isfinite(r)].mean())
             total = total + r
-        out[f"eval/{tag}/reward/mean"] = float(torch.as_tensor(total).mean())
+        total = torch.as_tensor(total)
+        finite = torch.isfinite(total)
+        out[f"eval/{tag}/reward/mean"] = float(total[finite].mean())
+        if not finite.all():
+            out[f"eval/{tag}/reward/excluded"] = int((~finite).sum())
         # KL to the reference along the training sampler's trajectories.
         steps = schedule.choose_sde_steps(
             self.spec.num_steps, self.num_sde_steps, self.sde_window, gen

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from flowdppo.trainer.checkpoint import write_text_atomic
+
 METRICS = "metrics.jsonl"
 
 
@@ -60,7 +62,8 @@ def truncate_metrics(path: Path, keep_through: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a line cut by a kill: everything after it is stale too
-    path.write_text("".join(line + "\n" for line in kept))
+    # Atomic: a kill during this rewrite must not lose the lines being kept.
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict]:
