@@ -64,8 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(ns) -> int:
     from flowdppo.config import load_config
+    from flowdppo.trainer.distributed import launched_distributed
     from flowdppo.trainer.loop import Trainer
 
+    if launched_distributed():  # torchrun / accelerate launch: one process per rank
+        from flowdppo.trainer import distributed
+
+        return distributed.train_main(ns)
     if ns.resume:
         from flowdppo.config import config_from_dict, read_yaml
 

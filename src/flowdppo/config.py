@@ -82,6 +82,12 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_iterations: int = Field(0, ge=0)
     seed: int = 0
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="gradient averaging under torchrun / accelerate launch: ddp or fsdp"
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl if CUDA is available, else gloo"
+    )
 
 
 class ModelConfig(_Section):
