@@ -85,3 +85,17 @@ def test_shipped_configs_are_valid():
     assert configs, "the repository ships recipes under configs/"
     for path in configs:
         assert isinstance(load_config(path), Config)
+
+
+def test_task_recommendation_ranks_below_file_and_overrides(tmp_path):
+    base = {"task": "shapes", "train": {"iterations": 150, "group_size": 16}}
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  group_size: 4\n")
+    cfg = load_config(path, ["train.lr=1e-4"], base=base)
+    assert cfg.task == "shapes" and cfg.train.iterations == 150
+    assert cfg.train.group_size == 4 and cfg.train.lr == 1e-4
+
+
+def test_run_name_defaults_to_algorithm_and_task():
+    assert load_config(None, ["algorithm=dppo+cps", "task=shapes"]).run_name == "dppo-cps-shapes"
+    assert load_config(None, ["name=mine"]).run_name == "mine"

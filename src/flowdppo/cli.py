@@ -10,6 +10,7 @@ from pathlib import Path
 
 EPILOG_TRAIN = """examples:
   flowdppo train                                  # the default Flow-DPPO run on digits
+  flowdppo train --task shapes                    # Flow-DPPO on the compositional shapes task
   flowdppo train configs/digits/grpo.yaml         # a recipe
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
   flowdppo train --resume runs/dppo-digits-20261124-120000
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         help="an optional YAML config, then overrides such as train.lr=3e-4",
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument(
+        "--task",
+        help="a built-in task (digits, shapes) with its recommended budget; same as task=NAME "
+        "plus that budget, under any CONFIG and overrides",
+    )
 
     s = sub.add_parser("sample", help="sample images from a trained run or a task's base model")
     src = s.add_mutually_exclusive_group(required=True)
@@ -64,17 +70,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(ns) -> int:
     from flowdppo.config import load_config
-    from flowdppo.trainer.distributed import launched_distributed
+    from flowdppo.trainer import distributed
     from flowdppo.trainer.loop import Trainer
 
-    if launched_distributed():  # torchrun / accelerate launch: one process per rank
-        from flowdppo.trainer import distributed
-
-        return distributed.train_main(ns)
+    multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
+    if multi:
+        Trainer = distributed.DistributedTrainer  # noqa: N806
     if ns.resume:
         from flowdppo.config import config_from_dict, read_yaml
 
-        if ns.args:
+        if ns.args or ns.task:
             raise SystemExit("error: --resume takes the run's own config; drop the other arguments")
         run_dir = Path(ns.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -86,15 +91,30 @@ def _train(ns) -> int:
         overrides = list(ns.args)
         if overrides and "=" not in overrides[0]:
             path = overrides.pop(0)
-        cfg = load_config(path, overrides)
-        run_dir = Path(cfg.log.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        base = None
+        if ns.task:
+            from flowdppo.tasks import get_task
+
+            base = get_task(ns.task).extra.get("recommended", {})
+            overrides.insert(0, f"task={ns.task}")
+        cfg = load_config(path, overrides, base=base)
+        run_dir = Path(cfg.log.run_dir or f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if multi:  # rank 0 names the run, so a clock tick between processes cannot split it
+            distributed.init_distributed(cfg.train.dist_backend)
+            run_dir = Path(distributed.broadcast_text(str(run_dir)))
         trainer = Trainer(cfg, run_dir)
-    print(
-        f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> {run_dir}",
-        flush=True,
-    )
+    rank0 = getattr(trainer, "rank", 0) == 0
+    if rank0:
+        print(
+            f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> "
+            f"{run_dir}"
+            + (f" ({trainer.world_size} processes, {trainer.backend})" if multi else ""),
+            flush=True,
+        )
     summary = trainer.train()
-    _print_summary(summary)
+    if rank0:
+        _print_summary(summary)
+    distributed.finish_distributed()
     return 0
 
 

@@ -69,7 +69,7 @@ class RewardConfig(_Section):
 
 
 class TrainConfig(_Section):
-    iterations: int = Field(40, ge=1)
+    iterations: int = Field(200, ge=1)
     prompts_per_iteration: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2, description="samples per prompt (a group needs two)")
     inner_epochs: int = Field(1, ge=1, description="passes over each rollout")
@@ -82,6 +82,9 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_iterations: int = Field(0, ge=0)
     seed: int = 0
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch; null: the task's recommendation"
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="gradient averaging under torchrun / accelerate launch: ddp or fsdp"
     )
@@ -110,7 +113,7 @@ class LogConfig(_Section):
 
 
 class Config(_Section):
-    name: str = "dppo-digits"
+    name: str | None = Field(None, description="run name; null: ALGORITHM-TASK")
     task: str = "digits"
     algorithm: str = Field(
         "dppo", description="dppo, grpo, cps, dance, or OBJECTIVE+KERNEL such as dppo+cps"
@@ -149,6 +152,10 @@ class Config(_Section):
         if s.eta == 0:
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
         return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.algorithm.replace('+', '-')}-{self.task}"
 
     @property
     def objective_name(self) -> str:
@@ -268,9 +275,17 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from an optional YAML file and overrides."""
-    tree = read_yaml(path) if path is not None else {}
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and overrides.
+
+    Precedence, lowest first: the defaults, ``base`` (a task's recommended settings), the
+    YAML file, the overrides.
+    """
+    tree = _merge(base or {}, read_yaml(path) if path is not None else {})
     tree = _merge(tree, parse_overrides(overrides or []))
     return config_from_dict(tree, source=str(path) if path else "defaults")
 

@@ -18,6 +18,8 @@ the summary; every process resumes from the checkpoint rank 0 wrote.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from contextlib import nullcontext
 from datetime import timedelta
@@ -52,20 +54,34 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> None:
             "unset: start with `torchrun --nproc_per_node=N -m flowdppo train ...` or "
             "`accelerate launch -m flowdppo train ...`"
         )
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise TrainingError(
-                "train.dist_backend=nccl needs CUDA, which this machine lacks: use gloo or auto"
-            )
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise TrainingError(
+            "train.dist_backend=nccl needs CUDA, which this machine lacks: use gloo or auto"
+        )
+    if backend == "nccl" or (backend == "auto" and torch.cuda.is_available()):
         # Pin each process to its own GPU before any model is built ("cuda" then means it).
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # CUDA tensors go through NCCL, CPU tensors (a model kept on the CPU, small
+        # bookkeeping) through gloo.
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    # Tear the group down before interpreter shutdown even when training fails: gloo's
+    # worker threads can otherwise abort the process at exit.
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def finish_distributed() -> None:
     if dist.is_initialized():
+        # Leave together: a process that tears its group down while another still talks to
+        # it can abort at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -178,12 +194,22 @@ class DistributedTrainer(Trainer):
         init_distributed(cfg.train.dist_backend)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.backend = dist.get_backend()
         check_world_size(cfg, self.world_size)
         n, w = cfg.samples_per_iteration, self.world_size
         self.shard = Shard(self.rank * n // w, n // w, n)
         super().__init__(cfg, run_dir, resume=resume)
         # DDP broadcasts rank 0's parameters at construction, so every process starts equal.
-        self.wrapped = DistributedDataParallel(_Velocity(self.model), broadcast_buffers=False)
+        self.wrapped = DistributedDataParallel(_Velocity(self.model), forward_sync_buffers=False)
+
+    def train(self) -> dict:
+        try:
+            return super().train()
+        finally:
+            # DDP's reducer holds the process group; release it before the group is torn
+            # down, or gloo's threads can outlive it and abort the process at exit.
+            self.wrapped = None
+            gc.collect()
 
     # ---------------------------------------------------------------- rank-0 side effects
     def _on_rank0(self, fn, *args):
@@ -319,43 +345,3 @@ class DistributedTrainer(Trainer):
                 first_dev = dev if first_dev is None else max(first_dev, dev)
         metrics.update(acc.result())
         metrics["first_update_ratio_dev"] = first_dev
-
-
-def train_main(ns) -> int:
-    """``flowdppo train`` in one process of a multi-process launch."""
-    import time
-
-    from flowdppo.cli import _print_summary
-    from flowdppo.config import config_from_dict, load_config, read_yaml
-
-    try:
-        if ns.resume:
-            if ns.args:
-                raise SystemExit(
-                    "error: --resume takes the run's own config; drop the other arguments"
-                )
-            run_dir = Path(ns.resume)
-            if not (run_dir / "config.yaml").is_file():
-                raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml)")
-            cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-        else:
-            args = list(ns.args)
-            path = args.pop(0) if args and "=" not in args[0] else None
-            cfg = load_config(path, args)
-            init_distributed(cfg.train.dist_backend)
-            default = f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            # Rank 0 names the run so that a clock tick between processes cannot split it.
-            run_dir = Path(broadcast_text(cfg.log.run_dir or default))
-        trainer = DistributedTrainer(cfg, run_dir, resume=bool(ns.resume))
-        if trainer.rank == 0:
-            print(
-                f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations, "
-                f"{trainer.world_size} processes ({dist.get_backend()}) -> {run_dir}",
-                flush=True,
-            )
-        summary = trainer.train()
-        if trainer.rank == 0:
-            _print_summary(summary)
-        return 0
-    finally:
-        finish_distributed()

@@ -60,6 +60,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.task = get_task(cfg.task)
+        threads = cfg.train.threads or self.task.extra.get("threads")
+        if threads:
+            torch.set_num_threads(threads)
         reward_names = cfg.reward.names or self.task.default_rewards
         self.rewards = {name: get_reward(name) for name in reward_names}
         unknown = set(cfg.reward.weights) - set(self.rewards)
@@ -368,7 +371,7 @@ class Trainer:
 
     def _write_summary(self) -> dict:
         summary = {
-            "name": self.cfg.name,
+            "name": self.cfg.run_name,
             "algorithm": self.cfg.algorithm,
             "iterations": self.iteration,
             "before": self.summary.get("before", {}),

@@ -140,5 +140,18 @@ def shapes_task() -> Task:
             "from a small caption-conditioned flow transformer; reward: an exact detector's "
             "fraction of satisfied sub-conditions"
         ),
-        extra={"lora_targets": list(LORA_TARGETS), "pretrain": pretrain},
+        extra={
+            "lora_targets": list(LORA_TARGETS),
+            "pretrain": pretrain,
+            # `flowdppo train --task shapes`: the budget of configs/shapes/dppo.yaml.
+            "recommended": {
+                "train": {"iterations": 150, "group_size": 16},
+                "log": {
+                    "eval_every": 75,
+                    "grid_every": 75,
+                    "checkpoint_every": 75,
+                    "eval_samples_per_prompt": 8,
+                },
+            },
+        },
     )
