@@ -74,6 +74,10 @@ def run_once(processes: int, overrides: list[str], run_dir: Path) -> dict:
     return {
         "processes": processes,
         "median_iteration_s": statistics.median(per_iter),
+        "median_phase_s": {
+            phase: statistics.median(r.get(f"time/{phase}", 0.0) for r in rows[1:])
+            for phase in ("rollout", "reward", "ref_kl", "update")
+        },
         "wall_s_including_startup": wall,
         "load_average_1min_before": load_before[0],
         "load_average_1min_after": os.getloadavg()[0],
