@@ -278,3 +278,40 @@ def test_http_configuration_errors(monkeypatch):
         get_reward("http")
     with pytest.raises(ValueError, match="http:// or https://"):
         http_rewards.HttpReward("localhost:8000")
+
+
+# ---------------------------------------------------------------- the registry
+def test_registry_imports_reward_modules_lazily_and_without_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from flowdppo.rewards import available_rewards, get_reward\n"
+        "assert 'flowdppo.rewards.vision' not in sys.modules\n"
+        "assert {'clip_score', 'pickscore', 'aesthetic', 'http'} <= set(available_rewards())\n"
+        "get_reward('jpeg_compressibility', quality=50)\n"
+        "get_reward('http', url='http://127.0.0.1:9/')\n"
+        "assert 'flowdppo.rewards.vision' in sys.modules\n"
+        "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_reward_options_are_passed_and_checked(clip_dir):
+    images = _images()
+    low = get_reward("jpeg_incompressibility", quality=10)(images, PROMPTS)
+    high = get_reward("jpeg_incompressibility", quality=95)(images, PROMPTS)
+    assert (high > low).all()  # the option reached the factory
+    direct = vision.clip_score(path=str(clip_dir), device="cpu")(images, PROMPTS)
+    named = get_reward("clip_score", path=str(clip_dir), device="cpu")(images, PROMPTS)
+    assert torch.equal(direct, named)
+    with pytest.raises(ValueError, match="takes path, device, batch_size"):
+        get_reward("clip_score", pth="/x")
+    from flowdppo.rewards import _FACTORIES, register_reward
+
+    if "test_no_options" not in _FACTORIES:
+        register_reward("test_no_options")(lambda: lambda images, prompts: images.mean((1, 2, 3)))
+    with pytest.raises(ValueError, match="takes no options"):
+        get_reward("test_no_options", scale=2)

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from flowdppo.models.finetune import apply_finetuning
 from flowdppo.tasks import get_task, shapes
+from flowdppo.tasks.common import load_module
 from flowdppo.tasks.shapes import grammar
-from flowdppo.tasks.shapes.model import BASE_WEIGHTS, ShapesAssetError, load_module
+from flowdppo.tasks.shapes.model import BASE_WEIGHTS, ShapesAssetError, ShapesVelocityNet
 from flowdppo.tasks.shapes.pretraining import pretrain_base_model
 
 TINY = {"dim": 32, "depth": 1, "heads": 2, "text_dim": 16, "text_depth": 1, "conv": 4}
@@ -118,7 +119,7 @@ def test_pretraining_is_deterministic(tmp_path):
     a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
     assert a.read_bytes() == b.read_bytes() and meta_a == meta_b
     assert a.read_bytes() != c.read_bytes()
-    net, meta = load_module(a)
+    net, meta = load_module(ShapesVelocityNet, a, "shapes base model", "shapes")
     assert net.config == {**net.config, **TINY} and meta["steps"] == 3 and meta["seed"] == 5
     m = shapes.ShapesModel(net)
     with torch.no_grad():

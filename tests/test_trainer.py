@@ -108,5 +108,6 @@ def test_bad_reward_is_reported(tmp_path, toy_overrides):
     register_reward("toy_nan")(
         lambda: lambda images, prompts: torch.full((len(prompts),), float("nan"))
     )
-    with pytest.raises(TrainingError, match="non-finite"):
+    # Every sample invalid: more than reward.max_invalid_fraction, so the run stops.
+    with pytest.raises(TrainingError, match="8 of 8 samples have a NaN or infinite reward"):
         _train(tmp_path, toy_overrides + ["reward.names=[toy_nan]"])

@@ -1,4 +1,4 @@
-"""Command line: ``flowdppo train | sample | eval | pretrain``."""
+"""Command line: ``flowdppo train | sample | eval | export-lora | pretrain``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ EPILOG_TRAIN = """examples:
   flowdppo train configs/digits/grpo.yaml         # a recipe
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
   flowdppo train --resume runs/dppo-digits-20261124-120000
+  flowdppo train configs/sd3/dppo.yaml model.path=/models/sd35m data.train_prompts=prompts.txt
 """
 
 
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-n", type=int, default=None, help="samples per prompt (default: the run's)")
     e.add_argument("--out", default=None, help="write the metrics as JSON here")
 
+    x = sub.add_parser(
+        "export-lora",
+        help="write a diffusers run's LoRA where pipeline.load_lora_weights(OUT_DIR) reads it",
+    )
+    x.add_argument("run", metavar="RUN_DIR", help="a training run of a diffusers model")
+    x.add_argument("out", metavar="OUT_DIR", help="output directory")
+
     r = sub.add_parser("pretrain", help="pretrain a built-in task's base model and reward model")
     r.add_argument("--task", default="digits")
     r.add_argument("--out", default=None, help="output folder (default: the package's assets)")
@@ -77,13 +85,13 @@ def _train(ns) -> int:
     if multi:
         Trainer = distributed.DistributedTrainer  # noqa: N806
     if ns.resume:
-        from flowdppo.config import config_from_dict, read_yaml
+        from flowdppo.config import ConfigError, config_from_dict, read_yaml
 
         if ns.args or ns.task:
-            raise SystemExit("error: --resume takes the run's own config; drop the other arguments")
+            raise ConfigError("--resume takes the run's own config; drop the other arguments")
         run_dir = Path(ns.resume)
         if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml)")
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
         cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
         trainer = Trainer(cfg, run_dir, resume=True)
     else:
@@ -162,7 +170,7 @@ def _sample(ns) -> int:
     if ns.guidance is not None:
         cfg.sampler.guidance_scale = ns.guidance
     prompts = [p.strip() for p in ns.prompts.split(",") if p.strip()]
-    spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None))
+    spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     gen = torch.Generator().manual_seed(ns.seed)
     batch = [p for p in prompts for _ in range(ns.n)]
     noise = model.initial_noise(len(batch), gen)
@@ -179,8 +187,11 @@ def _eval(ns) -> int:
     from flowdppo.trainer.loop import make_sampler_spec
 
     cfg, task, model, iteration = load_run(ns.run)
-    rewards = {n: get_reward(n) for n in (cfg.reward.names or task.default_rewards)}
-    spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None))
+    rewards = {
+        n: get_reward(n, **cfg.reward.options.get(n, {}))
+        for n in (cfg.reward.names or task.default_rewards)
+    }
+    spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     ev = Evaluator(
         model,
         rewards,
@@ -190,12 +201,41 @@ def _eval(ns) -> int:
         ns.n or cfg.log.eval_samples_per_prompt,
         seed=cfg.train.seed + 1,
     )
-    metrics = ev.run(task.train_prompts, task.heldout_prompts)
+    metrics = ev.run(*task.eval_split())
     metrics["iteration"] = iteration
     text = json.dumps(metrics, indent=1)
     print(text)
     if ns.out:
         Path(ns.out).write_text(text)
+    return 0
+
+
+def _export_lora(ns) -> int:
+    from flowdppo.config import config_from_dict, read_yaml
+
+    run_dir = Path(ns.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml)")
+    cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    if cfg.model.kind == "task":
+        raise SystemExit(
+            f"error: {run_dir} trained task {cfg.task!r}'s built-in model; export-lora takes a "
+            "run of a diffusers model (model.kind sd3, flux or wan)"
+        )
+    if cfg.model.finetune != "lora":
+        raise SystemExit(
+            f"error: {run_dir} fine-tuned the whole transformer (model.finetune full), so it "
+            "has no LoRA to export"
+        )
+    from flowdppo.models.diffusers_adapters import save_lora_for_diffusers
+    from flowdppo.runs import load_run
+
+    _, _, model, iteration = load_run(run_dir)
+    out = save_lora_for_diffusers(model, ns.out)
+    print(
+        f"wrote the LoRA of {run_dir} (iteration {iteration}) to {out}; load it with "
+        f"pipe.load_lora_weights({str(out)!r})"
+    )
     return 0
 
 
@@ -216,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     from flowdppo.trainer.loop import TrainingError
 
     ns = _parser().parse_args(argv)
-    handlers = {"train": _train, "sample": _sample, "eval": _eval, "pretrain": _pretrain}
+    handlers = {
+        "train": _train,
+        "sample": _sample,
+        "eval": _eval,
+        "pretrain": _pretrain,
+        "export-lora": _export_lora,
+    }
     try:
         return handlers[ns.command](ns)
     except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite number is never a meaningful setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SamplerConfig(_Section):
@@ -66,6 +67,23 @@ class RewardConfig(_Section):
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)
+    max_invalid_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="samples with a NaN/inf reward are excluded; abort above this fraction",
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="keyword options per reward, {name: {key: value}} (e.g. a model path)",
+    )
+
+    @model_validator(mode="after")
+    def _options_name_rewards(self) -> RewardConfig:
+        unknown = sorted(set(self.options) - set(self.names)) if self.names else []
+        if unknown:
+            raise ValueError(f"options names {unknown}, which are not in reward.names {self.names}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -81,7 +99,10 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_iterations: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds every random draw of the run")
+    max_skipped_steps: int = Field(
+        3, ge=0, description="non-finite optimizer steps skipped in a row before aborting"
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; null: the task's recommendation"
     )
@@ -92,6 +113,17 @@ class TrainConfig(_Section):
         "auto", description="torch.distributed backend; auto: nccl if CUDA is available, else gloo"
     )
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both Adam betas must be in [0, 1), got {list(v)}")
+        return v
+
+
+MODEL_KINDS = ("task", "sd3", "flux", "wan")
+DIFFUSERS_KINDS = ("sd3", "flux", "wan")
+
 
 class ModelConfig(_Section):
     weights: str | None = Field(None, description="base weights path; null: the task's shipped")
@@ -99,6 +131,50 @@ class ModelConfig(_Section):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] | None = Field(None, description="null: the task's default")
+    # A diffusers pipeline instead of the task's own model (docs/real-models.md).
+    kind: Literal["task", "sd3", "flux", "wan"] = Field(
+        "task", description="task: the task's built-in model; sd3, flux, wan: a diffusers pipeline"
+    )
+    path: str | None = Field(None, description="diffusers pipeline directory (or hub id)")
+    resolution: int | tuple[int, int] | None = Field(
+        None, description="pixels, int or [height, width]; null: 512 (wan: [480, 832])"
+    )
+    frames: int | None = Field(None, ge=1, description="video frames (wan only); null: 81")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    gradient_checkpointing: bool = False
+    max_sequence_length: int | None = Field(
+        None, ge=1, description="text tokens (T5); null: the pipeline's default"
+    )
+    negative_prompt: str = Field("", description="the negative prompt of guidance")
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available)")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v):
+        sides = (v,) if isinstance(v, int) else (v or ())
+        if any(s < 8 for s in sides):
+            raise ValueError(f"must be at least 8 pixels per side, got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        head, _, index = v.partition(":")
+        if v in ("cpu", "cuda", "auto") or (head == "cuda" and index.isdigit()):
+            return v
+        raise ValueError(f"must be cpu, cuda, cuda:N or auto, got {v!r}")
+
+
+class DataConfig(_Section):
+    train_prompts: str | None = Field(
+        None, description="task prompts: text file, one training prompt per line"
+    )
+    heldout_prompts: str | None = Field(
+        None, description="task prompts: text file of prompts never trained on (optional)"
+    )
+    eval_prompts: int = Field(
+        8, ge=1, description="task prompts: evaluate on the first N prompts of each file"
+    )
 
 
 class LogConfig(_Section):
@@ -124,6 +200,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @field_validator("algorithm")
     @classmethod
@@ -145,13 +222,62 @@ class Config(_Section):
             raise ValueError(
                 f"sampler.num_sde_steps ({s.num_sde_steps}) is more than the "
                 f"{len(window)} steps in sampler.sde_window {list(s.sde_window)} of "
-                f"{s.num_steps} steps: widen the window or draw fewer"
+                f"sampler.num_steps = {s.num_steps}: widen the window or draw fewer"
             )
         if self.kernel == "cps" and s.eta > 1:
             raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")
         if s.eta == 0:
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
+        self._check_model_and_data()
         return self
+
+    def _check_model_and_data(self) -> None:
+        m, d = self.model, self.data
+        if m.kind in DIFFUSERS_KINDS:
+            if self.task != "prompts":
+                raise ValueError(
+                    f"model.kind {m.kind!r} trains on prompts from text files: set task=prompts "
+                    f"(and data.train_prompts), not task={self.task!r}"
+                )
+            if m.weights is not None:
+                raise ValueError(
+                    "model.weights is for a task's built-in model; a diffusers model loads "
+                    "from model.path"
+                )
+        else:
+            if self.task == "prompts":
+                raise ValueError(
+                    "task 'prompts' needs a diffusers model: set model.kind to one of "
+                    f"{', '.join(DIFFUSERS_KINDS)} and model.path to its directory"
+                )
+            pipeline_keys = (
+                "path",
+                "resolution",
+                "frames",
+                "dtype",
+                "gradient_checkpointing",
+                "max_sequence_length",
+                "negative_prompt",
+                "device",
+            )
+            fields = ModelConfig.model_fields
+            set_keys = [k for k in pipeline_keys if getattr(m, k) != fields[k].default]
+            if set_keys:
+                raise ValueError(
+                    f"model.{set_keys[0]} is for diffusers models; set model.kind to one of "
+                    f"{', '.join(DIFFUSERS_KINDS)} or drop it"
+                )
+        if m.frames is not None and m.kind != "wan":
+            raise ValueError(
+                f"model.frames is for video models (model.kind wan); {m.kind} makes images"
+            )
+        if self.task != "prompts":
+            for key, field in DataConfig.model_fields.items():
+                if getattr(d, key) != field.default:
+                    raise ValueError(
+                        f"data.{key} is read by task 'prompts' only (this run's task is "
+                        f"{self.task!r})"
+                    )
 
     @property
     def run_name(self) -> str:

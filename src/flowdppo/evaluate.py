@@ -15,6 +15,7 @@ import torch
 from flowdppo import schedule
 from flowdppo.models.base import FlowModel
 from flowdppo.rewards import Reward
+from flowdppo.trainer.guards import call_reward
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout, sample
 from flowdppo.trainer.runlog import save_grid
 
@@ -53,10 +54,15 @@ class Evaluator:
         out = {}
         total = 0
         for name, fn in self.rewards.items():
-            r = torch.as_tensor(fn(images, batch)).float().reshape(-1)
-            out[f"eval/{tag}/reward/{name}"] = float(r.mean())
+            r = call_reward(name, fn, images, batch)
+            # Like training, leave NaN / inf rewards out of the means (and count them).
+            out[f"eval/{tag}/reward/{name}"] = float(r[torch.isfinite(r)].mean())
             total = total + r
-        out[f"eval/{tag}/reward/mean"] = float(torch.as_tensor(total).mean())
+        total = torch.as_tensor(total)
+        finite = torch.isfinite(total)
+        out[f"eval/{tag}/reward/mean"] = float(total[finite].mean())
+        if not finite.all():
+            out[f"eval/{tag}/reward/excluded"] = int((~finite).sum())
         # KL to the reference along the training sampler's trajectories.
         steps = schedule.choose_sde_steps(
             self.spec.num_steps, self.num_sde_steps, self.sde_window, gen
@@ -66,7 +72,10 @@ class Evaluator:
         kl = reference_kl(self.model, ro, self.spec, self.counter)
         out[f"eval/{tag}/kl_ref/mean"] = float(kl.mean())
         out[f"eval/{tag}/kl_ref/path"] = float(kl.sum(0).mean())
-        return out, images, batch
+        # Only the grid's samples are kept, on the CPU: decoded videos of a real model are
+        # large, and the grid shows at most 8 per prompt.
+        keep = [i for i in range(len(batch)) if i % self.n < min(self.n, 8)]
+        return out, images[keep].cpu(), [batch[i] for i in keep]
 
     def run(
         self, train_prompts: list[str], heldout_prompts: list[str], grid_path: Path | None = None
@@ -78,8 +87,7 @@ class Evaluator:
             images = torch.cat([images, held_images])
             captions = captions + held_captions
         if grid_path is not None:
-            cols = min(self.n, 8)
-            # Show the first `cols` samples of every prompt, one prompt per row.
-            keep = [i for i in range(len(captions)) if i % self.n < cols]
-            save_grid(images[keep], [captions[i] for i in keep], grid_path, columns=cols)
+            # The first samples of every prompt (up to 8), one prompt per row; a video shows
+            # its middle frame.
+            save_grid(images, captions, grid_path, columns=min(self.n, 8))
         return metrics

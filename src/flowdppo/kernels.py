@@ -185,9 +185,11 @@ def step(
     stochastic = kind != "ode" and bool((std > 0).all())
     if prev_sample is None:
         if stochastic:
-            noise = torch.randn(
-                mean.shape, generator=generator, device=mean.device, dtype=torch.float32
-            )
+            # Drawn where the generator lives (the trainer's is on the CPU), then moved: a
+            # CUDA model samples the same noise as a CPU one from the same seed.
+            where = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=where, dtype=torch.float32)
+            noise = noise.to(mean.device)
             prev_sample = mean + std * noise
         else:
             prev_sample = mean

@@ -27,10 +27,10 @@ def apply_finetuning(
 
         if not targets:
             raise ValueError("LoRA needs target modules: set model.lora_targets")
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.module.named_modules()} | {
-            n for n, _ in model.module.named_modules()
-        }
-        missing = [t for t in targets if t not in names]
+        names = [n for n, _ in model.module.named_modules() if n]
+        # peft's rule: a target names a module exactly or is a dotted suffix of its name
+        # ("to_out.0" matches "blocks.3.attn.to_out.0").
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
             raise ValueError(
                 f"model.lora_targets {missing} match no module of the network; "

@@ -96,8 +96,9 @@ class HttpReward:
                 self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
             )
             try:
+                deadline = time.monotonic() + self.timeout
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = response.read()
+                    raw = _read_until(response, deadline)
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:300].decode(errors="replace")
                 if exc.code < 500:  # the request itself is wrong: retrying cannot help
@@ -139,6 +140,24 @@ class HttpReward:
                 "images; it must return one per image, in order"
             )
         return rewards
+
+
+def _read_until(response, deadline: float) -> bytes:
+    """The response body, or TimeoutError once ``deadline`` passes.
+
+    The socket timeout bounds each read; this bounds the whole body, so a server that
+    trickles bytes (or keeps a connection alive with a byte now and then) cannot stall
+    training indefinitely.
+    """
+    chunks = []
+    while chunk := response.read1(1 << 16):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer took longer than the timeout")
+    body = b"".join(chunks)
+    if response.length:  # the connection closed before the announced Content-Length
+        raise http.client.IncompleteRead(body, response.length)
+    return body
 
 
 def http_reward(

@@ -1,11 +1,15 @@
 """Rewards for real image and video generators: CLIP score, PickScore, aesthetic, JPEG size.
 
-Each reward is registered by name. Its factory takes keyword options and falls back to an
-environment variable for each path, so a run can name the reward before the config can
-carry options::
+Each reward is registered by name. Its factory's keyword arguments are its options, set
+per run in ``reward.options``; each path falls back to an environment variable::
 
-    FLOWDPPO_CLIP_PATH=/models/clip-vit-large-patch14 flowdppo train reward.names=[clip_score]
+    flowdppo train ... reward.names=[clip_score] \
+        reward.options.clip_score.path=/models/clip-vit-large-patch14
+    FLOWDPPO_CLIP_PATH=/models/clip-vit-large-patch14 flowdppo train ... reward.names=[clip_score]
     vision.clip_score(path="/models/clip-vit-large-patch14", device="cuda")  # in code
+
+The registry imports this module when a run names one of these rewards; transformers is
+imported only when a CLIP-based reward is built.
 
 | name | what | options (environment variable) |
 |---|---|---|

@@ -21,6 +21,14 @@ class Task:
     description: str = ""
     extra: dict = field(default_factory=dict)
 
+    def eval_split(self) -> tuple[list[str], list[str]]:
+        """The trained and held-out prompts evaluation samples: all of them, or the first
+        ``extra["eval_prompts"]`` of each (a task with thousands of prompts sets it)."""
+        n = self.extra.get("eval_prompts")
+        if n is None:
+            return self.train_prompts, self.heldout_prompts
+        return self.train_prompts[:n], self.heldout_prompts[:n]
+
 
 _TASKS: dict[str, Callable[[], Task]] = {}
 
@@ -37,9 +45,27 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+def task_for_config(cfg) -> Task:
+    """The run's task: a built-in one by name, or the "prompts" task made from the config
+    (a diffusers model and prompt files, see :mod:`flowdppo.tasks.prompts`)."""
+    if cfg.task == "prompts":
+        from flowdppo.tasks.prompts import prompts_task
+
+        return prompts_task(cfg)
+    return get_task(cfg.task)
+
+
 def get_task(name: str) -> Task:
+    if name == "prompts":
+        raise ValueError(
+            "task 'prompts' is made from a run's config (model.kind, model.path, "
+            "data.train_prompts): use task_for_config(cfg)"
+        )
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(_TASKS))}")
+        raise ValueError(
+            f"unknown task {name!r}; available: {', '.join(sorted(_TASKS))}, or prompts "
+            "(a diffusers model on prompts from text files)"
+        )
     return _TASKS[name]()
 
 

@@ -6,6 +6,12 @@ tensors), ``optimizer.safetensors`` (optimizer tensors and RNG states) and ``sta
 name, flushed and fsynced, then renamed; only then does the ``latest`` pointer move, itself
 by an atomic rename. A kill at any point leaves the previous checkpoint intact. Nothing is
 unpickled: tensors load through safetensors, state through JSON.
+
+Old checkpoints are removed by first renaming them to a hidden ``.ckpt-*.trash`` name, so a
+kill in the middle of a removal never leaves a half-deleted ``ckpt-*`` that looks valid;
+hidden leftovers (``.tmp``, ``.trash``) are cleared by the next save. A write that fails
+(full disk, read-only file system) removes its temporary directory and raises
+:class:`CheckpointError`; the checkpoints already on disk are not touched.
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flowdppo.trainer.faults import fault_point
+
 LATEST = "latest"
+#: Keys every checkpoint's state.json holds.
+PAYLOAD_KEYS = ("iteration", "optimizer", "state", "sha256")
 
 
 class CheckpointError(RuntimeError):
@@ -73,6 +84,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _discard(path: Path) -> None:
+    """Remove a checkpoint directory so that a kill midway leaves no half-deleted ckpt-*."""
+    trash = path.with_name(f".{path.name}.trash")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    """Temporary and half-removed directories left behind by a killed save."""
+    for p in list(run_dir.glob(".ckpt-*.tmp")) + list(run_dir.glob(".ckpt-*.trash")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(
     run_dir: Path,
     iteration: int,
@@ -87,9 +113,42 @@ def save_checkpoint(
     name = f"ckpt-{iteration:06d}"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        _clear_leftovers(run_dir)
+        tmp.mkdir(parents=True)
+        _write_files(tmp, model_state, optimizer, rng, state, iteration)
+        if final.exists():  # a checkpoint of this iteration from a run that was killed later
+            _discard(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        fault_point("checkpoint:renamed")
+        write_text_atomic(run_dir / LATEST, name + "\n")
+        for old in list_checkpoints(run_dir)[:-keep]:
+            fault_point("checkpoint:pruning")
+            _discard(old)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(run_dir)
+        kept = (
+            f"the newest complete checkpoint, {newest.name}, is intact"
+            if newest is not None
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({exc}); {kept}. Free disk space or fix the "
+            f"directory's permissions, then continue with --resume {run_dir}"
+        ) from exc
+    return final
+
+
+def _write_files(
+    tmp: Path,
+    model_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    rng: dict[str, torch.Tensor],
+    state: dict,
+    iteration: int,
+) -> None:
     optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     optim_tensors.update({f"rng.{k}": v for k, v in rng.items()})
     save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
@@ -98,6 +157,7 @@ def save_checkpoint(
     for f in files:
         with open(tmp / f, "rb+") as fh:
             os.fsync(fh.fileno())
+    fault_point("checkpoint:tensors")
     payload = {
         "iteration": iteration,
         "optimizer": optim_meta,
@@ -105,14 +165,6 @@ def save_checkpoint(
         "sha256": {f: _sha256(tmp / f) for f in files},
     }
     write_text_atomic(tmp / "state.json", json.dumps(payload, indent=1))
-    if final.exists():  # a checkpoint of this iteration from a run that was killed later
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    write_text_atomic(run_dir / LATEST, name + "\n")
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -130,22 +182,47 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:
-    """Verify and read a checkpoint: (payload, model tensors, optimizer state, rng)."""
+def verify_checkpoint(path: Path) -> dict:
+    """Check a checkpoint's state.json and the checksum of every tensor file; the payload."""
     path = Path(path)
     try:
         payload = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} has no readable state.json: {exc}") from exc
-    for name, digest in payload["sha256"].items():
+    missing = [k for k in PAYLOAD_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing or not isinstance(payload["sha256"], dict):
+        raise CheckpointError(
+            f"checkpoint {path}: state.json lacks {missing or ['sha256']}; it was not written "
+            "by flowdppo or has been edited"
+        )
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        digest = payload["sha256"].get(name)
         f = path / name
-        if not f.is_file() or _sha256(f) != digest:
-            raise CheckpointError(
-                f"checkpoint file {f} is missing or corrupt (checksum mismatch); "
-                "resume from an earlier checkpoint by pointing 'latest' at it"
-            )
-    model = load_file(path / "model.safetensors")
-    extra = load_file(path / "optimizer.safetensors")
-    rng = {k.removeprefix("rng."): v for k, v in extra.items() if k.startswith("rng.")}
-    optim = _unflatten_optimizer(extra, payload["optimizer"])
+        if digest is None or not f.is_file() or _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} is missing or corrupt (checksum mismatch)")
+    return payload
+
+
+def newest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``ckpt-*`` of ``run_dir`` that passes :func:`verify_checkpoint`."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:
+    """Verify and read a checkpoint: (payload, model tensors, optimizer state, rng)."""
+    path = Path(path)
+    payload = verify_checkpoint(path)
+    try:
+        model = load_file(path / "model.safetensors")
+        extra = load_file(path / "optimizer.safetensors")
+        rng = {k.removeprefix("rng."): v for k, v in extra.items() if k.startswith("rng.")}
+        optim = _unflatten_optimizer(extra, payload["optimizer"])
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} could not be read ({exc})") from exc
     return payload, model, optim, rng

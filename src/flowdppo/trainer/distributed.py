@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import math
 import os
 from contextlib import nullcontext
 from datetime import timedelta
@@ -31,6 +32,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flowdppo.config import Config
+from flowdppo.trainer import guards
+from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.loop import Trainer, TrainingError
 from flowdppo.trainer.rollout import ForwardCounter, Shard, reference_kl, rollout
 from flowdppo.trainer.update import StatsAccumulator, step_loss
@@ -120,6 +123,7 @@ class _Route:
             return self.counter.velocity(model, phase, x, sigma, cond, guidance_scale)
         self.counter.calls[phase] = self.counter.calls.get(phase, 0) + 1
         self.counter.samples[phase] = self.counter.samples.get(phase, 0) + x.shape[0]
+        fault_point(phase)
         return self.wrapped(x, sigma, cond, guidance_scale)
 
 
@@ -273,9 +277,16 @@ class DistributedTrainer(Trainer):
             shard=self.shard,
         )
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        local = super()._score(images, self._local(prompts))
-        return {name: self._gather(r) for name, r in local.items()}
+    def _score(self, images: torch.Tensor, prompts: list[str]):
+        local = self._local(prompts)
+        scored = {
+            name: self._gather(guards.call_reward(name, fn, images, local))
+            for name, fn in self.rewards.items()
+        }
+        # The validity checks of the one-process trainer, applied to the gathered batch,
+        # so that every process reaches the same verdict.
+        as_rewards = {name: (lambda _i, _p, r=r: r) for name, r in scored.items()}
+        return guards.score(as_rewards, images, prompts, self.cfg.reward.max_invalid_fraction)
 
     def _reference_kl(self, ro) -> torch.Tensor:
         return self._gather(reference_kl(self.model, ro, self.spec, self.counter), dim=1)
@@ -296,6 +307,8 @@ class DistributedTrainer(Trainer):
         calls: list[tuple[int, bool, dict]] = []
         grad_norms = []
         pending = 0
+        pending_loss = torch.zeros((), dtype=torch.float64)
+        skipped = 0
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(t.inner_epochs):
             perm = torch.randperm(size, generator=self.generator)
@@ -317,14 +330,26 @@ class DistributedTrainer(Trainer):
                         loss, stats = step_loss(
                             self.model, ro, mine, i, local_adv, self.spec, self.objective, route
                         )
-                        (loss.sum() * weight).backward()
+                        if owned:
+                            (loss.sum() * weight).backward()
+                            pending_loss = pending_loss + loss.detach().sum().double().cpu()
+                        else:  # exactly zero, even if the stand-in's loss is not finite
+                            (torch.nan_to_num(loss).sum() * 0.0).backward()
                     self.counter.backward += 1
                     calls.append((owned, epoch == 0 and start == 0, stats))
                 if sync:
-                    grad_norms.append(self._optimizer_step(total_updates))
+                    # Every process must take the same skip decision: judge the summed loss.
+                    dist.all_reduce(pending_loss)
+                    norm = self._optimizer_step(total_updates, pending_loss)
+                    if norm is None:
+                        skipped += 1
+                    else:
+                        grad_norms.append(norm)
                     pending = 0
+                    pending_loss = torch.zeros((), dtype=torch.float64)
         self._combine_update_stats(calls, metrics)
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics["train/skipped_steps"] = skipped
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _combine_update_stats(self, calls, metrics: dict) -> None:

@@ -17,28 +17,31 @@ from pathlib import Path
 import torch
 
 from flowdppo import schedule
-from flowdppo.advantages import combine_rewards
 from flowdppo.config import Config, dump_config
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
-from flowdppo.tasks import get_task
+from flowdppo.tasks import task_for_config
 from flowdppo.trainer import checkpoint as ckpt
+from flowdppo.trainer import guards
+from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
 from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
 from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
 
 
-class TrainingError(RuntimeError):
-    pass
-
-
 def make_sampler_spec(
-    cfg: Config, model_shift: float, num_train_timesteps: int | None
+    cfg: Config, model_shift: float, num_train_timesteps: int | None, model=None
 ) -> SamplerSpec:
     s = cfg.sampler
     shift = model_shift if s.shift is None else s.shift
-    sigmas = schedule.sigma_schedule(s.num_steps, shift, num_train_timesteps=num_train_timesteps)
+    if s.shift is None and callable(getattr(model, "sigmas", None)):
+        # A diffusers model knows its pipeline's exact schedule (dynamic shift included).
+        sigmas = model.sigmas(s.num_steps)
+    else:
+        sigmas = schedule.sigma_schedule(
+            s.num_steps, shift, num_train_timesteps=num_train_timesteps
+        )
     return SamplerSpec(cfg.kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
 
 
@@ -59,12 +62,20 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task = get_task(cfg.task)
+        self.task = task_for_config(cfg)
         threads = cfg.train.threads or self.task.extra.get("threads")
         if threads:
             torch.set_num_threads(threads)
         reward_names = cfg.reward.names or self.task.default_rewards
-        self.rewards = {name: get_reward(name) for name in reward_names}
+        stray = sorted(set(cfg.reward.options) - set(reward_names))
+        if stray:
+            raise TrainingError(
+                f"reward.options names {stray}, which this run does not use (its rewards: "
+                f"{reward_names})"
+            )
+        self.rewards = {
+            name: get_reward(name, **cfg.reward.options.get(name, {})) for name in reward_names
+        }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
             raise TrainingError(
@@ -88,7 +99,7 @@ class Trainer:
             self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
         )
         self.spec = make_sampler_spec(
-            cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None)
+            cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None), self.model
         )
         self.objective = ObjectiveSpec(
             cfg.objective_name,
@@ -112,6 +123,7 @@ class Trainer:
         )
         self.iteration = 0
         self.optimizer_steps = 0
+        self.skipped_in_a_row = 0  # consecutive optimizer steps skipped for non-finite values
         self.phase_time: dict[str, float] = {}
         self.summary: dict = {}
         if resume:
@@ -126,9 +138,9 @@ class Trainer:
                 f"run directory {self.run_dir} already holds checkpoints; continue it with "
                 f"--resume {self.run_dir} or choose another log.run_dir"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         probe = self.run_dir / ".write-test"
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
@@ -142,7 +154,17 @@ class Trainer:
                 f"nothing to resume in {self.run_dir}: it holds no checkpoint "
                 "(start a new run without --resume)"
             )
-        payload, model_state, optim_state, rng = ckpt.load_checkpoint(path)
+        try:
+            payload, model_state, optim_state, rng = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            good = ckpt.newest_valid_checkpoint(self.run_dir)
+            hint = (
+                f"the newest checkpoint that verifies is {good.name}: move {path.name} out of "
+                f"the run directory and write '{good.name}' into {self.run_dir / ckpt.LATEST}"
+                if good is not None and good != path
+                else "no other checkpoint in the run directory verifies"
+            )
+            raise ckpt.CheckpointError(f"cannot resume: {exc}; {hint}") from exc
         current = trainable_state(self.model.module)
         if set(model_state) != set(current):
             raise TrainingError(
@@ -163,6 +185,7 @@ class Trainer:
         self.summary = st["summary"]
         self.counter.calls, self.counter.samples = st["forward_calls"], st["forward_samples"]
         self.counter.backward = st["backward_calls"]
+        self.skipped_in_a_row = st.get("skipped_in_a_row", 0)
 
     def _checkpoint(self) -> None:
         state = {
@@ -172,6 +195,7 @@ class Trainer:
             "forward_calls": self.counter.calls,
             "forward_samples": self.counter.samples,
             "backward_calls": self.counter.backward,
+            "skipped_in_a_row": self.skipped_in_a_row,
         }
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         ckpt.save_checkpoint(
@@ -201,21 +225,11 @@ class Trainer:
         group = torch.arange(t.prompts_per_iteration).repeat_interleave(t.group_size)
         return prompts, group
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, fn in self.rewards.items():
-            r = torch.as_tensor(fn(images, prompts)).detach().float().reshape(-1)
-            if r.shape[0] != len(prompts):
-                raise TrainingError(
-                    f"reward {name!r} returned {r.shape[0]} values for {len(prompts)} samples"
-                )
-            if not torch.isfinite(r).all():
-                raise TrainingError(
-                    f"reward {name!r} returned {int((~torch.isfinite(r)).sum())} non-finite "
-                    "values; fix the reward function"
-                )
-            out[name] = r
-        return out
+    def _score(
+        self, images: torch.Tensor, prompts: list[str]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rewards and the mask of validly scored samples (see :mod:`guards`)."""
+        return guards.score(self.rewards, images, prompts, self.cfg.reward.max_invalid_fraction)
 
     def _update(self, ro, advantages: torch.Tensor, metrics: dict) -> None:
         t = self.cfg.train
@@ -225,6 +239,8 @@ class Trainer:
         grad_norms = []
         first_dev = None
         pending = 0
+        pending_loss = torch.zeros(())
+        skipped = 0
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(t.inner_epochs):
             perm = torch.randperm(ro.batch_size, generator=self.generator)
@@ -236,6 +252,7 @@ class Trainer:
                     )
                     # Average over the trained steps and the samples of the optimizer step.
                     (loss.mean() / (n_steps * t.grad_accum)).backward()
+                    pending_loss = pending_loss + loss.detach().sum()
                     self.counter.backward += 1
                     acc.add(stats)
                     if epoch == 0 and start == 0:
@@ -246,10 +263,16 @@ class Trainer:
                 pending += 1
                 last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= ro.batch_size
                 if pending == t.grad_accum or last:
-                    grad_norms.append(self._optimizer_step(total_updates))
+                    norm = self._optimizer_step(total_updates, pending_loss)
+                    if norm is None:
+                        skipped += 1
+                    else:
+                        grad_norms.append(norm)
                     pending = 0
+                    pending_loss = torch.zeros(())
         metrics.update(acc.result())
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics["train/skipped_steps"] = skipped
         metrics["first_update_ratio_dev"] = first_dev
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
@@ -258,14 +281,23 @@ class Trainer:
         minibatches = math.ceil(self.cfg.samples_per_iteration / t.minibatch_size)
         return t.inner_epochs * math.ceil(minibatches / t.grad_accum)
 
-    def _optimizer_step(self, total_updates: int) -> float:
+    def _optimizer_step(self, total_updates: int, loss_sum: torch.Tensor) -> float | None:
+        """Clip and apply the accumulated gradient; None when it was skipped as non-finite."""
         t = self.cfg.train
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if not torch.isfinite(norm):
-            raise TrainingError(
-                "the gradient is not finite (NaN or inf); lower train.lr or check the reward"
-            )
+        if not (torch.isfinite(norm) and torch.isfinite(loss_sum)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row > t.max_skipped_steps:
+                raise TrainingError(
+                    f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or "
+                    f"gradient (NaN or inf), more than train.max_skipped_steps = "
+                    f"{t.max_skipped_steps}; lower train.lr, set train.max_grad_norm, or check "
+                    "the model and reward for NaN"
+                )
+            return None
+        self.skipped_in_a_row = 0
         if t.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         for group in self.optimizer.param_groups:
@@ -304,15 +336,16 @@ class Trainer:
             )
             ro = self._rollout(prompts, group, sde_steps)
         with self._timed("reward", metrics):
-            rewards = self._score(self.model.decode(ro.final), prompts)
-            advantages = combine_rewards(
+            rewards, valid = self._score(self.model.decode(ro.final), prompts)
+            advantages = guards.valid_advantages(
                 rewards,
                 group,
+                valid,
                 weights=cfg.reward.weights,
                 method=cfg.reward.combine,
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
-            )
+            ).to(ro.final.device)
         if cfg.log.ref_kl:
             with self._timed("ref_kl", metrics):
                 kl = self._reference_kl(ro)
@@ -321,10 +354,11 @@ class Trainer:
         with self._timed("update", metrics):
             self._update(ro, advantages, metrics)
         total = sum(rewards.values()) if len(rewards) > 1 else next(iter(rewards.values()))
-        metrics["reward/mean"] = float(total.mean())
+        metrics["reward/mean"] = float(total[valid].mean())
         for name, r in rewards.items():
-            metrics[f"reward/{name}/mean"] = float(r.mean())
-            metrics[f"reward/{name}/std"] = float(r.std(unbiased=False))
+            metrics[f"reward/{name}/mean"] = float(r[valid].mean())
+            metrics[f"reward/{name}/std"] = float(r[valid].std(unbiased=False))
+        metrics["reward/excluded"] = int((~valid).sum())
         metrics["advantage/abs_mean"] = float(advantages.abs().mean())
         metrics["time/iteration"] = time.perf_counter() - start
         metrics.update({k: float(v) for k, v in self.counter.as_dict().items()})
@@ -334,8 +368,7 @@ class Trainer:
     def _evaluate(self, tag: str, log: RunLog | None, metrics: dict | None) -> dict:
         with self._timed("eval", metrics if metrics is not None else {}):
             result = self.evaluator.run(
-                self.task.train_prompts,
-                self.task.heldout_prompts,
+                *self.task.eval_split(),
                 grid_path=self.run_dir / "grids" / f"{tag}.png",
             )
         if metrics is not None:
@@ -356,7 +389,14 @@ class Trainer:
                 every = cfg.log.eval_every
                 if last or (every and self.iteration % every == 0):
                     self._evaluate(f"iter-{self.iteration:06d}", log, metrics)
-                log.log(self.iteration, metrics)
+                try:
+                    log.log(self.iteration, metrics)
+                except OSError as exc:
+                    raise TrainingError(
+                        f"could not append to {log.path} ({exc}); the checkpoints and the "
+                        f"metrics already written are intact. Free disk space, then continue "
+                        f"with --resume {self.run_dir}"
+                    ) from exc
                 progress.update(self.iteration - 1, cfg.train.iterations, metrics)
                 if last or self.iteration % cfg.log.checkpoint_every == 0:
                     if last:

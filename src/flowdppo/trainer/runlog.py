@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from flowdppo.trainer.checkpoint import write_text_atomic
+
 METRICS = "metrics.jsonl"
 
 
@@ -60,7 +62,8 @@ def truncate_metrics(path: Path, keep_through: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a line cut by a kill: everything after it is stale too
-    path.write_text("".join(line + "\n" for line in kept))
+    # Atomic: a kill during this rewrite must not lose the lines being kept.
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -68,22 +71,37 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def save_grid(
-    images: torch.Tensor, captions: list[str], path: Path, columns: int, cell: int = 64
+    images: torch.Tensor, captions: list[str], path: Path, columns: int, cell: int | None = None
 ) -> None:
-    """Save images [B, C, H, W] in [0, 1] as a PNG grid with a caption under each."""
+    """Save images [B, C, H, W] in [0, 1] as a PNG grid with a caption under each.
+
+    Videos [B, C, F, H, W] show their middle frame. Each image is scaled so that its longer
+    side is ``cell`` pixels (default: its own size, at least 64 and at most 256), keeping
+    its aspect ratio: small images are enlarged with hard pixel edges, large ones smoothly.
+    """
     images = images.detach().float().clamp(0, 1).cpu()
-    b, c = images.shape[:2]
+    if images.dim() == 5:
+        images = images[:, :, images.shape[2] // 2]
+    if images.dim() != 4:
+        raise ValueError(
+            f"save_grid takes images [B, C, H, W] or videos [B, C, F, H, W], got "
+            f"{tuple(images.shape)}"
+        )
+    b, c, h, w = images.shape
+    cell = cell or min(256, max(64, h, w))
+    cw, ch = (cell, max(1, round(cell * h / w))) if w >= h else (max(1, round(cell * w / h)), cell)
+    resample = Image.NEAREST if cw >= w else Image.BILINEAR
     rows = math.ceil(b / columns)
     caption_h = 12
-    canvas = Image.new("RGB", (columns * cell, rows * (cell + caption_h)), "white")
+    canvas = Image.new("RGB", (columns * cw, rows * (ch + caption_h)), "white")
     draw = ImageDraw.Draw(canvas)
     for i in range(b):
         arr = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        img = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
-        img = img.resize((cell, cell), Image.NEAREST)
-        x, y = (i % columns) * cell, (i // columns) * (cell + caption_h)
+        img = Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).convert("RGB")
+        img = img.resize((cw, ch), resample)
+        x, y = (i % columns) * cw, (i // columns) * (ch + caption_h)
         canvas.paste(img, (x, y))
-        draw.text((x + 2, y + cell), captions[i][: cell // 6], fill="black")
+        draw.text((x + 2, y + ch), captions[i][: cw // 6], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

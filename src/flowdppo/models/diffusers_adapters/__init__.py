@@ -41,6 +41,7 @@ __all__ = [
     "SD3Model",
     "WanModel",
     "build_diffusers_model",
+    "check_pipeline_path",
     "save_lora_for_diffusers",
 ]
 
@@ -95,6 +96,16 @@ def build_diffusers_model(
         gradient_checkpointing=gradient_checkpointing,
         **kwargs,
     )
+
+
+def check_pipeline_path(kind: str, path: str | Path) -> None:
+    """Raise (naming the fix) unless ``path`` can hold a ``kind`` pipeline; reads no weights.
+
+    A hub id (``owner/name`` that is not a local path) passes: ``from_pretrained`` decides.
+    """
+    if kind not in ADAPTERS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(ADAPTERS)}")
+    _check_pipeline_path(kind, ADAPTERS[kind], str(path))
 
 
 def _dtype_keyword() -> str:

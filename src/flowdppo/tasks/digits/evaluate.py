@@ -6,25 +6,7 @@ import torch
 
 from flowdppo.models.base import FlowModel
 from flowdppo.rewards import Reward
-
-
-@torch.no_grad()
-def euler_sample(
-    model: FlowModel,
-    prompts: list[str],
-    steps: int = 10,
-    guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Decoded samples, one per prompt, from Euler ODE steps on ``linspace(1, 0, steps + 1)``."""
-    generator = generator or torch.Generator().manual_seed(0)
-    cond = model.encode(prompts)
-    x = model.initial_noise(len(prompts), generator)
-    sigmas = torch.linspace(1.0, 0.0, steps + 1)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = model.velocity(x, s.expand(len(prompts)), cond, guidance_scale)
-        x = x + (s_next - s) * v
-    return model.decode(x)
+from flowdppo.tasks.common import euler_sample
 
 
 def evaluate_base(

@@ -6,18 +6,21 @@ Rectified-flow path ``x_sigma = (1 - sigma) x0 + sigma eps`` with target velocit
 
 from __future__ import annotations
 
-import json
 import math
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from flowdppo.models.base import Cond, FlowModel
+from flowdppo.models.base import Cond
+from flowdppo.tasks.common import (
+    AssetError,
+    PixelFlowModel,
+    assets_dir,
+    load_module,
+    sigma_embedding,
+)
 from flowdppo.tasks.digits.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES, prompts_to_labels
 
 #: Names of the ``nn.Linear`` layers that suit LoRA (peft matches them as name suffixes):
@@ -26,26 +29,10 @@ LORA_TARGETS: list[str] = ["inp", "ada", "fc1", "fc2", "out"]
 
 BASE_WEIGHTS = "digits_base.safetensors"
 CLASSIFIER_WEIGHTS = "digits_classifier.safetensors"
-METADATA_KEY = "flowdppo"
 
 
-class DigitsAssetError(ValueError):
+class DigitsAssetError(AssetError):
     """A missing or unreadable weights file of the digits task."""
-
-
-def assets_dir() -> Path:
-    """The package folder holding the shipped weights."""
-    return Path(str(resources.files("flowdppo").joinpath("assets")))
-
-
-def sigma_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of sigma in [0, 1] (scaled by 1000, as diffusion timesteps are)."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
-    )
-    args = 1000.0 * sigma.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -90,78 +77,21 @@ class DigitsVelocityNet(nn.Module):
         return self.out(F.silu(self.norm(h))).view_as(x)
 
 
-class DigitsModel(FlowModel):
+class DigitsModel(PixelFlowModel):
     """The ``FlowModel`` adapter of the digits task (prompts "zero" ... "nine")."""
 
-    shift = 1.0
-
-    def __init__(self, module: nn.Module):
-        self.module = module
+    image_shape = IMAGE_SHAPE
+    cond_key = "label"
 
     def encode(self, prompts: list[str]) -> Cond:
         return {"label": prompts_to_labels(prompts)}
 
-    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(n, *IMAGE_SHAPE, generator=generator, device=generator.device)
-
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0
-    ) -> torch.Tensor:
-        label = cond["label"].to(x.device)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
-        # Read self.module now, not at construction: reference() swaps it or disables LoRA.
-        net = self.module
-        if guidance_scale == 1.0:
-            return net(x, sigma, label)
-        null = torch.full_like(label, NULL_LABEL)
-        v = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([label, null]))
-        v_cond, v_uncond = v.chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.clamp(-1, 1) + 1) / 2
-
-
-def save_module(module: nn.Module, path: str | Path, metadata: dict) -> None:
-    """Write a network's weights plus its constructor config and ``metadata`` (safetensors)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"config": module.config, **metadata}
-    # One metadata key: safetensors writes several in random order, and the same seed
-    # should give a byte-identical file.
-    meta = {METADATA_KEY: json.dumps(info, sort_keys=True)}
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata=meta)
-    # A readable copy of the metadata next to the weights.
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps(info, indent=1) + "\n")
-    # safetensors creates its file private (0600); give it the umask's usual mode instead.
-    path.chmod(sidecar.stat().st_mode)
-
-
-def load_module(cls: type[nn.Module], path: str | Path, what: str) -> tuple[nn.Module, dict]:
-    """Build ``cls`` from a file written by :func:`save_module`; returns (module, metadata)."""
-    path = Path(path)
-    fix = "re-create it with `flowdppo pretrain --task digits` (or pass the path of a valid file)"
-    if not path.is_file():
-        raise DigitsAssetError(f"{what} weights not found at {path}; {fix}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(raw_meta[METADATA_KEY]) if METADATA_KEY in raw_meta else {}
-        module = cls(**meta.pop("config", {}))
-        module.load_state_dict(state)
-    except Exception as exc:  # corrupt header, truncated data, wrong architecture, bad JSON
-        raise DigitsAssetError(
-            f"{what} weights at {path} could not be loaded ({type(exc).__name__}: {exc}); {fix}"
-        ) from exc
-    return module.eval(), meta
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(cond, NULL_LABEL)
 
 
 def load_base_model(path: str | Path | None = None) -> DigitsModel:
     """The digits base model from ``path``, or the shipped weights when ``path`` is None."""
     path = assets_dir() / BASE_WEIGHTS if path is None else Path(path)
-    net, _ = load_module(DigitsVelocityNet, path, "digits base model")
+    net, _ = load_module(DigitsVelocityNet, path, "digits base model", "digits", DigitsAssetError)
     return DigitsModel(net)

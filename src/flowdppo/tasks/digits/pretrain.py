@@ -6,45 +6,25 @@ held-out split except to report a metric.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from flowdppo.tasks.common import assets_dir, cosine_lr, cpu_threads, save_module
 from flowdppo.tasks.digits.data import NULL_LABEL, load_digits_split
 from flowdppo.tasks.digits.model import (
     BASE_WEIGHTS,
     CLASSIFIER_WEIGHTS,
     DigitsVelocityNet,
-    assets_dir,
-    save_module,
 )
 from flowdppo.tasks.digits.rewards import DigitClassifier
 
 #: Pretraining length of the shipped base model. Deliberately modest: with 10 Euler steps
 #: and no guidance its samples score ~0.5 under ``digit_prob``, which leaves RL headroom.
 BASE_STEPS = 2000
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    # Keep pretraining to a couple of cores; the machine is usually shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, before)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def flow_matching_loss(
@@ -85,7 +65,7 @@ def pretrain_base_model(
     loss and the flow-matching loss on the held-out split under fixed noise).
     """
     data = load_digits_split()
-    with _threads(threads):
+    with cpu_threads(threads):
         torch.manual_seed(seed)
         net = DigitsVelocityNet(hidden=hidden, depth=depth, mlp_ratio=mlp_ratio)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
@@ -94,7 +74,7 @@ def pretrain_base_model(
         losses: list[float] = []
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = _cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+                group["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
             idx = torch.randint(n, (batch_size,), generator=gen)
             loss = flow_matching_loss(net, data.x_train[idx], data.y_train[idx], gen, label_dropout)
             opt.zero_grad(set_to_none=True)
@@ -158,7 +138,7 @@ def pretrain_classifier(
     samples. Returns the stored metadata, including the held-out accuracy.
     """
     data = load_digits_split()
-    with _threads(threads):
+    with cpu_threads(threads):
         torch.manual_seed(seed)
         net = DigitClassifier()
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -171,7 +151,7 @@ def pretrain_classifier(
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 for group in opt.param_groups:
-                    group["lr"] = _cosine_lr(step, steps, lr, warmup=50)
+                    group["lr"] = cosine_lr(step, steps, lr, warmup=50)
                 x = _augment(data.x_train[idx], gen, noise)
                 loss = F.cross_entropy(net(x), data.y_train[idx])
                 opt.zero_grad(set_to_none=True)

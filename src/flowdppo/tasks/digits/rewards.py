@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowdppo.rewards import Reward, register_reward
+from flowdppo.tasks.common import assets_dir, load_module
 from flowdppo.tasks.digits.data import NUM_CLASSES, prompts_to_labels, to_model_scale
-from flowdppo.tasks.digits.model import CLASSIFIER_WEIGHTS, assets_dir, load_module
+from flowdppo.tasks.digits.model import CLASSIFIER_WEIGHTS, DigitsAssetError
 
 #: TV at which ``digit_smoothness`` reaches 0. Real digits have TV 0.20-0.27 (10th-90th
 #: percentile), so they score 0.45-0.6; salt-and-pepper noise scores 0.
@@ -48,7 +49,9 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     """The reward classifier (shipped weights when ``path`` is None), loaded once per path."""
     path = (assets_dir() / CLASSIFIER_WEIGHTS if path is None else Path(path)).resolve()
     if path not in _CLASSIFIERS:
-        net, _ = load_module(DigitClassifier, path, "digits reward classifier")
+        net, _ = load_module(
+            DigitClassifier, path, "digits reward classifier", "digits", DigitsAssetError
+        )
         _CLASSIFIERS[path] = net.requires_grad_(False)
     return _CLASSIFIERS[path]
 

@@ -143,6 +143,10 @@ def shapes_task() -> Task:
         extra={
             "lora_targets": list(LORA_TARGETS),
             "pretrain": pretrain,
+            # One thread: two gain little on this small network and collapse when the cores
+            # are shared (OpenMP threads spin-wait): 1.4 s against 100 s per iteration was
+            # measured on a busy 2-core machine.
+            "threads": 1,
             # `flowdppo train --task shapes`: the budget of configs/shapes/dppo.yaml.
             "recommended": {
                 "train": {"iterations": 150, "group_size": 16},

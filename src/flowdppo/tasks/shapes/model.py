@@ -12,18 +12,20 @@ null caption (``<null>``) gives the unconditional velocity for classifier-free g
 
 from __future__ import annotations
 
-import json
-import math
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from flowdppo.models.base import Cond, FlowModel
+from flowdppo.models.base import Cond
+from flowdppo.tasks.common import (
+    AssetError,
+    PixelFlowModel,
+    assets_dir,
+    load_module,
+    sigma_embedding,
+)
 from flowdppo.tasks.shapes.grammar import MAX_TOKENS, NULL_ID, PAD_ID, VOCAB, tokenize
 from flowdppo.tasks.shapes.scenes import IMAGE_SIZE
 
@@ -33,30 +35,14 @@ from flowdppo.tasks.shapes.scenes import IMAGE_SIZE
 LORA_TARGETS: list[str] = ["qkv", "q", "kv", "proj", "fc1", "fc2", "ada", "out"]
 
 BASE_WEIGHTS = "shapes_base.safetensors"
-METADATA_KEY = "flowdppo"
 IMAGE_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
 #: Lower bound of sigma when an x0 prediction is turned into a velocity. Samplers evaluate
 #: the model at sigma >= 0.1 with 10 steps; only the pretraining loss reaches below it.
 SIGMA_FLOOR = 0.05
 
 
-class ShapesAssetError(ValueError):
+class ShapesAssetError(AssetError):
     """A missing or unreadable weights file of the shapes task."""
-
-
-def assets_dir() -> Path:
-    """The package folder holding the shipped weights."""
-    return Path(str(resources.files("flowdppo").joinpath("assets")))
-
-
-def sigma_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of sigma in [0, 1] (scaled by 1000, as diffusion timesteps are)."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
-    )
-    args = 1000.0 * sigma.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
 def _attend(
@@ -246,79 +232,23 @@ class ShapesVelocityNet(nn.Module):
         return (x - h) / s
 
 
-class ShapesModel(FlowModel):
+class ShapesModel(PixelFlowModel):
     """The ``FlowModel`` adapter of the shapes task (captions of :mod:`.grammar`)."""
 
-    shift = 1.0
-
-    def __init__(self, module: nn.Module):
-        self.module = module
+    image_shape = IMAGE_SHAPE
+    cond_key = "tokens"
 
     def encode(self, prompts: list[str]) -> Cond:
         return {"tokens": torch.tensor(tokenize(prompts), dtype=torch.long)}
 
-    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(n, *IMAGE_SHAPE, generator=generator, device=generator.device)
-
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0
-    ) -> torch.Tensor:
-        tokens = cond["tokens"].to(x.device)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
-        # Read self.module now, not at construction: reference() swaps it or disables LoRA.
-        net = self.module
-        if guidance_scale == 1.0:
-            return net(x, sigma, tokens)
-        null = torch.full_like(tokens, PAD_ID)
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        null = torch.full_like(cond, PAD_ID)
         null[:, 0] = NULL_ID
-        v = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([tokens, null]))
-        v_cond, v_uncond = v.chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.clamp(-1, 1) + 1) / 2
-
-
-def save_module(module: ShapesVelocityNet, path: str | Path, metadata: dict) -> None:
-    """Write the network's weights plus its constructor config and ``metadata`` (safetensors)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"config": module.config, **metadata}
-    # One metadata key: safetensors writes several in random order, and the same seed
-    # should give a byte-identical file.
-    meta = {METADATA_KEY: json.dumps(info, sort_keys=True)}
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata=meta)
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps(info, indent=1) + "\n")
-    # safetensors creates its file private (0600); give it the umask's usual mode instead.
-    path.chmod(sidecar.stat().st_mode)
-
-
-def load_module(path: str | Path) -> tuple[ShapesVelocityNet, dict]:
-    """Build the network from a file written by :func:`save_module`: (module, metadata)."""
-    path = Path(path)
-    fix = "re-create it with `flowdppo pretrain --task shapes` (or pass the path of a valid file)"
-    if not path.is_file():
-        raise ShapesAssetError(f"shapes base model weights not found at {path}; {fix}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(raw_meta[METADATA_KEY]) if METADATA_KEY in raw_meta else {}
-        module = ShapesVelocityNet(**meta.pop("config", {}))
-        module.load_state_dict(state)
-    except Exception as exc:  # corrupt header, truncated data, wrong architecture, bad JSON
-        raise ShapesAssetError(
-            f"shapes base model weights at {path} could not be loaded "
-            f"({type(exc).__name__}: {exc}); {fix}"
-        ) from exc
-    return module.eval(), meta
+        return null
 
 
 def load_base_model(path: str | Path | None = None) -> ShapesModel:
     """The shapes base model from ``path``, or the shipped weights when ``path`` is None."""
     path = assets_dir() / BASE_WEIGHTS if path is None else Path(path)
-    net, _ = load_module(path)
+    net, _ = load_module(ShapesVelocityNet, path, "shapes base model", "shapes", ShapesAssetError)
     return ShapesModel(net)

@@ -9,41 +9,22 @@ bit-identical weights.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flowdppo.tasks.common import assets_dir, cosine_lr, cpu_threads, save_module
 from flowdppo.tasks.shapes.grammar import tokenize
-from flowdppo.tasks.shapes.model import BASE_WEIGHTS, ShapesVelocityNet, assets_dir, save_module
+from flowdppo.tasks.shapes.model import BASE_WEIGHTS, ShapesVelocityNet
 from flowdppo.tasks.shapes.scenes import scene_batch
 
 #: Pretraining length of the shipped base model: about 5 minutes on 2 CPU cores. A small
 #: model trained this briefly and sampled with 10 Euler steps is imperfect on binding,
 #: counting and position, which leaves RL its headroom (see docs/shapes-task.md).
 BASE_STEPS = 4000
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    # Keep pretraining to a couple of cores; the machine is usually shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, before)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def flow_matching_loss(
@@ -92,7 +73,7 @@ def pretrain_base_model(
     and the loss on a fixed validation batch under fixed noise.
     """
     start = time.perf_counter()
-    with _threads(threads):
+    with cpu_threads(threads):
         torch.manual_seed(seed)
         net = ShapesVelocityNet(**(model_config or {}))
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
@@ -105,7 +86,7 @@ def pretrain_base_model(
         log_every = max(1, steps // 10)
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = _cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+                group["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
             x0, captions = scene_batch(batch_size, rng)
             loss = flow_matching_loss(net, x0, captions, gen, caption_dropout, sigma_sampling)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,99 @@
+"""The "prompts" task: a diffusers model (SD3, FLUX, Wan) trained on prompts from text files.
+
+Unlike the built-in tasks, this one is made from the run's config rather than looked up by
+name: ``model.kind`` and ``model.path`` say which pipeline to load, ``data.train_prompts``
+and ``data.heldout_prompts`` are text files with one prompt per line, and the rewards are
+whatever ``reward.names`` lists (there is no default reward for arbitrary prompts).
+
+Everything a user can get wrong (no model path, a missing or empty prompt file, a
+directory that holds another pipeline) is reported here, before any weight is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowdppo.config import DIFFUSERS_KINDS, Config, ConfigError
+from flowdppo.tasks import Task
+
+#: The resolution used when ``model.resolution`` is null: the models' usual RL setting.
+DEFAULT_RESOLUTION = {"sd3": 512, "flux": 512, "wan": (480, 832)}
+
+
+def read_prompts(path: str, key: str) -> list[str]:
+    """Non-blank lines of ``path``, stripped; ``key`` names the config key in errors."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(
+            f"{key}: prompt file {path!r} does not exist; write one prompt per line there or "
+            "fix the path"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read prompt file {path!r} as UTF-8 text: {exc}") from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{key}: prompt file {path!r} holds no prompts (one per line)")
+    return prompts
+
+
+def prompts_task(cfg: Config) -> Task:
+    """The task for a run with ``task: prompts``; checks every input before loading."""
+    from flowdppo.models.diffusers_adapters import build_diffusers_model, check_pipeline_path
+
+    m, d = cfg.model, cfg.data
+    if m.kind not in DIFFUSERS_KINDS:  # the config validator already refuses this
+        raise ConfigError(f"task 'prompts' needs model.kind in {DIFFUSERS_KINDS}, got {m.kind!r}")
+    if m.path is None:
+        raise ConfigError(
+            f"model.path is not set: model.kind {m.kind!r} loads a diffusers pipeline from a "
+            "local directory; add model.path=/path/to/pipeline (see docs/real-models.md)"
+        )
+    if d.train_prompts is None:
+        raise ConfigError(
+            "data.train_prompts is not set: task 'prompts' trains on the prompts of a text "
+            "file, one per line; add data.train_prompts=prompts.txt"
+        )
+    if not cfg.reward.names:
+        raise ConfigError(
+            "reward.names is empty: task 'prompts' has no default reward; name one or more, "
+            "e.g. reward.names=[pickscore] reward.options.pickscore.path=/models/PickScore_v1"
+        )
+    train = read_prompts(d.train_prompts, "data.train_prompts")
+    heldout = read_prompts(d.heldout_prompts, "data.heldout_prompts") if d.heldout_prompts else []
+    try:
+        check_pipeline_path(m.kind, m.path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: {exc}") from exc
+
+    resolution = m.resolution if m.resolution is not None else DEFAULT_RESOLUTION[m.kind]
+    task = Task(
+        name="prompts",
+        build_model=lambda weights: None,  # replaced below
+        default_rewards=[],
+        train_prompts=train,
+        heldout_prompts=heldout,
+        description=f"{m.kind} pipeline at {m.path} on {len(train)} prompts",
+        extra={"eval_prompts": d.eval_prompts},
+    )
+
+    def build(weights: str | None):
+        model = build_diffusers_model(
+            m.kind,
+            m.path,
+            resolution=resolution,
+            frames=m.frames,
+            dtype=m.dtype,
+            gradient_checkpointing=m.gradient_checkpointing,
+            device=None if m.device == "auto" else m.device,
+            max_sequence_length=m.max_sequence_length,
+            negative_prompt=m.negative_prompt,
+        )
+        # Full module names of the attention projections: unambiguous for peft, and they
+        # exist in this network by construction (the last SD3 block has no text output).
+        task.extra["lora_targets"] = model.default_lora_targets()
+        return model
+
+    task.build_model = build
+    return task

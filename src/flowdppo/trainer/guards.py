@@ -1,0 +1,88 @@
+"""What the trainer does with bad numbers: invalid rewards and non-finite gradients.
+
+Rewards (``reward.max_invalid_fraction``): a sample whose reward is NaN or inf under any
+reward is excluded from the iteration: it is left out of the group statistics and its
+advantage is 0, so it adds nothing to the gradient. The count is logged as
+``reward/excluded``. More than the allowed fraction of a batch invalid, a reward that
+raises, or one that returns the wrong number of values ends the run with a message naming
+the reward.
+
+Gradients (``train.max_skipped_steps``): an optimizer step whose loss or gradient is not
+finite is skipped (the gradient is dropped, the weights and Adam moments stay as they
+were), counted in ``train/skipped_steps``, and the run ends when more steps than allowed
+are skipped in a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowdppo.advantages import combine_rewards
+from flowdppo.rewards import Reward
+
+
+class TrainingError(RuntimeError):
+    """A training run cannot go on; the message says why and what to change."""
+
+
+def call_reward(name: str, fn: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """``fn(images, prompts)`` as a float vector of one value per prompt (may hold NaN).
+
+    A raising reward or one with the wrong number of values is a :class:`TrainingError`
+    naming the reward.
+    """
+    try:
+        out = fn(images, prompts)
+    except Exception as exc:
+        raise TrainingError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+    try:
+        r = torch.as_tensor(out).detach().float().reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TrainingError(
+            f"reward {name!r} returned {type(out).__name__}, not numbers ({exc}); a reward "
+            "returns a tensor of one number per sample"
+        ) from exc
+    if r.shape[0] != len(prompts):
+        shape = tuple(torch.as_tensor(out).shape)
+        raise TrainingError(
+            f"reward {name!r} returned shape {shape} ({r.shape[0]} values) for "
+            f"{len(prompts)} samples; a reward returns one number per sample"
+        )
+    return r
+
+
+def score(
+    rewards: dict[str, Reward],
+    images: torch.Tensor,
+    prompts: list[str],
+    max_invalid_fraction: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every reward's values and the mask of samples all rewards scored finitely.
+
+    Raises :class:`TrainingError` when more than ``max_invalid_fraction`` of the batch is
+    invalid.
+    """
+    out = {name: call_reward(name, fn, images, prompts) for name, fn in rewards.items()}
+    valid = torch.ones(len(prompts), dtype=torch.bool)
+    for r in out.values():
+        valid &= torch.isfinite(r)
+    invalid = len(prompts) - int(valid.sum())
+    if invalid > max_invalid_fraction * len(prompts):
+        per = ", ".join(f"{name!r}: {int((~torch.isfinite(r)).sum())}" for name, r in out.items())
+        raise TrainingError(
+            f"{invalid} of {len(prompts)} samples have a NaN or infinite reward ({per}), more "
+            f"than reward.max_invalid_fraction = {max_invalid_fraction:g} allows; fix the "
+            "reward function or raise reward.max_invalid_fraction"
+        )
+    return out, valid
+
+
+def valid_advantages(
+    rewards: dict[str, torch.Tensor], group: torch.Tensor, valid: torch.Tensor, **kwargs
+) -> torch.Tensor:
+    """:func:`combine_rewards` over the valid samples only; 0 for the excluded ones."""
+    adv = torch.zeros(group.shape[0])
+    adv[valid] = combine_rewards(
+        {name: r[valid] for name, r in rewards.items()}, group[valid], **kwargs
+    )
+    return adv

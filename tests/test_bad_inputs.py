@@ -1,0 +1,387 @@
+"""Bad inputs and failures during a run: each ends in a clear error or a documented policy.
+
+Rewards that return NaN / inf / the wrong shape or raise, non-finite gradients, missing or
+corrupt checkpoints and weights, a run directory that cannot be written, a full disk.
+Runs use the toy task of ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import _brightness
+
+from flowdppo import cli
+from flowdppo.config import load_config
+from flowdppo.rewards import _FACTORIES, register_reward
+from flowdppo.trainer import checkpoint as ckpt
+from flowdppo.trainer import guards, loop
+from flowdppo.trainer.loop import Trainer, TrainingError, metrics_of
+from flowdppo.trainer.runlog import RunLog
+
+
+def _register(name, fn):
+    if name not in _FACTORIES:
+        register_reward(name)(lambda: fn)
+
+
+def _run(tmp_path, overrides, name="run"):
+    return Trainer(load_config(None, overrides), tmp_path / name).train(), tmp_path / name
+
+
+def _strip_time(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+# ---------------------------------------------------------------- rewards
+def _poisoned(bad: dict[int, float]):
+    def reward(images, prompts):
+        r = _brightness(images, prompts)
+        for i, v in bad.items():
+            if i < len(r):  # evaluation batches can be smaller
+                r[i] = v
+        return r
+
+    return reward
+
+
+def test_nan_and_inf_rewards_are_excluded_and_counted(tmp_path, toy_overrides):
+    _register("toy_two_bad", _poisoned({0: float("nan"), 5: float("inf")}))
+    _, run = _run(tmp_path, toy_overrides + ["reward.names=[toy_two_bad]"])
+    rows = metrics_of(run)
+    assert [r["reward/excluded"] for r in rows] == [2, 2]  # 2 of 8 = the default 0.25
+    for r in rows:
+        assert r["reward/mean"] is not None and 0 <= r["reward/mean"] <= 1
+        assert r["grad_norm"] > 0 and r["train/skipped_steps"] == 0
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))[1]
+    assert all(torch.isfinite(t).all() for t in state.values())
+    # Evaluation leaves the invalid samples out of its means too, and counts them.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["eval/train/reward/excluded"] == 2
+    assert summary["after"]["eval/train/reward/mean"] >= 0
+
+
+def test_excluded_samples_get_zero_advantage_and_leave_group_stats():
+    rewards = {"r": torch.tensor([1.0, float("nan"), 3.0, 0.0, 4.0, float("inf")])}
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    valid = torch.isfinite(rewards["r"])
+    adv = guards.valid_advantages(rewards, group, valid, std="group")
+    # Group 0 is {1, 3}, group 1 is {0, 4}: each valid sample is one std from its mean.
+    assert adv.tolist() == pytest.approx([-1.0, 0.0, 1.0, -1.0, 1.0, 0.0], abs=1e-6)
+
+
+def test_too_many_invalid_rewards_abort_unless_allowed(tmp_path, toy_overrides):
+    _register("toy_three_bad", _poisoned({0: float("nan"), 1: float("nan"), 2: float("-inf")}))
+    bad = toy_overrides + ["reward.names=[toy_three_bad]"]
+    with pytest.raises(TrainingError, match="3 of 8 samples .*'toy_three_bad': 3.*max_invalid"):
+        _run(tmp_path, bad)
+    _, run = _run(tmp_path, bad + ["reward.max_invalid_fraction=0.5"], name="allowed")
+    assert [r["reward/excluded"] for r in metrics_of(run)] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    "name,fn,match",
+    [
+        (
+            "toy_short",
+            lambda images, prompts: torch.zeros(len(prompts) - 1),
+            r"'toy_short' returned shape \(7,\) \(7 values\) for 8 samples",
+        ),
+        (
+            "toy_wide",
+            lambda images, prompts: torch.zeros(len(prompts), 2),
+            r"'toy_wide' returned shape \(8, 2\) \(16 values\) for 8 samples",
+        ),
+        (
+            "toy_words",
+            lambda images, prompts: ["good"] * len(prompts),
+            "'toy_words' returned list, not numbers",
+        ),
+        (
+            "toy_raises",
+            lambda images, prompts: 1 / 0,
+            "reward 'toy_raises' raised ZeroDivisionError: division by zero",
+        ),
+    ],
+)
+def test_broken_reward_stops_the_run_naming_it(tmp_path, toy_overrides, capsys, name, fn, match):
+    _register(name, fn)
+    with pytest.raises(TrainingError, match=match):
+        _run(tmp_path, toy_overrides + [f"reward.names=[{name}]"])
+    # The command line shows the same message as one error line, exit status 2.
+    code = cli.main(
+        ["train", *toy_overrides, f"reward.names=[{name}]", f"log.run_dir={tmp_path / 'cli'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert name in err
+
+
+# ---------------------------------------------------------------- non-finite gradients
+def _poison_steps(monkeypatch, calls: set[int] | None):
+    """Make the step_loss calls numbered in ``calls`` (1-based; None: all) NaN."""
+    original = loop.step_loss
+    count = [0]
+
+    def poisoned(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        count[0] += 1
+        if calls is None or count[0] in calls:
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(loop, "step_loss", poisoned)
+
+
+def test_non_finite_step_is_skipped_and_reported(tmp_path, toy_overrides, monkeypatch):
+    # 8 samples, minibatches of 4, 2 SDE steps: step_loss calls 5-6 are iteration 2's first
+    # optimizer step.
+    _poison_steps(monkeypatch, {5})
+    trainer = Trainer(load_config(None, toy_overrides), tmp_path / "run")
+    trainer.train()
+    rows = metrics_of(tmp_path / "run")
+    assert [r["train/skipped_steps"] for r in rows] == [0, 1]
+    assert trainer.optimizer_steps == 3 and trainer.skipped_in_a_row == 0
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {3}  # the skipped step did not touch the Adam moments
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    assert rows[1]["grad_norm"] > 0  # the mean of the steps that were taken
+
+
+def test_too_many_skipped_steps_in_a_row_abort(tmp_path, toy_overrides, monkeypatch):
+    _poison_steps(monkeypatch, None)
+    with pytest.raises(
+        TrainingError, match="3 optimizer steps in a row .* train.max_skipped_steps = 2"
+    ):
+        _run(tmp_path, toy_overrides + ["train.max_skipped_steps=2"])
+    # Iteration 1 (two skipped steps) was logged and checkpointed before the abort.
+    run = tmp_path / "run"
+    assert [r["train/skipped_steps"] for r in metrics_of(run)] == [2]
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000001"
+    ckpt.load_checkpoint(run / "ckpt-000001")
+    with pytest.raises(TrainingError, match="1 optimizer steps in a row"):
+        _run(tmp_path, toy_overrides + ["train.max_skipped_steps=0"], name="strict")
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.fixture
+def finished_run(tmp_path, toy_overrides):
+    """A 3-iteration toy run keeping ckpt-2 and ckpt-3, and its metrics."""
+    overrides = toy_overrides + ["train.iterations=3"]
+    _, run = _run(tmp_path, overrides, name="finished")
+    return run, overrides
+
+
+def _resume(run, overrides):
+    return Trainer(load_config(None, overrides), run, resume=True)
+
+
+def _rewrite_state(path, edit):
+    payload = json.loads((path / "state.json").read_text())
+    edit(payload)
+    (path / "state.json").write_text(json.dumps(payload))
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (
+            lambda p: os.truncate(p / "model.safetensors", 40),
+            "model.safetensors is missing or corr",
+        ),
+        (lambda p: (p / "optimizer.safetensors").unlink(), "optimizer.safetensors is missing"),
+        (lambda p: (p / "state.json").unlink(), "no readable state.json"),
+        (lambda p: (p / "state.json").write_text('{"iteration": 3'), "no readable state.json"),
+        (lambda p: _rewrite_state(p, lambda s: s.pop("sha256")), r"lacks \['sha256'\]"),
+    ],
+)
+def test_corrupt_latest_checkpoint_names_the_file_and_the_good_one(
+    finished_run, capsys, damage, match
+):
+    run, overrides = finished_run
+    damage(run / "ckpt-000003")
+    with pytest.raises(ckpt.CheckpointError, match=match) as err:
+        _resume(run, overrides)
+    assert "newest checkpoint that verifies is ckpt-000002" in str(err.value)
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot resume: checkpoint")
+    # The earlier checkpoint and the log are untouched and load.
+    ckpt.load_checkpoint(run / "ckpt-000002")
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2, 3]
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(finished_run):
+    run, overrides = finished_run
+    path = run / "ckpt-000003" / "optimizer.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the tensor data: safetensors alone would load it
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+        _resume(run, overrides)
+
+
+def test_following_the_hint_resumes_from_the_good_checkpoint(finished_run, tmp_path):
+    run, overrides = finished_run
+    os.truncate(run / "ckpt-000003" / "model.safetensors", 10)
+    shutil.move(run / "ckpt-000003", tmp_path / "broken")
+    (run / "latest").write_text("ckpt-000002\n")
+    # Redo iteration 3 from ckpt-2: the same metrics as the first time.
+    before = _strip_time(metrics_of(run))
+    _resume(run, overrides).train()
+    assert _strip_time(metrics_of(run)) == before
+
+
+def test_checkpoint_with_other_tensors_is_refused(finished_run):
+    run, overrides = finished_run
+    path = run / "ckpt-000003"
+    from safetensors.torch import save_file
+
+    save_file({"some.other.weight": torch.zeros(3)}, path / "model.safetensors")
+    digest = ckpt._sha256(path / "model.safetensors")  # a consistent, but foreign, checkpoint
+    _rewrite_state(path, lambda s: s["sha256"].update({"model.safetensors": digest}))
+    with pytest.raises(TrainingError, match="does not match this model's trainable parameters"):
+        _resume(run, overrides)
+
+
+def test_missing_run_dir_and_checkpointless_run(tmp_path, toy_overrides, capsys):
+    assert cli.main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        Trainer(load_config(None, toy_overrides), tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "wrong keys"])
+def test_bad_model_weights_fail_before_any_work(tmp_path, capsys, kind):
+    from safetensors.torch import save_file
+
+    from flowdppo.tasks.digits.model import BASE_WEIGHTS, assets_dir
+
+    weights = tmp_path / "weights.safetensors"
+    if kind == "truncated":
+        weights.write_bytes((assets_dir() / BASE_WEIGHTS).read_bytes()[:1000])
+    elif kind == "wrong keys":
+        save_file({"not.a.layer": torch.zeros(2)}, weights)
+    run = tmp_path / "run"
+    code = cli.main(["train", f"model.weights={weights}", f"log.run_dir={run}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: digits base model weights")
+    assert str(weights) in err and "flowdppo pretrain --task digits" in err
+    assert not run.exists()  # nothing was started
+
+
+# ---------------------------------------------------------------- the run directory and disk
+def test_run_dir_that_cannot_be_created(tmp_path, toy_overrides):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(TrainingError, match="is not writable"):
+        Trainer(load_config(None, toy_overrides), blocker / "run")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_run_dir(tmp_path, toy_overrides):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o500)
+    try:
+        with pytest.raises(TrainingError, match="is not writable"):
+            Trainer(load_config(None, toy_overrides), run)
+    finally:
+        run.chmod(0o700)
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_while_checkpointing(tmp_path, toy_overrides, monkeypatch):
+    overrides = toy_overrides + ["train.iterations=3"]
+    _, ref = _run(tmp_path, overrides, name="reference")
+    original = ckpt.save_file
+    calls = [0]
+
+    def fill_up(tensors, path):
+        calls[0] += 1
+        if calls[0] == 4:  # iteration 2's second tensor file
+            _enospc()
+        return original(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_file", fill_up)
+    run = tmp_path / "run"
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _run(tmp_path, overrides)
+    msg = str(err.value)
+    assert "could not write checkpoint" in msg and "No space left on device" in msg
+    assert "ckpt-000001, is intact" in msg and f"--resume {run}" in msg
+    assert not list(run.glob(".ckpt-*"))  # the partial write was removed
+    assert (run / "latest").read_text().strip() == "ckpt-000001"
+    ckpt.load_checkpoint(run / "ckpt-000001")
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2]
+
+    # Space is back: resuming loses nothing against a run that never failed.
+    monkeypatch.setattr(ckpt, "save_file", original)
+    _resume(run, overrides).train()
+    assert _strip_time(metrics_of(run)) == _strip_time(metrics_of(ref))
+    for name in ("ckpt-000002", "ckpt-000003"):
+        assert (
+            ckpt.verify_checkpoint(run / name)["sha256"]
+            == (ckpt.verify_checkpoint(ref / name)["sha256"])
+        )
+
+
+def test_full_disk_while_logging(tmp_path, toy_overrides, monkeypatch):
+    original = RunLog.log
+
+    def log(self, iteration, metrics):
+        if iteration == 2:
+            _enospc()
+        return original(self, iteration, metrics)
+
+    monkeypatch.setattr(RunLog, "log", log)
+    with pytest.raises(TrainingError, match="could not append to .*metrics.jsonl.*No space left"):
+        _run(tmp_path, toy_overrides)
+    run = tmp_path / "run"
+    assert [r["iteration"] for r in metrics_of(run)] == [1]
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000001"
+    ckpt.load_checkpoint(run / "ckpt-000001")
+
+
+# ---------------------------------------------------------------- kills before a checkpoint
+def test_metrics_cut_by_a_kill_are_trimmed_to_the_checkpoint(tmp_path):
+    from flowdppo.trainer.runlog import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1, "a": 1}\n{"iteration": 2, "a": 2}\n{"iteration": 3, "a"')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"iteration": 1, "a": 1}\n{"iteration": 2, "a": 2}\n'
+    truncate_metrics(path, 1)
+    assert path.read_text() == '{"iteration": 1, "a": 1}\n'
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_start_again(
+    tmp_path, toy_overrides, monkeypatch
+):
+    _, ref = _run(tmp_path, toy_overrides, name="reference")
+    original = Trainer._checkpoint
+
+    def crash(self):
+        raise Crash
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash)
+    with pytest.raises(Crash):
+        _run(tmp_path, toy_overrides)
+    run = tmp_path / "run"
+    assert len(metrics_of(run)) == 1 and ckpt.latest_checkpoint(run) is None
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        _resume(run, toy_overrides)
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+    _run(tmp_path, toy_overrides)  # the same directory, from the start
+    assert _strip_time(metrics_of(run)) == _strip_time(metrics_of(ref))
