@@ -78,8 +78,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(ns) -> int:
     from flowdppo.config import load_config
+    from flowdppo.trainer import distributed
     from flowdppo.trainer.loop import Trainer
 
+    multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
+    if multi:
+        Trainer = distributed.DistributedTrainer  # noqa: N806
     if ns.resume:
         from flowdppo.config import ConfigError, config_from_dict, read_yaml
 
@@ -103,13 +107,22 @@ def _train(ns) -> int:
             overrides.insert(0, f"task={ns.task}")
         cfg = load_config(path, overrides, base=base)
         run_dir = Path(cfg.log.run_dir or f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if multi:  # rank 0 names the run, so a clock tick between processes cannot split it
+            distributed.init_distributed(cfg.train.dist_backend)
+            run_dir = Path(distributed.broadcast_text(str(run_dir)))
         trainer = Trainer(cfg, run_dir)
-    print(
-        f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> {run_dir}",
-        flush=True,
-    )
+    rank0 = getattr(trainer, "rank", 0) == 0
+    if rank0:
+        print(
+            f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> "
+            f"{run_dir}"
+            + (f" ({trainer.world_size} processes, {trainer.backend})" if multi else ""),
+            flush=True,
+        )
     summary = trainer.train()
-    _print_summary(summary)
+    if rank0:
+        _print_summary(summary)
+    distributed.finish_distributed()
     return 0
 
 

@@ -106,6 +106,12 @@ class TrainConfig(_Section):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; null: the task's recommendation"
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="gradient averaging under torchrun / accelerate launch: ddp or fsdp"
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl if CUDA is available, else gloo"
+    )
 
     @field_validator("adam_betas")
     @classmethod

@@ -307,6 +307,21 @@ class Trainer:
         self.optimizer_steps += 1
         return float(norm)
 
+    # Hooks that multi-process training (trainer/distributed.py) overrides.
+    def _rollout(self, prompts: list[str], group: torch.Tensor, sde_steps: list[int]):
+        return rollout(
+            self.model, prompts, group, self.spec, sde_steps, self.generator, self.counter
+        )
+
+    def _reference_kl(self, ro) -> torch.Tensor:
+        return reference_kl(self.model, ro, self.spec, self.counter)
+
+    def _open_log(self) -> RunLog:
+        return RunLog(self.run_dir, self.cfg.log.tensorboard, start_iteration=self.iteration)
+
+    def _open_progress(self) -> Progress:
+        return Progress(self.cfg.train.iterations, self.iteration)
+
     def run_iteration(self) -> dict[str, float]:
         cfg = self.cfg
         metrics: dict[str, float] = {}
@@ -319,9 +334,7 @@ class Trainer:
                 cfg.sampler.sde_window,
                 self.generator,
             )
-            ro = rollout(
-                self.model, prompts, group, self.spec, sde_steps, self.generator, self.counter
-            )
+            ro = self._rollout(prompts, group, sde_steps)
         with self._timed("reward", metrics):
             rewards, valid = self._score(self.model.decode(ro.final), prompts)
             advantages = guards.valid_advantages(
@@ -335,7 +348,7 @@ class Trainer:
             ).to(ro.final.device)
         if cfg.log.ref_kl:
             with self._timed("ref_kl", metrics):
-                kl = reference_kl(self.model, ro, self.spec, self.counter)
+                kl = self._reference_kl(ro)
             metrics["kl_ref/mean"] = float(kl.mean())
             metrics["kl_ref/path"] = float(kl.sum(0).mean())
         with self._timed("update", metrics):
@@ -364,8 +377,8 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        log = RunLog(self.run_dir, cfg.log.tensorboard, start_iteration=self.iteration)
-        progress = Progress(cfg.train.iterations, self.iteration)
+        log = self._open_log()
+        progress = self._open_progress()
         try:
             if "before" not in self.summary:
                 self.summary["before"] = self._evaluate("iter-000000", None, None)

@@ -82,6 +82,41 @@ class Rollout:
         return self.final.shape[0]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[start, start + size)`` of a global batch of ``global_size`` samples.
+
+    Used by multi-process training: each process draws the noise of the whole global batch
+    from the shared generator and keeps its own rows, so sample ``j`` gets the same noise
+    whatever the number of processes, and every process's generator stays in step.
+    """
+
+    start: int
+    size: int
+    global_size: int
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.start : self.start + self.size]
+
+
+def _sharded_step(
+    spec: SamplerSpec, k: int, v, x, generator: torch.Generator, shard: Shard
+) -> kernels.StepOutput:
+    # Draw exactly what a one-process sampler would draw for the global batch, keep our
+    # rows, then score them through the replay path (the same transition and log-prob).
+    mean, std = spec.transition(k, v, x)
+    if not bool((std > 0).all()):  # a deterministic step draws nothing, as in kernels.step
+        return spec.step(k, spec.kernel, v, x, generator=generator)
+    noise = torch.randn(
+        (shard.global_size, *mean.shape[1:]),
+        generator=generator,
+        device=generator.device,
+        dtype=torch.float32,
+    )
+    prev = mean + std * shard.rows(noise).to(mean.device)
+    return spec.step(k, spec.kernel, v, x, prev_sample=prev)
+
+
 class ForwardCounter:
     """Counts model forward calls and the samples they process, per phase."""
 
@@ -113,8 +148,14 @@ def sample(
     generator: torch.Generator,
     counter: ForwardCounter,
     phase: str = "rollout",
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run the sampler; return final latents and the recorded SDE steps."""
+    """Run the sampler; return final latents and the recorded SDE steps.
+
+    With ``shard``, ``noise`` holds this process's rows of a global batch: every SDE step
+    draws the whole global batch's noise from ``generator`` and keeps these rows (see
+    :class:`Shard`).
+    """
     x = noise.float()
     b = x.shape[0]
     record: dict[str, list] = {"states": [], "next_states": [], "means": [], "log_probs": []}
@@ -123,7 +164,10 @@ def sample(
     for k in range(spec.num_steps):
         sigma = spec.sigmas[k].expand(b)
         v = counter.velocity(model, phase, x, sigma, cond, spec.guidance_scale)
-        out = spec.step(k, spec.kernel if k in sde else "ode", v, x, generator=generator)
+        if shard is not None and k in sde:
+            out = _sharded_step(spec, k, v, x, generator, shard)
+        else:
+            out = spec.step(k, spec.kernel if k in sde else "ode", v, x, generator=generator)
         if k in sde:
             record["states"].append(x)
             record["next_states"].append(out.prev_sample)
@@ -148,10 +192,14 @@ def rollout(
     counter: ForwardCounter,
     cond: Cond | None = None,
     phase: str = "rollout",
+    shard: Shard | None = None,
 ) -> Rollout:
     cond = model.encode(prompts) if cond is None else cond
-    noise = model.initial_noise(len(prompts), generator)
-    final, rec = sample(model, cond, noise, spec, sde_steps, generator, counter, phase)
+    if shard is None:
+        noise = model.initial_noise(len(prompts), generator)
+    else:
+        noise = shard.rows(model.initial_noise(shard.global_size, generator))
+    final, rec = sample(model, cond, noise, spec, sde_steps, generator, counter, phase, shard)
     return Rollout(prompts, group, cond, final, list(sde_steps), **rec)
 
 

@@ -1,0 +1,372 @@
+"""Multi-process training through torch.distributed (``torchrun``, ``accelerate launch``).
+
+Every process holds the whole model and the same shared generator, so all of them draw the
+same prompts, SDE steps and minibatch permutations. Process ``r`` of ``W`` owns the
+contiguous rows ``[r*B/W, (r+1)*B/W)`` of the global batch of ``B`` samples; it draws the
+noise of the whole global batch and keeps its rows (:class:`~flowdppo.trainer.rollout.Shard`),
+so sample ``j`` gets the same noise whatever ``W`` is. Rewards and reference KLs are
+all-gathered, so advantages (group mean, group or global std) are computed over the whole
+global batch on every process, even when a group spans processes.
+
+The update walks the same global minibatches as a one-process run. Each process replays
+the members of a minibatch that it owns and weights its loss so that DDP's gradient
+average equals the one-process minibatch mean. A process that owns no member of a
+minibatch replays one of its samples with weight zero: DDP needs every process to run the
+same number of forward/backward passes. Only rank 0 writes logs, grids, checkpoints and
+the summary; every process resumes from the checkpoint rank 0 wrote.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import math
+import os
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from flowdppo.config import Config
+from flowdppo.trainer import guards
+from flowdppo.trainer.faults import fault_point
+from flowdppo.trainer.loop import Trainer, TrainingError
+from flowdppo.trainer.rollout import ForwardCounter, Shard, reference_kl, rollout
+from flowdppo.trainer.update import StatsAccumulator, step_loss
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun, accelerate launch) started more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> None:
+    """Join the process group the launcher set up (idempotent)."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in LAUNCH_ENV if k not in os.environ]
+    if missing:
+        raise TrainingError(
+            f"multi-process training needs the launcher's environment, but {missing} are "
+            "unset: start with `torchrun --nproc_per_node=N -m flowdppo train ...` or "
+            "`accelerate launch -m flowdppo train ...`"
+        )
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise TrainingError(
+            "train.dist_backend=nccl needs CUDA, which this machine lacks: use gloo or auto"
+        )
+    if backend == "nccl" or (backend == "auto" and torch.cuda.is_available()):
+        # Pin each process to its own GPU before any model is built ("cuda" then means it).
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # CUDA tensors go through NCCL, CPU tensors (a model kept on the CPU, small
+        # bookkeeping) through gloo.
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    # Tear the group down before interpreter shutdown even when training fails: gloo's
+    # worker threads can otherwise abort the process at exit.
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish_distributed() -> None:
+    if dist.is_initialized():
+        # Leave together: a process that tears its group down while another still talks to
+        # it can abort at exit.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every process (e.g. a run directory named after the clock)."""
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Velocity(nn.Module):
+    """The model's velocity as a module DDP can wrap.
+
+    Registering ``model.module`` as a child gives DDP the parameters to average; calling
+    ``model.velocity`` keeps the adapter's own input handling (guidance, dtypes, devices).
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.net = model.module
+        self._model = [model]  # a list, so the adapter is not registered as a child
+
+    def forward(self, x, sigma, cond, guidance_scale):
+        return self._model[0].velocity(x, sigma, cond, guidance_scale)
+
+
+class _Route:
+    """A :class:`ForwardCounter` view that sends the policy's update forward through DDP."""
+
+    def __init__(self, counter: ForwardCounter, wrapped: nn.Module) -> None:
+        self.counter = counter
+        self.wrapped = wrapped
+
+    def velocity(self, model, phase, x, sigma, cond, guidance_scale):
+        if phase != "update":
+            return self.counter.velocity(model, phase, x, sigma, cond, guidance_scale)
+        self.counter.calls[phase] = self.counter.calls.get(phase, 0) + 1
+        self.counter.samples[phase] = self.counter.samples.get(phase, 0) + x.shape[0]
+        fault_point(phase)
+        return self.wrapped(x, sigma, cond, guidance_scale)
+
+
+class _Null:
+    """Stands in for the run log and the progress bar on ranks other than 0."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def combine_stats(counts: torch.Tensor, values: torch.Tensor, keys: list[str]) -> dict:
+    """Per-process statistics of one update call -> the statistics of the whole minibatch.
+
+    ``counts`` [W] samples each process scored, ``values`` [W, len(keys)]. Means and
+    fractions are count-weighted, ``*_min`` / ``*_max`` take the extreme over processes
+    that scored something, and ``*_std`` (population std) is recombined with its
+    ``*_mean`` by the parallel-variance formula.
+    """
+    n = counts.double()
+    total = n.sum()
+    v = values.double()
+    live = n > 0
+    out: dict[str, float] = {}
+    index = {k: j for j, k in enumerate(keys)}
+    for j, key in enumerate(keys):
+        col = v[:, j]
+        if key.endswith("_min"):
+            out[key] = float(col[live].min())
+        elif key.endswith("_max"):
+            out[key] = float(col[live].max())
+        elif not key.endswith("_std"):
+            out[key] = float((n * col).sum() / total)
+    for j, key in enumerate(keys):
+        if key.endswith("_std"):
+            mean_key = key[: -len("_std")] + "_mean"
+            if mean_key not in index:
+                raise TrainingError(f"statistic {key!r} comes without {mean_key!r}")
+            means = v[:, index[mean_key]]
+            mean = (n * means).sum() / total
+            var = (n * (v[:, j] ** 2 + (means - mean) ** 2)).sum() / total
+            out[key] = float(var.clamp_min(0).sqrt())
+    return out
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Reject a run that cannot be split over ``world_size`` processes, before any work."""
+    n = cfg.samples_per_iteration
+    if n % world_size:
+        raise TrainingError(
+            f"the global batch of train.prompts_per_iteration x train.group_size = "
+            f"{cfg.train.prompts_per_iteration} x {cfg.train.group_size} = {n} samples "
+            f"cannot be split evenly over {world_size} processes: make it a multiple of "
+            f"{world_size}"
+        )
+    if cfg.train.distributed == "fsdp":
+        raise TrainingError(
+            "train.distributed=fsdp is not implemented yet: use train.distributed=ddp "
+            "(every process holds the whole model)"
+        )
+
+
+class DistributedTrainer(Trainer):
+    """:class:`Trainer` for one process of a ``torchrun`` / ``accelerate launch`` job."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+        init_distributed(cfg.train.dist_backend)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.backend = dist.get_backend()
+        check_world_size(cfg, self.world_size)
+        n, w = cfg.samples_per_iteration, self.world_size
+        self.shard = Shard(self.rank * n // w, n // w, n)
+        super().__init__(cfg, run_dir, resume=resume)
+        # DDP broadcasts rank 0's parameters at construction, so every process starts equal.
+        self.wrapped = DistributedDataParallel(_Velocity(self.model), forward_sync_buffers=False)
+
+    def train(self) -> dict:
+        try:
+            return super().train()
+        finally:
+            # DDP's reducer holds the process group; release it before the group is torn
+            # down, or gloo's threads can outlive it and abort the process at exit.
+            self.wrapped = None
+            gc.collect()
+
+    # ---------------------------------------------------------------- rank-0 side effects
+    def _on_rank0(self, fn, *args):
+        """Run ``fn`` on rank 0 only; raise its error on every process, not just rank 0."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn(*args)
+            except Exception as exc:  # re-raised below, after every process knows
+                error = exc
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if box[0] is not None:
+            raise TrainingError(f"rank 0 failed: {box[0]}")
+        return result
+
+    def _start_run_dir(self) -> None:
+        super_start = super()._start_run_dir
+        self._on_rank0(super_start)
+
+    def _checkpoint(self) -> None:
+        super_checkpoint = super()._checkpoint
+        self._on_rank0(super_checkpoint)
+
+    def _evaluate(self, tag, log, metrics):
+        super_evaluate = super()._evaluate
+        result = self._on_rank0(super_evaluate, tag, log, metrics)
+        return result if result is not None else {}
+
+    def _write_summary(self) -> dict:
+        super_write = super()._write_summary
+        return self._on_rank0(super_write) or {}
+
+    def _open_log(self):
+        return super()._open_log() if self.rank == 0 else _Null()
+
+    def _open_progress(self):
+        return super()._open_progress() if self.rank == 0 else _Null()
+
+    # ---------------------------------------------------------------- sharded iteration
+    def _local(self, items):
+        return items[self.shard.start : self.shard.start + self.shard.size]
+
+    def _gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim=dim)
+
+    def _rollout(self, prompts, group, sde_steps):
+        return rollout(
+            self.model,
+            self._local(prompts),
+            self._local(group),
+            self.spec,
+            sde_steps,
+            self.generator,
+            self.counter,
+            shard=self.shard,
+        )
+
+    def _score(self, images: torch.Tensor, prompts: list[str]):
+        local = self._local(prompts)
+        scored = {
+            name: self._gather(guards.call_reward(name, fn, images, local))
+            for name, fn in self.rewards.items()
+        }
+        # The validity checks of the one-process trainer, applied to the gathered batch,
+        # so that every process reaches the same verdict.
+        as_rewards = {name: (lambda _i, _p, r=r: r) for name, r in scored.items()}
+        return guards.score(as_rewards, images, prompts, self.cfg.reward.max_invalid_fraction)
+
+    def _reference_kl(self, ro) -> torch.Tensor:
+        return self._gather(reference_kl(self.model, ro, self.spec, self.counter), dim=1)
+
+    def run_iteration(self) -> dict[str, float]:
+        metrics = super().run_iteration()
+        metrics["dist/world_size"] = float(self.world_size)
+        return metrics
+
+    def _update(self, ro, advantages: torch.Tensor, metrics: dict) -> None:
+        t = self.cfg.train
+        n_steps = len(ro.sde_steps)
+        total_updates = t.iterations * self._updates_per_iteration()
+        size = self.shard.global_size
+        lo, hi = self.shard.start, self.shard.start + self.shard.size
+        local_adv = advantages[lo:hi]
+        route = _Route(self.counter, self.wrapped)
+        calls: list[tuple[int, bool, dict]] = []
+        grad_norms = []
+        pending = 0
+        pending_loss = torch.zeros((), dtype=torch.float64)
+        skipped = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for epoch in range(t.inner_epochs):
+            perm = torch.randperm(size, generator=self.generator)
+            for start in range(0, size, t.minibatch_size):
+                idx = perm[start : start + t.minibatch_size]
+                mine = idx[(idx >= lo) & (idx < hi)] - lo
+                owned = mine.numel()
+                if owned == 0:  # a zero-weight stand-in keeps the passes in lockstep
+                    mine = torch.zeros(1, dtype=torch.long)
+                # DDP averages over processes: scale the local sum so the average is the
+                # one-process minibatch mean divided by the steps and accumulation.
+                weight = self.world_size / (idx.numel() * n_steps * t.grad_accum) if owned else 0.0
+                pending += 1
+                last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= size
+                sync = pending == t.grad_accum or last
+                for i in range(n_steps):
+                    syncing = sync and i == n_steps - 1
+                    with nullcontext() if syncing else self.wrapped.no_sync():
+                        loss, stats = step_loss(
+                            self.model, ro, mine, i, local_adv, self.spec, self.objective, route
+                        )
+                        if owned:
+                            (loss.sum() * weight).backward()
+                            pending_loss = pending_loss + loss.detach().sum().double().cpu()
+                        else:  # exactly zero, even if the stand-in's loss is not finite
+                            (torch.nan_to_num(loss).sum() * 0.0).backward()
+                    self.counter.backward += 1
+                    calls.append((owned, epoch == 0 and start == 0, stats))
+                if sync:
+                    # Every process must take the same skip decision: judge the summed loss.
+                    dist.all_reduce(pending_loss)
+                    norm = self._optimizer_step(total_updates, pending_loss)
+                    if norm is None:
+                        skipped += 1
+                    else:
+                        grad_norms.append(norm)
+                    pending = 0
+                    pending_loss = torch.zeros((), dtype=torch.float64)
+        self._combine_update_stats(calls, metrics)
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics["train/skipped_steps"] = skipped
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+
+    def _combine_update_stats(self, calls, metrics: dict) -> None:
+        """Gather every call's statistics and combine them as one process would see them."""
+        keys = list(calls[0][2])
+        table = torch.tensor(
+            [[float(owned)] + [float(stats[k]) for k in keys] for owned, _, stats in calls],
+            dtype=torch.float64,
+        )
+        gathered = self._gather(table[None], dim=0)  # [W, calls, 1 + keys]
+        acc = StatsAccumulator()
+        first_dev = None
+        for c, (_, first, _) in enumerate(calls):
+            combined = combine_stats(gathered[:, c, 0], gathered[:, c, 1:], keys)
+            acc.add(combined)
+            if first:
+                dev = max(abs(combined["ratio_max"] - 1), abs(combined["ratio_min"] - 1))
+                first_dev = dev if first_dev is None else max(first_dev, dev)
+        metrics.update(acc.result())
+        metrics["first_update_ratio_dev"] = first_dev

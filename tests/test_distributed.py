@@ -1,0 +1,208 @@
+"""Multi-process training: 2 processes (gloo, CPU) against a 1-process run of one global batch.
+
+Tolerance. The 2-process run draws the same global batch (same prompts, same noise per
+global sample index, same SDE steps and minibatches) as the 1-process run, so the only
+differences are float32 rounding: a forward over half a batch can round differently from
+the same rows inside a whole batch (BLAS blocking), the gradient is summed in two parts
+and then averaged by an all-reduce, and the per-process ratio / KL statistics are
+recombined from their moments. Each of these is a few units in the last place (float32:
+~6e-8 relative). They are compared with ``rel=1e-3, abs=1e-6`` for metrics: the loosest
+metric is the ratio std (about 2e-4 of values near 1), recombined from per-process float32
+means, whose rounding (~6e-8) is ~3e-4 of that std; ``abs=1e-6`` covers ratios (about
+10 ulp at 1.0). Parameters (|p| ~ 0.1, Adam steps of ~lr = 1e-2) are compared with
+``atol=1e-5``, a thousandth of one optimizer step: a real error (a missing group member, a
+wrong minibatch weight, a rank training on other noise) moves them by a whole step.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowdppo.config import load_config
+from flowdppo.trainer.distributed import check_world_size, combine_stats
+from flowdppo.trainer.loop import Trainer, TrainingError, metrics_of
+from flowdppo.trainer.rollout import ForwardCounter, Shard, rollout
+
+# 3 prompts x 4 samples = 12: over 2 processes the second group spans both of them. 2 inner
+# epochs of 3 minibatches, 2 minibatches per optimizer step (the last one alone).
+TINY = [
+    "task=digits",
+    "train.iterations=4",
+    "train.prompts_per_iteration=3",
+    "train.group_size=4",
+    "train.minibatch_size=4",
+    "train.inner_epochs=2",
+    "train.grad_accum=2",
+    "train.lr=1e-2",
+    "sampler.num_steps=4",
+    "sampler.num_sde_steps=2",
+    "log.eval_samples_per_prompt=1",
+    "log.eval_every=0",
+    "log.checkpoint_every=2",
+    "log.tensorboard=false",
+]
+METRIC_TOL = {"rel": 1e-3, "abs": 1e-6}
+PARAM_ATOL = 1e-5
+PER_PROCESS = ("time/", "forward_", "backward_calls", "dist/")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: the ordinary trainer, one process, one thread."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_config(None, TINY + [f"log.run_dir={run}"]), run).train()
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def _final_params(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "ckpt-000004" / "model.safetensors")
+
+
+def _assert_same_run(run: Path, reference: Path, world_size: int) -> None:
+    rows, ref_rows = metrics_of(run), metrics_of(reference)
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in ref_rows] == [1, 2, 3, 4]
+    for row, ref in zip(rows, ref_rows):
+        shared = {k for k in ref if not k.startswith(PER_PROCESS)}
+        assert shared <= set(row), shared - set(row)
+        for key in sorted(shared):
+            assert row[key] == pytest.approx(ref[key], **METRIC_TOL), (row["iteration"], key)
+        # Rank 0 sampled only its share of the global batch.
+        assert row["forward_samples/rollout"] * world_size == ref["forward_samples/rollout"]
+        assert row["dist/world_size"] == world_size
+    params, ref_params = _final_params(run), _final_params(reference)
+    assert set(params) == set(ref_params)
+    moved = max(float((ref_params[k] - p).abs().max()) for k, p in params.items())
+    assert moved < PARAM_ATOL
+    before = load_file(reference / "ckpt-000002" / "model.safetensors")
+    # The comparison is not vacuous: training moved the weights by far more than the tolerance.
+    assert max(float((ref_params[k] - before[k]).abs().max()) for k in before) > 100 * PARAM_ATOL
+    summary = json.loads((run / "summary.json").read_text())
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    for key, value in ref_summary["after"].items():
+        assert summary["after"][key] == pytest.approx(value, **METRIC_TOL), key
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [*cmd, "-m", "flowdppo", "train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(2 processes, gloo)" in done.stdout
+    return done
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    run = tmp_path_factory.mktemp("two") / "run"
+    _torchrun(*TINY, f"log.run_dir={run}")
+    return run
+
+
+def test_torchrun_two_processes_match_one_process(two_processes, one_process):
+    _assert_same_run(two_processes, one_process, world_size=2)
+    assert sorted(p.name for p in two_processes.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000004"]
+
+
+def test_two_process_run_resumes_from_rank0_checkpoint(tmp_path, two_processes, one_process):
+    # The state a kill just before the iteration-4 checkpoint leaves: ckpt-000002 is the
+    # latest, and metrics, grids and events of iterations 3 and 4 are already written.
+    run = tmp_path / "killed"
+    shutil.copytree(two_processes, run)
+    shutil.rmtree(run / "ckpt-000004")
+    (run / "latest").write_text("ckpt-000002\n")
+    (run / "summary.json").unlink()
+    _torchrun("--resume", str(run))
+    _assert_same_run(run, one_process, world_size=2)
+    # Resuming reproduces the uninterrupted 2-process run bit for bit (weights, optimizer).
+    digest = [
+        json.loads((r / "ckpt-000004" / "state.json").read_text())["sha256"]
+        for r in (run, two_processes)
+    ]
+    assert digest[0] == digest[1]
+
+
+def test_global_noise_does_not_depend_on_the_split(toy_overrides):
+    """Each process's rows of a sharded rollout equal those rows of the whole rollout."""
+    from flowdppo.tasks import get_task
+    from flowdppo.trainer.loop import make_sampler_spec
+
+    cfg = load_config(None, toy_overrides)
+    model = get_task("toy").build_model(None)
+    spec = make_sampler_spec(cfg, 1.0, None)
+    prompts = ["bright"] * 3 + ["dark"] * 3
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    steps = [1, 3]
+    whole_gen = torch.Generator().manual_seed(5)
+    whole = rollout(model, prompts, group, spec, steps, whole_gen, ForwardCounter())
+    for start, size in [(0, 2), (2, 2), (4, 2), (0, 3), (3, 3)]:
+        gen = torch.Generator().manual_seed(5)
+        shard = Shard(start, size, 6)
+        part = rollout(
+            model,
+            prompts[start : start + size],
+            group[start : start + size],
+            spec,
+            steps,
+            gen,
+            ForwardCounter(),
+            shard=shard,
+        )
+        rows = slice(start, start + size)
+        torch.testing.assert_close(part.final, whole.final[rows], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            part.next_states, whole.next_states[:, rows], rtol=1e-6, atol=1e-6
+        )
+        torch.testing.assert_close(part.log_probs, whole.log_probs[:, rows], rtol=1e-5, atol=1e-6)
+        # The generator advanced exactly as in the whole rollout, so processes stay in step.
+        assert torch.equal(gen.get_state(), whole_gen.get_state())
+
+
+def test_statistics_recombine_over_processes():
+    from flowdppo.objectives import _ratio_stats
+
+    g = torch.Generator().manual_seed(0)
+    log_ratio = 1e-3 * torch.randn(10, generator=g)
+    whole = _ratio_stats(log_ratio)
+    keys = list(whole)
+    parts = [log_ratio[:3], log_ratio[3:3], log_ratio[3:]]  # the middle process owns none
+    counts = torch.tensor([3.0, 0.0, 7.0])
+    values = torch.stack(
+        [
+            torch.tensor(
+                [float(v) for v in _ratio_stats(p if p.numel() else log_ratio[:1]).values()]
+            )
+            for p in parts
+        ]
+    )
+    combined = combine_stats(counts, values, keys)
+    for key in keys:
+        assert combined[key] == pytest.approx(
+            float(whole[key]), rel=1e-6 if key != "ratio_std" else 1e-3
+        )
+
+
+def test_uneven_global_batch_is_rejected_before_work():
+    cfg = load_config(None, ["train.prompts_per_iteration=3", "train.group_size=3"])
+    with pytest.raises(TrainingError, match="9 samples cannot be split evenly over 2 processes"):
+        check_world_size(cfg, 2)
+    check_world_size(cfg, 3)
+    with pytest.raises(TrainingError, match="fsdp is not implemented"):
+        check_world_size(load_config(None, ["train.distributed=fsdp"]), 1)
