@@ -73,7 +73,10 @@ def read_metrics(path: Path) -> list[dict]:
 def save_grid(
     images: torch.Tensor, captions: list[str], path: Path, columns: int, cell: int | None = None
 ) -> None:
-    """Save images [B, C, H, W] in [0, 1] as a PNG grid with a caption under each.
+    """Save images [B, C, H, W] in [0, 1] as a PNG grid with their captions underneath.
+
+    Neighbours in a row with the same caption share one caption spanning them, so a long
+    caption (a compositional prompt) stays readable when every row is one prompt.
 
     Videos [B, C, F, H, W] show their middle frame. Each image is scaled so that its longer
     side is ``cell`` pixels (default: its own size, at least 64 and at most 256), keeping
@@ -101,7 +104,13 @@ def save_grid(
         img = img.resize((cw, ch), resample)
         x, y = (i % columns) * cw, (i // columns) * (ch + caption_h)
         canvas.paste(img, (x, y))
-        draw.text((x + 2, y + ch), captions[i][: cw // 6], fill="black")
+        starts_run = i % columns == 0 or captions[i] != captions[i - 1]
+        if starts_run:
+            run = 1
+            while i + run < b and (i + run) % columns != 0 and captions[i + run] == captions[i]:
+                run += 1
+            # The default bitmap font is 6 pixels per character.
+            draw.text((x + 2, y + ch), captions[i][: run * cw // 6], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 
