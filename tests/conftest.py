@@ -86,3 +86,37 @@ def toy_overrides():
 
 
 assert _FACTORIES  # the registry is shared with the package
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: a second thread buys nothing, and
+    on a shared machine its spin-waits make every op many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipes(tmp_path_factory) -> dict:
+    """Tiny random SD3, FLUX and Wan pipelines built offline and saved to disk, once."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import tiny_pipelines
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pipes")
+    try:
+        return {
+            "sd3": tiny_pipelines.build_sd3(root / "sd3"),
+            "flux": tiny_pipelines.build_flux(root / "flux"),
+            "wan": tiny_pipelines.build_wan(root / "wan"),
+        }
+    finally:
+        torch.set_num_threads(before)

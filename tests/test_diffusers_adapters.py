@@ -44,25 +44,12 @@ BUILDERS = {
 GUIDANCE = {"sd3": 4.5, "flux": 3.5, "wan": 5.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: a second thread buys nothing, and on a shared machine its
-    # spin-waits make every op up to 20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict[str, Path]:
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    root = tmp_path_factory.mktemp("pipes")
-    return {kind: build(root / kind) for kind, build in BUILDERS.items()}
+def paths(tiny_pipes) -> dict[str, Path]:
+    return tiny_pipes
 
 
 def load(kind: str, path: Path, **kw):

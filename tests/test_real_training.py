@@ -30,28 +30,12 @@ SEQ = 16
 FRAMES = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second thread buys nothing on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory) -> dict[str, Path]:
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    root = tmp_path_factory.mktemp("pipes")
-    return {
-        "sd3": tiny_pipelines.build_sd3(root / "sd3"),
-        "flux": tiny_pipelines.build_flux(root / "flux"),
-        "wan": tiny_pipelines.build_wan(root / "wan"),
-    }
+def pipes(tiny_pipes) -> dict[str, Path]:
+    return tiny_pipes
 
 
 @pytest.fixture(scope="module")
