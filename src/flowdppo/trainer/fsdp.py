@@ -5,7 +5,8 @@ network (each element of its outermost ``nn.ModuleList``s, the usual layout of t
 blocks) and then to the whole network, so each process stores ``1/W`` of every parameter,
 gradient and optimizer state (parameters become ``DTensor``s sharded on their first
 dimension). A block's parameters are gathered just before its forward or backward and freed
-after it. The module object is changed in place, so the model adapter's ``velocity``, peft's
+after it; the parameters outside the blocks (embeddings, output layers) are gathered for
+the whole network's forward and backward and freed after each. The module object is changed in place, so the model adapter's ``velocity``, peft's
 ``disable_adapter()`` (the LoRA reference) and the frozen copy of full fine-tuning all keep
 working; every forward is a collective, though, so every process must run the same forwards.
 
@@ -51,7 +52,10 @@ def shard_module(module: nn.Module) -> list[str]:
     blocks = shard_blocks(module)
     for name in blocks:
         fully_shard(module.get_submodule(name))
-    fully_shard(module)
+    # FSDP2 keeps the root's own parameters gathered after a forward by default (a backward
+    # usually follows). Rollouts and the reference run forwards without a backward, so
+    # reshard the root too: between forwards a process holds only its shards.
+    fully_shard(module, reshard_after_forward=True)
     return blocks
 
 
