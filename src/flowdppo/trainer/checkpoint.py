@@ -149,7 +149,7 @@ def _write_files(
     state: dict,
     iteration: int,
 ) -> None:
-    # An optimizer, or its state dict already gathered (FSDP gathers it on every process).
+    # An optimizer, or its state dict (under FSDP assembled from every process's shards).
     optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     optim_tensors, optim_meta = _flatten_optimizer(optim_state)
     optim_tensors.update({f"rng.{k}": v for k, v in rng.items()})

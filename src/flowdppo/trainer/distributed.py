@@ -1,6 +1,7 @@
 """Multi-process training through torch.distributed (``torchrun``, ``accelerate launch``).
 
-Every process holds the whole model and the same shared generator, so all of them draw the
+Every process holds the whole model (DDP) or its shard of it (``train.distributed=fsdp``,
+see :mod:`flowdppo.trainer.fsdp`) and the same shared generator, so all of them draw the
 same prompts, SDE steps and minibatch permutations. Process ``r`` of ``W`` owns the
 contiguous rows ``[r*B/W, (r+1)*B/W)`` of the global batch of ``B`` samples; it draws the
 noise of the whole global batch and keeps its rows (:class:`~flowdppo.trainer.rollout.Shard`),
@@ -11,8 +12,8 @@ global batch on every process, even when a group spans processes.
 The update walks the same global minibatches as a one-process run. Each process replays
 the members of a minibatch that it owns and weights its loss so that DDP's gradient
 average equals the one-process minibatch mean. A process that owns no member of a
-minibatch replays one of its samples with weight zero: DDP needs every process to run the
-same number of forward/backward passes. Only rank 0 writes logs, grids, checkpoints and
+minibatch replays one of its samples with weight zero: DDP and FSDP need every process to
+run the same number of forward/backward passes. Only rank 0 writes logs, grids, checkpoints and
 the summary; every process resumes from the checkpoint rank 0 wrote.
 """
 
