@@ -66,13 +66,14 @@ def one_process(tmp_path_factory):
     return run
 
 
-def _final_params(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "ckpt-000004" / "model.safetensors")
+def _final_params(run: Path, iterations: int = 4) -> dict[str, torch.Tensor]:
+    return load_file(run / f"ckpt-{iterations:06d}" / "model.safetensors")
 
 
-def _assert_same_run(run: Path, reference: Path, world_size: int) -> None:
+def _assert_same_run(run: Path, reference: Path, world_size: int, iterations: int = 4) -> None:
     rows, ref_rows = metrics_of(run), metrics_of(reference)
-    assert [r["iteration"] for r in rows] == [r["iteration"] for r in ref_rows] == [1, 2, 3, 4]
+    expected = list(range(1, iterations + 1))
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in ref_rows] == expected
     for row, ref in zip(rows, ref_rows):
         shared = {k for k in ref if not k.startswith(PER_PROCESS)}
         assert shared <= set(row), shared - set(row)
@@ -81,11 +82,11 @@ def _assert_same_run(run: Path, reference: Path, world_size: int) -> None:
         # Rank 0 sampled only its share of the global batch.
         assert row["forward_samples/rollout"] * world_size == ref["forward_samples/rollout"]
         assert row["dist/world_size"] == world_size
-    params, ref_params = _final_params(run), _final_params(reference)
+    params, ref_params = _final_params(run, iterations), _final_params(reference, iterations)
     assert set(params) == set(ref_params)
     moved = max(float((ref_params[k] - p).abs().max()) for k, p in params.items())
     assert moved < PARAM_ATOL
-    before = load_file(reference / "ckpt-000002" / "model.safetensors")
+    before = _final_params(reference, iterations // 2)
     # The comparison is not vacuous: training moved the weights by far more than the tolerance.
     assert max(float((ref_params[k] - before[k]).abs().max()) for k in before) > 100 * PARAM_ATOL
     summary = json.loads((run / "summary.json").read_text())
@@ -137,6 +138,100 @@ def test_two_process_run_resumes_from_rank0_checkpoint(tmp_path, two_processes, 
         for r in (run, two_processes)
     ]
     assert digest[0] == digest[1]
+
+
+# FSDP (train.distributed=fsdp): parameters, gradients and optimizer state sharded over the
+# 2 processes. The gradient is the same average as DDP's (a reduce-scatter instead of an
+# all-reduce), so the run is held to the same tolerances against the same 1-process run.
+FSDP = ["train.distributed=fsdp"]
+# Full fine-tuning, 2 iterations: every weight trains (sharded), the reference for the KL is
+# the frozen copy (sharded too). lr 1e-3 keeps the tiny net stable when all of it trains.
+FULL = ["model.finetune=full", "train.lr=1e-3", "train.iterations=2", "log.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_two_processes(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    _torchrun(*TINY, *FSDP, f"log.run_dir={run}")
+    return run
+
+
+def test_fsdp_two_processes_match_one_process(fsdp_two_processes, one_process):
+    """LoRA under FSDP: peft adapters sharded, the reference is the adapter-disabled net."""
+    _assert_same_run(fsdp_two_processes, one_process, world_size=2)
+    # Rank 0 wrote the one-process checkpoint format: the same tensor and optimizer entries.
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ours = load_file(fsdp_two_processes / "ckpt-000004" / name)
+        ref = load_file(one_process / "ckpt-000004" / name)
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+    meta = [
+        json.loads((r / "ckpt-000004" / "state.json").read_text())["optimizer"]
+        for r in (fsdp_two_processes, one_process)
+    ]
+    assert meta[0] == meta[1]
+
+
+def test_fsdp_run_resumes_under_fsdp_and_in_one_process(tmp_path, fsdp_two_processes, one_process):
+    killed = tmp_path / "killed"
+    shutil.copytree(fsdp_two_processes, killed)
+    shutil.rmtree(killed / "ckpt-000004")
+    (killed / "latest").write_text("ckpt-000002\n")
+    (killed / "summary.json").unlink()
+    # Under FSDP: every process loads rank 0's full checkpoint into its shards, and the run
+    # continues bit for bit as the uninterrupted one (same checkpoint checksums).
+    fsdp_run = tmp_path / "fsdp"
+    shutil.copytree(killed, fsdp_run)
+    _torchrun("--resume", str(fsdp_run))
+    _assert_same_run(fsdp_run, one_process, world_size=2)
+    digest = [
+        json.loads((r / "ckpt-000004" / "state.json").read_text())["sha256"]
+        for r in (fsdp_run, fsdp_two_processes)
+    ]
+    assert digest[0] == digest[1]
+    # In one process (the ordinary trainer): the FSDP checkpoint is an ordinary checkpoint.
+    one = tmp_path / "one"
+    shutil.copytree(killed, one)
+    cfg = load_config(None, TINY + FSDP + [f"log.run_dir={one}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(cfg, one, resume=True).train()
+    finally:
+        torch.set_num_threads(threads)
+    params, ref_params = _final_params(one), _final_params(one_process)
+    assert max(float((ref_params[k] - p).abs().max()) for k, p in params.items()) < PARAM_ATOL
+
+
+def test_fsdp_full_finetuning_matches_one_process(tmp_path):
+    reference = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_config(None, TINY + FULL + [f"log.run_dir={reference}"]), reference).train()
+    finally:
+        torch.set_num_threads(threads)
+    run = tmp_path / "fsdp"
+    _torchrun(*TINY, *FULL, *FSDP, f"log.run_dir={run}")
+    _assert_same_run(run, reference, world_size=2, iterations=2)
+
+
+def test_fsdp_shards_every_block_then_the_network():
+    from torch import nn
+
+    from flowdppo.trainer.fsdp import shard_blocks
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_out = nn.ModuleList([nn.Linear(2, 2), nn.Dropout()])
+
+    net = nn.Module()
+    net.embed = nn.Linear(2, 2)
+    net.blocks = nn.ModuleList([Attention(), Attention()])
+    net.norms = nn.ModuleList([nn.Identity()])  # no parameters: nothing to shard
+    # The lists inside a block (attention's to_out) belong to that block's shard.
+    assert shard_blocks(net) == ["blocks.0", "blocks.1"]
+    assert shard_blocks(nn.Linear(2, 2)) == []
 
 
 def test_global_noise_does_not_depend_on_the_split(toy_overrides):
@@ -204,5 +299,3 @@ def test_uneven_global_batch_is_rejected_before_work():
     with pytest.raises(TrainingError, match="9 samples cannot be split evenly over 2 processes"):
         check_world_size(cfg, 2)
     check_world_size(cfg, 3)
-    with pytest.raises(TrainingError, match="fsdp is not implemented"):
-        check_world_size(load_config(None, ["train.distributed=fsdp"]), 1)

@@ -107,7 +107,9 @@ class TrainConfig(_Section):
         None, ge=1, description="CPU threads for torch; null: the task's recommendation"
     )
     distributed: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="gradient averaging under torchrun / accelerate launch: ddp or fsdp"
+        "ddp",
+        description="under torchrun / accelerate launch: ddp (whole model per process) or "
+        "fsdp (parameters, gradients and optimizer state sharded over processes)",
     )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: nccl if CUDA is available, else gloo"

@@ -103,7 +103,7 @@ def save_checkpoint(
     run_dir: Path,
     iteration: int,
     model_state: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict,
     rng: dict[str, torch.Tensor],
     state: dict,
     keep: int,
@@ -144,12 +144,14 @@ def save_checkpoint(
 def _write_files(
     tmp: Path,
     model_state: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict,
     rng: dict[str, torch.Tensor],
     state: dict,
     iteration: int,
 ) -> None:
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    # An optimizer, or its state dict (under FSDP assembled from every process's shards).
+    optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    optim_tensors, optim_meta = _flatten_optimizer(optim_state)
     optim_tensors.update({f"rng.{k}": v for k, v in rng.items()})
     save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
     save_file(optim_tensors, tmp / "optimizer.safetensors")

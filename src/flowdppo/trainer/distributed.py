@@ -1,6 +1,7 @@
 """Multi-process training through torch.distributed (``torchrun``, ``accelerate launch``).
 
-Every process holds the whole model and the same shared generator, so all of them draw the
+Every process holds the whole model (DDP) or its shard of it (``train.distributed=fsdp``,
+see :mod:`flowdppo.trainer.fsdp`) and the same shared generator, so all of them draw the
 same prompts, SDE steps and minibatch permutations. Process ``r`` of ``W`` owns the
 contiguous rows ``[r*B/W, (r+1)*B/W)`` of the global batch of ``B`` samples; it draws the
 noise of the whole global batch and keeps its rows (:class:`~flowdppo.trainer.rollout.Shard`),
@@ -11,8 +12,8 @@ global batch on every process, even when a group spans processes.
 The update walks the same global minibatches as a one-process run. Each process replays
 the members of a minibatch that it owns and weights its loss so that DDP's gradient
 average equals the one-process minibatch mean. A process that owns no member of a
-minibatch replays one of its samples with weight zero: DDP needs every process to run the
-same number of forward/backward passes. Only rank 0 writes logs, grids, checkpoints and
+minibatch replays one of its samples with weight zero: DDP and FSDP need every process to
+run the same number of forward/backward passes. Only rank 0 writes logs, grids, checkpoints and
 the summary; every process resumes from the checkpoint rank 0 wrote.
 """
 
@@ -184,11 +185,6 @@ def check_world_size(cfg: Config, world_size: int) -> None:
             f"cannot be split evenly over {world_size} processes: make it a multiple of "
             f"{world_size}"
         )
-    if cfg.train.distributed == "fsdp":
-        raise TrainingError(
-            "train.distributed=fsdp is not implemented yet: use train.distributed=ddp "
-            "(every process holds the whole model)"
-        )
 
 
 class DistributedTrainer(Trainer):
@@ -202,9 +198,18 @@ class DistributedTrainer(Trainer):
         check_world_size(cfg, self.world_size)
         n, w = cfg.samples_per_iteration, self.world_size
         self.shard = Shard(self.rank * n // w, n // w, n)
+        self.fsdp = cfg.train.distributed == "fsdp"
+        self._gathered: tuple[dict, dict] | None = None
         super().__init__(cfg, run_dir, resume=resume)
-        # DDP broadcasts rank 0's parameters at construction, so every process starts equal.
-        self.wrapped = DistributedDataParallel(_Velocity(self.model), forward_sync_buffers=False)
+        if self.fsdp:
+            # The network is already sharded (_shard_model): its own forward gathers.
+            self.wrapped = _Velocity(self.model)
+        else:
+            # DDP broadcasts rank 0's parameters at construction, so every process starts
+            # equal.
+            self.wrapped = DistributedDataParallel(
+                _Velocity(self.model), forward_sync_buffers=False
+            )
 
     def train(self) -> dict:
         try:
@@ -232,18 +237,75 @@ class DistributedTrainer(Trainer):
             raise TrainingError(f"rank 0 failed: {box[0]}")
         return result
 
+    def _on_every_rank(self, fn, *args):
+        """Run ``fn`` on every process; raise any process's error on every process."""
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except Exception as exc:  # re-raised below, after every process knows
+            error = exc
+        errors = [None] * self.world_size
+        dist.all_gather_object(
+            errors, None if error is None else f"{type(error).__name__}: {error}"
+        )
+        if error is not None:
+            raise error
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            raise TrainingError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+        return result
+
+    # ---------------------------------------------------------------- FSDP
+    def _shard_model(self, params):
+        if not self.fsdp:
+            return params
+        from flowdppo.trainer import fsdp
+
+        return fsdp.shard_model(self.model)
+
+    def _load_trainable(self, model_state: dict, optim_state: dict) -> None:
+        if not self.fsdp:
+            return super()._load_trainable(model_state, optim_state)
+        from flowdppo.trainer import fsdp
+
+        fsdp.load_full_state(self.model.module, self.optimizer, model_state, optim_state)
+
+    def _trainable_checkpoint_state(self) -> tuple[dict, dict]:
+        if self._gathered is not None:
+            return self._gathered
+        return super()._trainable_checkpoint_state()
+
     def _start_run_dir(self) -> None:
         super_start = super()._start_run_dir
         self._on_rank0(super_start)
 
     def _checkpoint(self) -> None:
         super_checkpoint = super()._checkpoint
-        self._on_rank0(super_checkpoint)
+        if self.fsdp:  # gathering the full state is a collective: every process takes part
+            from flowdppo.trainer import fsdp
+
+            self._gathered = fsdp.full_state(self.model.module, self.optimizer)
+        try:
+            self._on_rank0(super_checkpoint)
+        finally:
+            self._gathered = None
 
     def _evaluate(self, tag, log, metrics):
+        if self.fsdp:
+            # Every forward of a sharded model is a collective, so every process runs the
+            # whole evaluation (same prompts, same seed); only rank 0 writes the grid.
+            return self._on_every_rank(self._evaluate_fsdp, tag, metrics)
         super_evaluate = super()._evaluate
         result = self._on_rank0(super_evaluate, tag, log, metrics)
         return result if result is not None else {}
+
+    def _evaluate_fsdp(self, tag, metrics):
+        grid = self.run_dir / "grids" / f"{tag}.png" if self.rank == 0 else None
+        with self._timed("eval", metrics if metrics is not None else {}):
+            result = self.evaluator.run(*self.task.eval_split(), grid_path=grid)
+        if metrics is not None:
+            metrics.update(result)
+        return result
 
     def _write_summary(self) -> dict:
         super_write = super()._write_summary
@@ -326,7 +388,9 @@ class DistributedTrainer(Trainer):
                 sync = pending == t.grad_accum or last
                 for i in range(n_steps):
                     syncing = sync and i == n_steps - 1
-                    with nullcontext() if syncing else self.wrapped.no_sync():
+                    # FSDP reduce-scatters every backward: its gradients stay sharded.
+                    local = nullcontext() if syncing or self.fsdp else self.wrapped.no_sync()
+                    with local:
                         loss, stats = step_loss(
                             self.model, ro, mine, i, local_adv, self.spec, self.objective, route
                         )

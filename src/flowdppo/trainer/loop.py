@@ -94,6 +94,7 @@ class Trainer:
             alpha=cfg.model.lora_alpha,
             targets=targets,
         )
+        self.params = self._shard_model(self.params)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
@@ -171,11 +172,7 @@ class Trainer:
                 f"checkpoint {path} does not match this model's trainable parameters "
                 "(was it written with another model or fine-tuning mode?)"
             )
-        with torch.no_grad():
-            for name, p in self.model.module.named_parameters():
-                if name in model_state:
-                    p.copy_(model_state[name])
-        self.optimizer.load_state_dict(optim_state)
+        self._load_trainable(model_state, optim_state)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         st = payload["state"]
@@ -198,15 +195,33 @@ class Trainer:
             "skipped_in_a_row": self.skipped_in_a_row,
         }
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        model_state, optim_state = self._trainable_checkpoint_state()
         ckpt.save_checkpoint(
             self.run_dir,
             self.iteration,
-            trainable_state(self.model.module),
-            self.optimizer,
+            model_state,
+            optim_state,
             rng,
             state,
             keep=self.cfg.log.keep_checkpoints,
         )
+
+    # Hooks that sharded training (FSDP in trainer/distributed.py) overrides.
+    def _shard_model(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """The trainable parameters the optimizer steps (after any sharding)."""
+        return params
+
+    def _load_trainable(self, model_state: dict, optim_state: dict) -> None:
+        """Load a checkpoint's full (unsharded) trainable tensors and optimizer state."""
+        with torch.no_grad():
+            for name, p in self.model.module.named_parameters():
+                if name in model_state:
+                    p.copy_(model_state[name])
+        self.optimizer.load_state_dict(optim_state)
+
+    def _trainable_checkpoint_state(self) -> tuple[dict, dict]:
+        """Full (unsharded) trainable tensors and optimizer state, as a checkpoint holds them."""
+        return trainable_state(self.model.module), self.optimizer.state_dict()
 
     @contextmanager
     def _timed(self, phase: str, metrics: dict):
