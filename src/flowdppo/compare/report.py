@@ -96,6 +96,36 @@ def load_result(status: RunStatus) -> RunResult:
     return result
 
 
+def gain_at_kl(result: RunResult, level: float) -> float:
+    """Evaluation reward gain where the run's KL to the reference first reaches ``level``.
+
+    Linear interpolation along the run's evaluations (iteration 0 included); a fair
+    comparison of algorithms that stop at different KLs. NaN if the run never reaches it.
+    """
+    key_kl, key_r = "eval/train/kl_ref/mean", "eval/train/reward/mean"
+    base = result.before[key_r]
+    pts = [(0.0, 0.0)]
+    pts += [
+        (r[key_kl] / KL_UNIT, r[key_r] - base) for r in result.rows if r.get(key_kl) is not None
+    ]
+    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
+        if k1 >= level > k0 or (k1 == level == k0):
+            return g0 + (g1 - g0) * (level - k0) / (k1 - k0) if k1 > k0 else g1
+    return math.nan
+
+
+def _add_matched_kl(results: list[RunResult]) -> float:
+    """Add ``gain_at_matched_kl`` to every run: the gain at the lowest final KL of any run."""
+    finals = [r.values["kl_ref"] for r in results if r.ok and r.values["kl_ref"] > 0]
+    if not finals:
+        return math.nan
+    level = min(finals)
+    for r in results:
+        if r.ok:
+            r.values["gain_at_matched_kl"] = gain_at_kl(r, level)
+    return level
+
+
 # Columns of the main table: (key, heading, format).
 COLUMNS = [
     ("train_before", "reward before", "{:.3f}"),
@@ -103,6 +133,7 @@ COLUMNS = [
     ("gain", "gain", "{:+.3f}"),
     ("kl_ref", "KL to ref (1e-3)", "{:.3g}"),
     ("efficiency", "gain per 1e-3 KL", "{:.3g}"),
+    ("gain_at_matched_kl", "gain at matched KL", "{:+.3f}"),
     ("heldout_after", "held-out after", "{:.3f}"),
     ("heldout_change", "held-out change", "{:+.3f}"),
     ("heldout_kl_ref", "held-out KL (1e-3)", "{:.3g}"),
@@ -160,6 +191,7 @@ def write_report(
     """Write the tables and plots; returns their paths by name."""
     out_dir = Path(out_dir)
     results = [load_result(s) for s in statuses]
+    matched = _add_matched_kl(results)
     groups = group_results(exp, results)
     stats = {g: aggregate(rs) for g, rs in groups.items()}
     paths = {"csv": out_dir / "results.csv", "runs_csv": out_dir / "runs.csv"}
@@ -169,7 +201,7 @@ def write_report(
 
     paths.update(plots.write_all(exp, groups, out_dir))
     paths["md"] = out_dir / "results.md"
-    paths["md"].write_text(_markdown(exp, groups, stats, results, paths, command, out_dir))
+    paths["md"].write_text(_markdown(exp, groups, stats, results, paths, command, out_dir, matched))
     return paths
 
 
@@ -230,7 +262,7 @@ def _budget(exp: Experiment, results: list[RunResult]) -> str:
     )
 
 
-def _markdown(exp, groups, stats, results, paths, command, out_dir) -> str:
+def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> str:
     mode = "quick" if exp.quick else "full"
     lines = [f"# {exp.name} ({mode} mode)", ""]
     if exp.description:
@@ -246,7 +278,9 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir) -> str:
         "gain per 1e-3 KL is the KL-proximal efficiency (reward gain over the base model "
         "divided by the final KL to the reference, per seed, then averaged); masked / clipped "
         "is the mean over training of the masked fraction (DPPO) or the clip fraction (ratio "
-        "clipping).",
+        "clipping). Gain at matched KL is each run's evaluation gain where its KL to the "
+        f"reference first reaches {matched:.3g} x 1e-3, the lowest final KL of any run "
+        "(interpolated between evaluations): reward at equal KL.",
         "",
     ]
     head = ["group", "seeds ok", *[c[1] for c in COLUMNS]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from flowdppo.compare.experiment import RunSpec
 from flowdppo.config import dump_config
+
+WALL_FILE = "compare_wall.json"  # a run's process wall time, kept for --reuse
 
 
 @dataclass
@@ -144,6 +147,11 @@ def run_all(
 
     def report(i: int, status: RunStatus) -> None:
         statuses[i] = status
+        wall_file = status.spec.run_dir / WALL_FILE
+        if status.ok and not status.reused:
+            wall_file.write_text(json.dumps({"wall_s": status.wall_s}))
+        elif status.reused and wall_file.is_file():
+            status.wall_s = json.loads(wall_file.read_text())["wall_s"]
         spec = status.spec
         what = "reused" if status.reused else ("ok" if status.ok else f"FAILED ({status.error})")
         echo(
