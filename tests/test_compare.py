@@ -97,11 +97,11 @@ def test_a_failed_run_is_reported_and_the_exit_code_is_nonzero(tmp_path, toy_ove
     code = cli_main(["compare", str(path), "--out", str(out), "--jobs", str(jobs)])
     assert code == 1
     rows = {r["group"]: r for r in _runs_csv(out)}
-    assert rows["dppo | fine"]["status"] == "ok"
-    assert rows["dppo | broken"]["status"] == "failed"
-    assert "non-finite" in rows["dppo | broken"]["error"]
+    assert rows["dppo [fine]"]["status"] == "ok"
+    assert rows["dppo [broken]"]["status"] == "failed"
+    assert "non-finite" in rows["dppo [broken]"]["error"]
     md = (out / "results.md").read_text()
-    assert "| dppo | broken | 0/1 **FAILED** |" in md
+    assert "| dppo [broken] | 0/1 **FAILED** |" in md
     assert "## Failed runs (1 of 2)" in md and "non-finite" in md
     assert (out / "reward_vs_iteration.png").is_file()  # the finished run is still plotted
 
@@ -176,3 +176,14 @@ def test_experiment_configs_resolve_in_both_modes(path):
         # Budgets are pinned in the file, not taken from the defaults.
         assert "iterations" in exp.base["train"]
         assert len({r.run_dir for r in runs}) == len(runs)
+
+
+def test_seed_arguments():
+    from flowdppo.compare.experiment import parse_seeds
+
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds(2) == [0, 1]
+    assert parse_seeds("0,5,7") == [0, 5, 7] and parse_seeds("4,") == [4]
+    with pytest.raises(ConfigError, match="--seeds 0,"):
+        parse_seeds("0")
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_seeds("1,1")

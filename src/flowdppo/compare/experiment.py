@@ -122,7 +122,7 @@ class Experiment:
 
 
 def group_label(algorithm: str, variant: str) -> str:
-    return f"{algorithm} | {variant}" if variant else algorithm
+    return f"{algorithm} [{variant}]" if variant else algorithm
 
 
 def _slug(text: str) -> str:
@@ -164,9 +164,12 @@ def parse_seeds(value: int | str | list) -> list[int]:
         raise ConfigError(f"seeds must be a count or a list of integers, got {value!r}")
     if isinstance(value, int):
         if value < 1:
-            raise ConfigError(f"seeds must be at least 1, got {value}")
+            raise ConfigError(
+                f"seeds must be a count of at least 1, got {value} (for seed 0 alone pass a "
+                "list: --seeds 0,)"
+            )
         return list(range(value))
-    items = value.split(",") if isinstance(value, str) else value
+    items = [s for s in value.split(",") if s.strip()] if isinstance(value, str) else value
     try:
         seeds = [int(str(s).strip()) for s in items]
     except (TypeError, ValueError):
@@ -174,7 +177,7 @@ def parse_seeds(value: int | str | list) -> list[int]:
             f"seeds must be a count (3) or a comma-separated list of integers (0,5,7), got "
             f"{value!r}"
         ) from None
-    if isinstance(value, str) and len(seeds) == 1:
+    if isinstance(value, str) and "," not in value and len(seeds) == 1:
         return parse_seeds(seeds[0])  # "--seeds 3" is a count
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct and non-empty, got {value!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +61,36 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(pad, kernel, mode="valid")
 
 
-def _band(ax, x, m, s, label, color, window=1):
+@dataclass
+class Style:
+    color: tuple
+    ls: str = "-"
+
+
+def _styles(exp, groups: list[str]) -> dict[str, Style]:
+    """One colour per group; or, when every variant runs every algorithm (and there are at
+    most four variants), one colour per algorithm and one line style per variant."""
+    algorithms = list(dict.fromkeys(g.split(" [")[0] for g in groups))
+    variants = [v.label for v in exp.variants]
+    crossed = 1 < len(variants) <= 4 and all(v.algorithms is None for v in exp.variants)
+    if not crossed:
+        return dict(zip(groups, (Style(c) for c in _colors(len(groups)))))
+    colors = dict(zip(algorithms, _colors(len(algorithms))))
+    lines = dict(zip(variants, ["-", "--", ":", "-."]))
+    out = {}
+    for g in groups:
+        alg, _, variant = g.partition(" [")
+        out[g] = Style(colors[alg], lines.get(variant.removesuffix("]"), "-"))
+    return out
+
+
+def _band(ax, x, m, s, label, style, window=1, positive=False):
     if len(x) == 0:
         return
     m, s = _smooth(m, window), _smooth(np.asarray(s, dtype=float), window)
-    ax.plot(x, m, label=label, color=color, lw=1.5)
-    ax.fill_between(x, m - s, m + s, color=color, alpha=0.18, lw=0)
+    ax.plot(x, m, label=label, color=style.color, ls=style.ls, lw=1.5)
+    low = np.maximum(m - s, m / 10) if positive else m - s  # a log axis has no zero
+    ax.fill_between(x, low, m + s, color=style.color, alpha=0.12, lw=0)
 
 
 def _colors(n: int):
@@ -93,7 +118,7 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     out: dict[str, Path] = {}
     if not ok:
         return out
-    colors = dict(zip(ok, _colors(len(ok))))
+    colors = _styles(exp, list(ok))
     iters = max(len(r.rows) for rs in ok.values() for r in rs)
     window = max(1, iters // 20)
     seeds = f"mean ± std over seeds {exp.seeds}"
@@ -119,7 +144,8 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
             xerr=kls,
             yerr=rws,
             label=g,
-            color=colors[g],
+            color=colors[g].color,
+            ls=colors[g].ls,
             marker="o",
             ms=3,
             lw=1.2,
@@ -164,8 +190,8 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     # Ratio statistics and the exact KL between the old and new policy.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for g, rs in ok.items():
-        _band(axes[0], *_curve(rs, "ratio_std"), g, colors[g], window)
-        _band(axes[1], *_curve(rs, "kl_mean"), g, colors[g], window)
+        _band(axes[0], *_curve(rs, "ratio_std"), g, colors[g], window, positive=True)
+        _band(axes[1], *_curve(rs, "kl_mean"), g, colors[g], window, positive=True)
     axes[0].set(xlabel="iteration", ylabel="std of the ratio in the update", yscale="log")
     axes[1].set(xlabel="iteration", ylabel="KL(old || new) per step, mean", yscale="log")
     out["ratio"] = _finish(fig, axes, out_dir / "ratio_stats.png", seeds)
@@ -245,10 +271,10 @@ def _ratio_noise(ok, colors, out_dir: Path) -> dict[str, Path]:
                     cx.append(d[sel].mean())
                     mean_lr.append(-lf[sel].mean())
                     var_lr.append(lf[sel].var())
-            axes[0].loglog(cx, mean_lr, "o", color=colors[g], ms=4, label=g)
-            axes[1].loglog(cx, var_lr, "o", color=colors[g], ms=4, label=g)
+            axes[0].loglog(cx, mean_lr, "o", color=colors[g].color, ms=4, label=g)
+            axes[1].loglog(cx, var_lr, "o", color=colors[g].color, ms=4, label=g)
         axes[2].hist(
-            z, bins=60, range=(-4, 4), density=True, histtype="step", color=colors[g], label=g
+            z, bins=60, range=(-4, 4), density=True, histtype="step", color=colors[g].color, label=g
         )
     for ax, ylabel, factor in (
         (axes[0], "-mean log r (fresh)", 1),
