@@ -84,6 +84,8 @@ def test_shipped_configs_are_valid():
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
     assert configs, "the repository ships recipes under configs/"
     for path in configs:
+        if path.parent.name == "experiments":
+            continue  # compare experiments: tests/test_compare.py resolves them
         assert isinstance(load_config(path), Config)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``flowdppo train | sample | eval | export-lora | pretrain``."""
+"""Command line: ``flowdppo train | sample | eval | export-lora | pretrain | compare``."""
 
 from __future__ import annotations
 
@@ -73,7 +73,45 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--task", default="digits")
     r.add_argument("--out", default=None, help="output folder (default: the package's assets)")
     r.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser(
+        "compare",
+        help="run several algorithms x seeds on one task and budget; tables and plots",
+        epilog=EPILOG_COMPARE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("config", metavar="CONFIG", help="an experiment file or a run config")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="base config overrides")
+    c.add_argument("--algorithms", default=None, help="comma-separated (default: the file's)")
+    c.add_argument("--seeds", default=None, help="a count (3: seeds 0,1,2) or a list (0,5,7)")
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel (0: in this process)")
+    c.add_argument("--out", default=None, help="output folder (default runs/compare-...)")
+    c.add_argument("--quick", action="store_true", help="the experiment's small budget")
+    c.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
     return p
+
+
+EPILOG_COMPARE = """examples:
+  flowdppo compare configs/experiments/single_reward_digits.yaml --quick --jobs 2
+  flowdppo compare configs/digits/dppo.yaml --algorithms dppo,grpo --seeds 3 train.iterations=60
+Writes results.md, results.csv, runs.csv and PNG plots into --out; exits 1 if any run failed.
+"""
+
+
+def _compare(ns) -> int:
+    from flowdppo.compare import compare
+
+    code, _ = compare(
+        ns.config,
+        algorithms=ns.algorithms,
+        seeds=ns.seeds,
+        quick=ns.quick,
+        overrides=ns.overrides,
+        out=ns.out,
+        jobs=ns.jobs,
+        reuse=ns.reuse,
+    )
+    return code
 
 
 def _train(ns) -> int:
@@ -255,13 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     from flowdppo.trainer.checkpoint import CheckpointError
     from flowdppo.trainer.loop import TrainingError
 
-    ns = _parser().parse_args(argv)
+    parser = _parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra and ns.command == "compare" and all("=" in x and x[0] != "-" for x in extra):
+        ns.overrides += extra  # key=value given after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {
         "train": _train,
         "sample": _sample,
         "eval": _eval,
         "pretrain": _pretrain,
         "export-lora": _export_lora,
+        "compare": _compare,
     }
     try:
         return handlers[ns.command](ns)
