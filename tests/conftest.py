@@ -52,6 +52,10 @@ def _brightness(images, prompts):
 if "toy" not in _TASKS:
     register_reward("toy_brightness")(lambda: _brightness)
     register_reward("toy_contrast")(lambda: lambda images, prompts: images.std(dim=(1, 2, 3)))
+    # A broken reward: NaN for every sample.
+    register_reward("toy_nan")(
+        lambda: lambda images, prompts: torch.full((len(prompts),), float("nan"))
+    )
 
     @register_task("toy")
     def _toy():

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from flowdppo.config import load_config
 from flowdppo.trainer.loop import Trainer, TrainingError, metrics_of
@@ -103,11 +102,6 @@ def test_new_run_refuses_a_directory_with_checkpoints(tmp_path, toy_overrides):
 
 
 def test_bad_reward_is_reported(tmp_path, toy_overrides):
-    from flowdppo.rewards import register_reward
-
-    register_reward("toy_nan")(
-        lambda: lambda images, prompts: torch.full((len(prompts),), float("nan"))
-    )
     # Every sample invalid: more than reward.max_invalid_fraction, so the run stops.
     with pytest.raises(TrainingError, match="8 of 8 samples have a NaN or infinite reward"):
         _train(tmp_path, toy_overrides + ["reward.names=[toy_nan]"])
