@@ -3,6 +3,7 @@
 import pytest
 
 from flowdppo import cli
+from flowdppo.trainer.loop import Trainer
 
 
 def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypatch):
@@ -11,11 +12,11 @@ def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypa
     class Stop(Exception):
         pass
 
-    def fake_trainer(cfg, run_dir, resume=False):
+    def fake_init(self, cfg, run_dir, resume=False):
         seen["cfg"], seen["run_dir"] = cfg, run_dir
         raise Stop
 
-    monkeypatch.setattr("flowdppo.trainer.loop.Trainer", fake_trainer)
+    monkeypatch.setattr(Trainer, "__init__", fake_init)
     with pytest.raises(Stop):
         cli.main(["train", "--task", "shapes", "train.group_size=4", f"log.run_dir={tmp_path}"])
     cfg = seen["cfg"]
