@@ -19,6 +19,19 @@ from flowdppo.models.base import Cond, FlowModel, cat_cond
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+#: Joint-attention projections of an MMDiT block, image stream (``to_*``) and text stream
+#: (``add_*``), as diffusers names them in SD3 and FLUX transformers.
+JOINT_ATTENTION_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):

@@ -20,20 +20,14 @@ import numpy as np
 import torch
 
 from flowdppo.models.base import Cond
-from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel
+from flowdppo.models.diffusers_adapters.base import (
+    JOINT_ATTENTION_LORA_TARGETS,
+    DiffusersFlowModel,
+)
 
 #: Attention projections of the double-stream blocks (both streams) and the single-stream
 #: blocks (which have ``to_q/k/v`` only).
-FLUX_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
+FLUX_LORA_TARGETS = JOINT_ATTENTION_LORA_TARGETS
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -9,19 +9,13 @@ from __future__ import annotations
 import torch
 
 from flowdppo.models.base import Cond
-from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel
+from flowdppo.models.diffusers_adapters.base import (
+    JOINT_ATTENTION_LORA_TARGETS,
+    DiffusersFlowModel,
+)
 
 #: Joint-attention projections of every MMDiT block (image and text streams).
-SD3_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
+SD3_LORA_TARGETS = JOINT_ATTENTION_LORA_TARGETS
 
 
 class SD3Model(DiffusersFlowModel):
