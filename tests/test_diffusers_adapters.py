@@ -165,7 +165,14 @@ def test_sde_replay_gives_ratio_one(paths, kind):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     for i in range(2):
         loss, stats = step_loss(
-            model, ro, torch.arange(4), i, adv, spec, ObjectiveSpec("dppo"), ForwardCounter()
+            model,
+            ro,
+            torch.arange(4),
+            i,
+            adv,
+            spec,
+            ObjectiveSpec("dppo", 1e-4, 1e-4),
+            ForwardCounter(),
         )
         assert abs(float(stats["ratio_max"]) - 1) < 1e-6
         assert abs(float(stats["ratio_min"]) - 1) < 1e-6

@@ -145,3 +145,52 @@ def test_reference_penalty_is_beta_times_exact_kl_with_gradient():
 def test_objective_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _objective_cases():
+    """Every objective on one batch of random terms: ratios on both sides of every window,
+    KLs on both sides of the threshold, a few zero advantages and one underflowing ratio.
+    Returns the objectives (functions of logp_new), the advantages and logp_new, logp_old."""
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    log_ratio = torch.randn(n, generator=g) * 0.3
+    log_ratio[0] = -200.0  # exp underflows to exactly 0
+    adv = torch.randn(n, generator=g)
+    adv[1:40] = 0.0
+    mean_old = torch.randn(n, 8, generator=g)
+    mean_new = mean_old + torch.randn(n, 8, generator=g) * 0.05 * torch.rand(n, 1, generator=g)
+    logp_old = torch.randn(n, generator=g)
+    cases = {
+        "clip": lambda lp: grpo_clip_loss(lp, logp_old, adv, 0.2),
+        "clip-asymmetric": lambda lp: grpo_clip_loss(lp, logp_old, adv, 0.1, 0.3),
+    }
+    for mask in ("asymmetric", "kl", "first_order"):
+        cases[f"dppo-{mask}"] = lambda lp, m=mask: dppo_loss(
+            lp, logp_old, mean_new, mean_old, STD, adv, DELTA, mask=m
+        )
+    return cases, adv, logp_old + log_ratio, logp_old
+
+
+@pytest.mark.parametrize("name", list(_objective_cases()[0]))
+def test_grad_blocked_fraction_counts_exactly_the_zero_gradients(name):
+    cases, _, logp_new, _ = _objective_cases()
+    logp_new = logp_new.clone().requires_grad_(True)
+    loss, stats = cases[name](logp_new)
+    loss.sum().backward()
+    zero = (logp_new.grad == 0).float().mean().item()
+    assert 0.05 < zero < 0.95  # both kinds of term are present
+    assert stats["grad_blocked_fraction"].item() == pytest.approx(zero, abs=1e-7)
+
+
+def test_clip_fraction_is_the_window_and_counts_terms_that_keep_their_gradient():
+    cases, adv, logp_new, logp_old = _objective_cases()
+    logp_new = logp_new.clone().requires_grad_(True)
+    loss, stats = cases["clip"](logp_new)
+    loss.sum().backward()
+    ratio = torch.exp(logp_new.detach() - logp_old)
+    outside = (ratio < 0.8) | (ratio > 1.2)
+    assert stats["clip_fraction"].item() == pytest.approx(outside.float().mean().item())
+    # Outside the window against the advantage's direction the unclipped branch wins the
+    # max: those terms count in the window fraction and keep their gradient.
+    kept = outside & (adv != 0) & (logp_new.grad != 0)
+    assert kept.float().mean() > 0.1

@@ -8,6 +8,7 @@ would be valid. The defaults are the built-in Flow-DPPO run on the digits task.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,16 +53,43 @@ class SamplerConfig(_Section):
 
 
 class ObjectiveConfig(_Section):
-    # Published thresholds for element-mean KLs run from 1e-7 to 1e-5 (SPEC section 5). On
-    # the digits task 1e-4 masks 0.1 % of the terms, an unconstrained policy gradient, while
-    # 1e-6 acts like ratio clipping at its published 1e-4 (docs/RESULTS.md, section 5).
-    dppo_threshold: float = Field(
-        1e-6, ge=0, description="Flow-DPPO trust-region KL (for the log_prob_reduce in use)"
+    # A trust region is given in one of two forms (docs/method.md, "Units"): per element of
+    # the log-prob reduction in use (the published form; with element-mean log-probs its
+    # meaning in nats scales with the latent size d), or per SDE step, in nats summed over
+    # the latent, which carries from one model and resolution to another. Unset, the run
+    # uses TRUST_REGION_DEFAULTS: the paper's SD3.5-M settings (delta = 1e-7 and
+    # epsilon = 1e-4 per element at d = 65,536) held fixed in nats per step.
+    dppo_threshold: float | None = Field(
+        None, gt=0, description="Flow-DPPO trust-region KL per element of log_prob_reduce"
+    )
+    dppo_threshold_per_step: float | None = Field(
+        None, gt=0, description="the same threshold in nats per SDE step (d x the per-element)"
     )
     dppo_mask: Literal["asymmetric", "kl", "first_order"] = "asymmetric"
-    clip_range: float = Field(1e-4, gt=0, description="ratio clip for grpo/cps")
+    clip_range: float | None = Field(
+        None, gt=0, description="ratio clip for grpo/cps, per element of log_prob_reduce"
+    )
+    clip_range_per_step: float | None = Field(
+        None, gt=0, description="the same clip range as a log-ratio window in nats per step"
+    )
     clip_range_high: float | None = Field(None, gt=0)
+    clip_range_high_per_step: float | None = Field(None, gt=0)
+    latent_elements: int | None = Field(
+        None,
+        ge=1,
+        description="latent elements per sample (d) that relate the two forms; the run "
+        "fills it in from the model and checks it on resume",
+    )
     beta: float = Field(0.0, ge=0, description="weight of the exact KL to the reference model")
+
+
+# Trust-region keys whose value has a per-element and a per-step form, with the per-step
+# default (None: no default, the key stays unset).
+TRUST_REGION_KEYS = {
+    "dppo_threshold": 65536 * 1e-7,
+    "clip_range": 65536 * 1e-4,
+    "clip_range_high": None,
+}
 
 
 class RewardConfig(_Section):
@@ -233,6 +261,7 @@ class Config(_Section):
             raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")
         if s.eta == 0:
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
+        check_trust_region_forms(self.objective, s.log_prob_reduce)
         self._check_model_and_data()
         return self
 
@@ -299,6 +328,76 @@ class Config(_Section):
     @property
     def samples_per_iteration(self) -> int:
         return self.train.prompts_per_iteration * self.train.group_size
+
+
+def per_step_factor(latent_elements: int, log_prob_reduce: str) -> int:
+    """Nats per step of one unit of a per-element threshold: d for element-mean log-probs,
+    1 for summed ones (a summed KL already is per step)."""
+    return latent_elements if log_prob_reduce == "mean" else 1
+
+
+def check_trust_region_forms(obj: ObjectiveConfig, log_prob_reduce: str) -> None:
+    """Each trust-region value is given in one form; a run's own config.yaml records both,
+    with the latent size that makes them agree."""
+    for key in TRUST_REGION_KEYS:
+        elem, step = getattr(obj, key), getattr(obj, f"{key}_per_step")
+        if elem is None or step is None:
+            continue
+        d = obj.latent_elements
+        if d is None:
+            raise ValueError(
+                f"objective.{key} and objective.{key}_per_step are both set: set one of them "
+                f"(per step = d x per element, d the latent elements per sample)"
+            )
+        expected = elem * per_step_factor(d, log_prob_reduce)
+        if not math.isclose(step, expected, rel_tol=1e-9):
+            raise ValueError(
+                f"objective.{key} = {elem:g} and objective.{key}_per_step = {step:g} disagree "
+                f"for objective.latent_elements = {d} (expected {expected:g} per step): set "
+                f"one of them and drop the other"
+            )
+
+
+def resolve_trust_region(cfg: Config, latent_elements: int) -> Config:
+    """``cfg`` with every trust-region value in both forms, for a model whose samples have
+    ``latent_elements`` latent elements (a ConfigError if the config was resolved for
+    another size)."""
+    obj = cfg.objective
+    if obj.latent_elements is not None and obj.latent_elements != latent_elements:
+        raise ConfigError(
+            f"objective.latent_elements is {obj.latent_elements}, but this model's samples "
+            f"have {latent_elements} latent elements: the run was set up for another model "
+            f"or resolution; drop objective.latent_elements (and one form of each threshold)"
+        )
+    factor = per_step_factor(latent_elements, cfg.sampler.log_prob_reduce)
+    values: dict[str, Any] = {"latent_elements": latent_elements}
+    for key, default_per_step in TRUST_REGION_KEYS.items():
+        elem, step = getattr(obj, key), getattr(obj, f"{key}_per_step")
+        if elem is None and step is None:
+            step = default_per_step
+        if step is None:
+            step = None if elem is None else elem * factor
+        elif elem is None:
+            elem = step / factor
+        values[key], values[f"{key}_per_step"] = elem, step
+    return cfg.model_copy(update={"objective": obj.model_copy(update=values)})
+
+
+def describe_trust_region(cfg: Config) -> str:
+    """One line: the trust region of a resolved config in both forms."""
+    o = cfg.objective
+    if o.latent_elements is None:
+        raise ValueError("describe_trust_region needs a resolved config (resolve_trust_region)")
+    unit = "per element" if cfg.sampler.log_prob_reduce == "mean" else "(summed log-probs)"
+    if cfg.objective_name == "dppo":
+        head = (
+            f"Flow-DPPO threshold {o.dppo_threshold:.4g} {unit} = {o.dppo_threshold_per_step:.4g}"
+        )
+    else:
+        head = f"clip range {o.clip_range:.4g} {unit} = {o.clip_range_per_step:.4g}"
+        if o.clip_range_high is not None:
+            head += f" (high {o.clip_range_high:.4g} = {o.clip_range_high_per_step:.4g})"
+    return f"{head} nats per step (d = {o.latent_elements} latent elements)"
 
 
 def parse_algorithm(name: str) -> tuple[str, str]:

@@ -31,6 +31,14 @@ def _ratio_stats(log_ratio: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in stats.items()}
 
 
+def _grad_blocked_fraction(
+    removed: torch.Tensor, advantages: torch.Tensor, ratio: torch.Tensor
+) -> torch.Tensor:
+    """Fraction of terms whose gradient is exactly zero: removed by the trust region, or
+    carrying no signal in any objective (zero advantage, or a ratio that underflows to 0)."""
+    return (removed | (advantages == 0) | (ratio == 0)).float().mean()
+
+
 def _check_same_shape(**tensors: torch.Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1:
@@ -60,8 +68,13 @@ def grpo_clip_loss(
     loss = torch.maximum(unclipped, clipped)
     with torch.no_grad():
         stats = _ratio_stats(log_ratio)
-        outside = (ratio < 1.0 - clip_range) | (ratio > 1.0 + high)
-        stats["clip_fraction"] = outside.float().mean()
+        below, above = ratio < 1.0 - clip_range, ratio > 1.0 + high
+        # clip_fraction is the window fraction: every ratio outside it, including the terms
+        # whose unclipped branch wins the max and so keep their gradient. Only a ratio past
+        # the window in the advantage's own direction loses it.
+        stats["clip_fraction"] = (below | above).float().mean()
+        removed = ((adv > 0) & above) | ((adv < 0) & below)
+        stats["grad_blocked_fraction"] = _grad_blocked_fraction(removed, adv, ratio)
     return loss, stats
 
 
@@ -122,13 +135,15 @@ def dppo_loss(
     # Blocked terms are zeroed with where, twice: once before exp so that an overflowing
     # ratio never reaches the graph (its gradient would be 0 * inf = NaN), once on the loss.
     safe_log_ratio = torch.where(blocked, torch.zeros_like(log_ratio), log_ratio)
-    loss = torch.where(blocked, torch.zeros_like(adv), -adv * torch.exp(safe_log_ratio))
+    ratio = torch.exp(safe_log_ratio)
+    loss = torch.where(blocked, torch.zeros_like(adv), -adv * ratio)
     with torch.no_grad():
         stats = _ratio_stats(log_ratio)
         stats["kl_mean"] = kl.mean()
         stats["kl_max"] = kl.max()
         stats["kl_mask_fraction"] = (kl > threshold).float().mean()
         stats["masked_fraction"] = blocked.float().mean()
+        stats["grad_blocked_fraction"] = _grad_blocked_fraction(blocked, adv, ratio.detach())
     return loss, stats
 
 

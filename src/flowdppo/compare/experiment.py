@@ -13,8 +13,13 @@ extra top-level section, ``compare``::
         - {label: "G=8 I=1", overrides: {train.inner_epochs: 1}}
         - {label: "G=8 I=2", overrides: {train.inner_epochs: 2}}
         - {label: "thr=1e-5", overrides: {objective.dppo_threshold: 1.0e-5}, algorithms: [dppo]}
+        - {label: "I=2 clip=10", overrides: {objective.clip_range_per_step: 10}, frontier: "I=2"}
       quick: {train.iterations: 40}  # applied with --quick
       probe: ratio_noise             # optional extra measurement (see ratio_noise.py)
+
+Variants that share a ``frontier`` label are settings of one knob swept to trace a
+reward-KL frontier (e.g. thresholds and clip ranges at two inner epochs): the report
+compares the algorithms' frontiers at matched KL to the reference.
 
 A plain run config (no ``compare`` section) is an experiment with the default algorithms,
 three seeds and no variants. Every run's config is resolved and validated before any run
@@ -36,7 +41,7 @@ DEFAULT_ALGORITHMS = ("dppo", "grpo", "cps", "dppo+cps")
 DEFAULT_SEEDS = 3
 PROBES = ("ratio_noise",)
 _COMPARE_KEYS = {"algorithms", "seeds", "variants", "quick", "probe", "description"}
-_VARIANT_KEYS = {"label", "overrides", "algorithms"}
+_VARIANT_KEYS = {"label", "overrides", "algorithms", "frontier"}
 # Keys compare sets itself for every run; an override of them would be silently lost.
 _OWNED = {"algorithm": "--algorithms", "train.seed": "--seeds", "log.run_dir": "--out"}
 
@@ -46,6 +51,7 @@ class Variant:
     label: str
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
     algorithms: list[str] | None = None  # None: the experiment's
+    frontier: str | None = None  # the swept frontier this setting is a point of
 
 
 @dataclass
@@ -58,6 +64,7 @@ class RunSpec:
     seed: int
     config: Config
     run_dir: Path
+    frontier: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -112,7 +119,7 @@ class Experiment:
                         },
                     )
                     cfg = config_from_dict(tree, source=f"{self.source}, run {label!r} seed {seed}")
-                    runs.append(RunSpec(label, v.label, algorithm, seed, cfg, run_dir))
+                    runs.append(RunSpec(label, v.label, algorithm, seed, cfg, run_dir, v.frontier))
         if not runs:
             raise ConfigError(
                 f"{self.source}: no run left: no variant uses any of the algorithms "
@@ -232,7 +239,10 @@ def _variants(raw: Any, source: str) -> list[Variant]:
             if key in _OWNED:
                 raise ConfigError(f"{where} sets {key}; variants cannot (use {_OWNED[key]})")
         algs = item.get("algorithms")
-        out.append(Variant(label, overrides, parse_algorithms(algs) if algs else None))
+        frontier = item.get("frontier")
+        if frontier is not None and not (isinstance(frontier, str) and frontier):
+            raise ConfigError(f"{where}.frontier must be a non-empty label, got {frontier!r}")
+        out.append(Variant(label, overrides, parse_algorithms(algs) if algs else None, frontier))
     return out
 
 

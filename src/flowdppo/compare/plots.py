@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flowdppo.compare.report import KL_UNIT, PHASES, RunResult, reward_names
+from flowdppo.compare.frontier import KL_UNIT
+from flowdppo.compare.results import PHASES, RunResult, reward_names
 
 EVAL_TRAIN = "eval/train/reward/mean"
 EVAL_HELD = "eval/heldout/reward/mean"
@@ -174,17 +175,12 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     axes[1].set(xlabel="iteration", ylabel="KL to reference, held-out (x 1e-3)")
     out["heldout"] = _finish(fig, axes, out_dir / "heldout_vs_iteration.png", seeds)
 
-    # Masked (DPPO) or clipped (ratio clipping) fraction.
+    # The fraction of step terms whose gradient the objective removed (every objective).
     fig, axes = plt.subplots(1, 1, figsize=(6, 4))
     axes = [axes]
     for g, rs in ok.items():
-        key = (
-            "masked_fraction"
-            if rs[0].status.spec.config.objective_name == "dppo"
-            else "clip_fraction"
-        )
-        _band(axes[0], *_curve(rs, key), f"{g} ({key.split('_')[0]})", colors[g], window)
-    axes[0].set(xlabel="iteration", ylabel="fraction of step terms masked / clipped")
+        _band(axes[0], *_curve(rs, "grad_blocked_fraction"), g, colors[g], window)
+    axes[0].set(xlabel="iteration", ylabel="fraction of step terms with gradient removed")
     out["mask"] = _finish(fig, axes, out_dir / "masked_clipped_fraction.png", seeds)
 
     # Ratio statistics and the exact KL between the old and new policy.

@@ -7,111 +7,22 @@ failed run appears in the tables with its error and is left out of the means.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import platform
-import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowdppo.compare import plots
 from flowdppo.compare.experiment import Experiment
+from flowdppo.compare.frontier import frontier_markdown, frontier_table, gain_at_kl
+from flowdppo.compare.results import (
+    PHASES,
+    RunResult,
+    load_result,
+    mean_of,
+    reward_names,
+    std_of,
+)
 from flowdppo.compare.runner import RunStatus
-from flowdppo.trainer.loop import metrics_of
-
-KL_UNIT = 1e-3  # KL to the reference is reported x 10^-3, as the paper does
-PHASES = ("rollout", "reward", "ref_kl", "update", "eval")
-
-
-@dataclass
-class RunResult:
-    status: RunStatus
-    values: dict[str, float] = field(default_factory=dict)  # scalar results
-    rows: list[dict] = field(default_factory=list)  # metrics.jsonl
-    before: dict[str, float] = field(default_factory=dict)  # evaluation at iteration 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status.ok
-
-
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.fmean(xs) if xs else math.nan
-
-
-def _std(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.stdev(xs) if len(xs) > 1 else math.nan
-
-
-def _series(rows: list[dict], key: str) -> list[float | None]:
-    return [r.get(key) for r in rows]
-
-
-def reward_names(rows: list[dict]) -> list[str]:
-    names = []
-    for key in rows[-1] if rows else {}:
-        parts = key.split("/")
-        if len(parts) == 4 and parts[:3] == ["eval", "train", "reward"] and parts[3] != "mean":
-            names.append(parts[3])
-    return names
-
-
-def load_result(status: RunStatus) -> RunResult:
-    result = RunResult(status)
-    if not status.ok:
-        return result
-    run_dir = status.spec.run_dir
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = metrics_of(run_dir)
-    result.rows, result.before = rows, summary["before"]
-    b, a = summary["before"], summary["after"]
-    v = result.values
-    v["train_before"] = b["eval/train/reward/mean"]
-    v["train_after"] = a["eval/train/reward/mean"]
-    v["gain"] = v["train_after"] - v["train_before"]
-    v["kl_ref"] = a["eval/train/kl_ref/mean"] / KL_UNIT
-    v["kl_ref_path"] = a["eval/train/kl_ref/path"] / KL_UNIT
-    v["efficiency"] = v["gain"] / v["kl_ref"] if v["kl_ref"] > 0 else math.nan
-    v["heldout_before"] = b.get("eval/heldout/reward/mean", math.nan)
-    v["heldout_after"] = a.get("eval/heldout/reward/mean", math.nan)
-    v["heldout_change"] = v["heldout_after"] - v["heldout_before"]
-    v["heldout_kl_ref"] = a.get("eval/heldout/kl_ref/mean", math.nan) / KL_UNIT
-    tail = rows[-max(1, len(rows) // 10) :]
-    v["rollout_reward_last10pct"] = _mean(_series(tail, "reward/mean"))
-    key = "masked_fraction" if status.spec.config.objective_name == "dppo" else "clip_fraction"
-    v["masked_or_clipped"] = _mean(_series(rows, key))
-    v["ratio_std"] = _mean(_series(rows, "ratio_std"))
-    v["kl_old_new"] = _mean(_series(rows, "kl_mean"))
-    for name in reward_names(rows):
-        v[f"train_before/{name}"] = b.get(f"eval/train/reward/{name}", math.nan)
-        v[f"train_after/{name}"] = a.get(f"eval/train/reward/{name}", math.nan)
-        v[f"gain/{name}"] = v[f"train_after/{name}"] - v[f"train_before/{name}"]
-    for phase in PHASES:
-        v[f"time/{phase}"] = summary["time_per_phase_s"].get(phase, 0.0)
-    v["wall_s"] = status.wall_s
-    # Model forward / backward counts: equal budgets should show equal counts.
-    for key, count in summary.get("counts", {}).items():
-        v[f"count/{key}"] = float(count)
-    return result
-
-
-def gain_at_kl(result: RunResult, level: float) -> float:
-    """Evaluation reward gain where the run's KL to the reference first reaches ``level``.
-
-    Linear interpolation along the run's evaluations (iteration 0 included); a fair
-    comparison of algorithms that stop at different KLs. NaN if the run never reaches it.
-    """
-    key_kl, key_r = "eval/train/kl_ref/mean", "eval/train/reward/mean"
-    base = result.before[key_r]
-    pts = [(0.0, 0.0)]
-    pts += [
-        (r[key_kl] / KL_UNIT, r[key_r] - base) for r in result.rows if r.get(key_kl) is not None
-    ]
-    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
-        if k1 >= level > k0 or (k1 == level == k0):
-            return g0 + (g1 - g0) * (level - k0) / (k1 - k0) if k1 > k0 else g1
-    return math.nan
 
 
 def _add_matched_kl(results: list[RunResult]) -> float:
@@ -137,7 +48,9 @@ COLUMNS = [
     ("heldout_after", "held-out after", "{:.3f}"),
     ("heldout_change", "held-out change", "{:+.3f}"),
     ("heldout_kl_ref", "held-out KL (1e-3)", "{:.3g}"),
-    ("masked_or_clipped", "masked / clipped", "{:.3f}"),
+    ("trust_per_step", "δ or ε (nats/step)", "{:.3g}"),
+    ("grad_blocked", "grad blocked", "{:.3f}"),
+    ("window_fraction", "outside zone", "{:.3f}"),
     ("ratio_std", "ratio std", "{:.2e}"),
     ("wall_s", "wall s", "{:.0f}"),
 ]
@@ -154,7 +67,8 @@ def aggregate(results: list[RunResult]) -> dict[str, tuple[float, float]]:
     ok = [r for r in results if r.ok]
     keys = list(ok[0].values) if ok else []
     return {
-        k: (_mean([r.values.get(k) for r in ok]), _std([r.values.get(k) for r in ok])) for k in keys
+        k: (mean_of([r.values.get(k) for r in ok]), std_of([r.values.get(k) for r in ok]))
+        for k in keys
     }
 
 
@@ -197,8 +111,6 @@ def write_report(
     paths = {"csv": out_dir / "results.csv", "runs_csv": out_dir / "runs.csv"}
     _write_group_csv(paths["csv"], groups, stats)
     _write_runs_csv(paths["runs_csv"], results)
-    from flowdppo.compare import plots
-
     paths.update(plots.write_all(exp, groups, out_dir))
     paths["md"] = out_dir / "results.md"
     paths["md"].write_text(_markdown(exp, groups, stats, results, paths, command, out_dir, matched))
@@ -256,10 +168,22 @@ def _budget(exp: Experiment, results: list[RunResult]) -> str:
         f"inner epochs {t.inner_epochs}, minibatch {t.minibatch_size}, lr {t.lr:g}, "
         f"{cfg.model.finetune} (rank {cfg.model.lora_rank}), {s.num_steps} steps with "
         f"{s.num_sde_steps} SDE steps in {list(s.sde_window)}, eta {s.eta:g}, "
-        f"DPPO threshold {cfg.objective.dppo_threshold:g}, clip range "
-        f"{cfg.objective.clip_range:g}; evaluation every {cfg.log.eval_every} iterations on "
+        f"{_trust_regions(results)}; evaluation every {cfg.log.eval_every} iterations on "
         f"{cfg.log.eval_samples_per_prompt} fixed-noise samples per prompt"
     )
+
+
+def _trust_regions(results: list[RunResult]) -> str:
+    tr = next((r.trust_region for r in results if r.ok and r.trust_region), None)
+    if tr is None:
+        return "trust regions: see each run's config.yaml"
+    text = (
+        f"Flow-DPPO threshold {tr['dppo_threshold']:.3g} per element = "
+        f"{tr['dppo_threshold_per_step']:.3g} nats per step, clip range "
+        f"{tr['clip_range']:.3g} per element = {tr['clip_range_per_step']:.3g} nats per step "
+        f"(d = {tr['latent_elements']})"
+    )
+    return text
 
 
 def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> str:
@@ -276,8 +200,12 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> 
         "deterministic ODE samples with fixed noise (trained prompts unless marked held-out); "
         "KL to the reference is the exact per-step KL averaged over SDE steps (x 10^-3); "
         "gain per 1e-3 KL is the KL-proximal efficiency (reward gain over the base model "
-        "divided by the final KL to the reference, per seed, then averaged); masked / clipped "
-        "is the mean over training of the masked fraction (DPPO) or the clip fraction (ratio "
+        "divided by the final KL to the reference, per seed, then averaged); δ or ε is the "
+        "run's trust region in nats per step (Flow-DPPO's KL threshold, ratio clipping's "
+        "log-ratio window); grad blocked is the mean over training of the fraction of step "
+        "terms whose gradient the objective removed (the same measure for every objective); "
+        "outside zone is the fraction outside the trust region, gradient kept or not (KL "
+        "above the threshold for Flow-DPPO, ratio outside the clip window for ratio "
         "clipping). Gain at matched KL is each run's evaluation gain where its KL to the "
         f"reference first reaches {matched:.3g} x 1e-3, the lowest final KL of any run "
         "(interpolated between evaluations): reward at equal KL.",
@@ -305,6 +233,9 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> 
     for g in groups:
         cells = [_cell(stats[g], f"time/{p}", "{:.1f}") for p in PHASES]
         lines.append("| " + " | ".join([g, *cells, _cell(stats[g], "wall_s", "{:.0f}")]) + " |")
+    frontiers = frontier_table(results, exp.algorithms)
+    if frontiers:
+        lines += ["", *frontier_markdown(frontiers)]
     failed = [r for r in results if not r.ok]
     if failed:
         lines += ["", f"## Failed runs ({len(failed)} of {len(results)})", ""]

@@ -48,6 +48,11 @@ class FlowModel(ABC):
     def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Draw ``n`` starting latents at sigma = 1."""
 
+    def latent_elements(self) -> int:
+        """Elements of one sample's latent (d): what element-mean log-probs and KLs average
+        over, and so the factor between a per-element and a per-step trust region."""
+        return self.initial_noise(1, torch.Generator().manual_seed(0))[0].numel()
+
     @abstractmethod
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0

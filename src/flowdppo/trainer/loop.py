@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from flowdppo import schedule
-from flowdppo.config import Config, dump_config
+from flowdppo.config import Config, dump_config, resolve_trust_region
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
@@ -83,6 +83,9 @@ class Trainer:
                 f"{reward_names}"
             )
         self.model = self.task.build_model(cfg.model.weights)
+        # Trust regions in both forms (per element and nats per step) for this model's
+        # latent size; config.yaml and summary.json record both.
+        self.cfg = cfg = resolve_trust_region(cfg, self.model.latent_elements())
         # LoRA initialises its adapters from the global RNG: seed it so that two runs with
         # one seed start identically, even within one process.
         torch.manual_seed(cfg.train.seed)
@@ -102,13 +105,14 @@ class Trainer:
         self.spec = make_sampler_spec(
             cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None), self.model
         )
+        o = cfg.objective
         self.objective = ObjectiveSpec(
             cfg.objective_name,
-            cfg.objective.dppo_threshold,
-            cfg.objective.dppo_mask,
-            cfg.objective.clip_range,
-            cfg.objective.clip_range_high,
-            cfg.objective.beta,
+            dppo_threshold=o.dppo_threshold,
+            clip_range=o.clip_range,
+            dppo_mask=o.dppo_mask,
+            clip_range_high=o.clip_range_high,
+            beta=o.beta,
         )
         self.generator = torch.Generator().manual_seed(t.seed)
         self.counter = ForwardCounter()
@@ -429,6 +433,7 @@ class Trainer:
             "name": self.cfg.run_name,
             "algorithm": self.cfg.algorithm,
             "iterations": self.iteration,
+            "trust_region": trust_region_of(self.cfg),
             "before": self.summary.get("before", {}),
             "after": self.summary.get("after", {}),
             "time_per_phase_s": self.phase_time,
@@ -437,6 +442,13 @@ class Trainer:
         }
         ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+
+def trust_region_of(cfg: Config) -> dict:
+    """The resolved trust-region values, per element and per step, as the summary records them."""
+    keys = ("latent_elements", "dppo_threshold", "dppo_threshold_per_step", "clip_range")
+    keys += ("clip_range_per_step", "clip_range_high", "clip_range_high_per_step")
+    return {k: getattr(cfg.objective, k) for k in keys}
 
 
 def metrics_of(run_dir: str | Path) -> list[dict]:

@@ -129,8 +129,10 @@ class Progress:
     def update(self, iteration: int, total: int, metrics: dict[str, float]) -> None:
         reward = metrics.get("reward/mean", float("nan"))
         kl = metrics.get("kl_ref/mean", float("nan"))
-        extra = metrics.get("masked_fraction", metrics.get("clip_fraction", float("nan")))
-        label = "masked" if "masked_fraction" in metrics else "clipped"
+        # The fraction of step terms whose gradient the objective removed, whatever the
+        # objective (a ratio-clip window fraction would overstate it, docs/method.md).
+        extra = metrics.get("grad_blocked_fraction", float("nan"))
+        label = "blocked"
         if self.bar is not None:
             self.bar.set_postfix(
                 reward=f"{reward:.3f}", kl_ref=f"{kl:.2e}", **{label: f"{extra:.2f}"}

@@ -18,10 +18,13 @@ from flowdppo.trainer.rollout import ForwardCounter, Rollout, SamplerSpec
 
 @dataclass
 class ObjectiveSpec:
+    """The objective's settings in the units of the log-prob reduction in use (the trainer
+    resolves per-step settings into these: config.resolve_trust_region)."""
+
     name: str  # "dppo" or "clip"
-    dppo_threshold: float = 1e-4
+    dppo_threshold: float
+    clip_range: float
     dppo_mask: str = "asymmetric"
-    clip_range: float = 1e-4
     clip_range_high: float | None = None
     beta: float = 0.0
 
