@@ -16,7 +16,7 @@ PLOTS = [
     "reward_vs_iteration.png",
     "reward_vs_kl.png",
     "heldout_vs_iteration.png",
-    "masked_clipped_fraction.png",
+    "grad_blocked_fraction.png",
     "ratio_stats.png",
     "time_per_phase.png",
 ]

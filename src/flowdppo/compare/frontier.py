@@ -68,12 +68,14 @@ def _stats(xs: list[float]) -> tuple[float, float, int]:
     return mean, statistics.stdev(xs) if len(xs) > 1 else math.nan, len(xs)
 
 
-def frontier_table(results: list, algorithms: list[str]) -> list[dict]:
+def frontier_table(
+    results: list, algorithms: list[str], levels: tuple[float, ...] = LEVELS
+) -> list[dict]:
     """Rows ``{frontier, level, <algorithm>: (gain mean, sd, n), <algorithm>/heldout: ...,
     difference: ...}`` for every swept frontier of the experiment.
 
     Per seed, each algorithm's frontier is the best of its settings at each KL level (the
-    same number of settings per algorithm keeps that selection even); the levels are
+    same number of settings per algorithm keeps that selection even); ``levels`` are
     fractions of the highest KL that every algorithm's frontier reaches in every seed.
     ``difference`` is the first algorithm's gain minus the second's, paired by seed.
     """
@@ -96,7 +98,7 @@ def frontier_table(results: list, algorithms: list[str]) -> list[dict]:
         if top <= 0:
             continue
         seeds = sorted(set.intersection(*(set(per_alg[a]) for a in algs)))
-        for frac in LEVELS:
+        for frac in levels:
             level = top * frac
             row: dict = {"frontier": name, "level": level, "algorithms": algs}
             points = {a: [frontier_point(per_alg[a][s], level) for s in seeds] for a in algs}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowdppo.compare.frontier import KL_UNIT
+from flowdppo.compare.frontier import KL_UNIT, frontier_table
 from flowdppo.compare.results import PHASES, RunResult, reward_names
 
 EVAL_TRAIN = "eval/train/reward/mean"
@@ -181,7 +181,7 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     for g, rs in ok.items():
         _band(axes[0], *_curve(rs, "grad_blocked_fraction"), g, colors[g], window)
     axes[0].set(xlabel="iteration", ylabel="fraction of step terms with gradient removed")
-    out["mask"] = _finish(fig, axes, out_dir / "masked_clipped_fraction.png", seeds)
+    out["mask"] = _finish(fig, axes, out_dir / "grad_blocked_fraction.png", seeds)
 
     # Ratio statistics and the exact KL between the old and new policy.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -214,9 +214,48 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
             ax.set(xlabel="iteration", ylabel=f"evaluation {name}, gain over base")
         out["components"] = _finish(fig, list(axes), out_dir / "reward_components.png", seeds)
 
+    if any(r.status.spec.frontier for rs in ok.values() for r in rs):
+        out["frontiers"] = _frontiers(exp, ok, out_dir, seeds)
     if exp.probe == "ratio_noise":
         out.update(_ratio_noise(ok, colors, out_dir))
     return out
+
+
+def _frontiers(exp, ok, out_dir: Path, seeds: str) -> Path:
+    """Each swept frontier: every algorithm's best gain over its settings at each KL (mean
+    ± sd over seeds), with each setting's final point."""
+    plt = _pyplot()
+    results = [r for rs in ok.values() for r in rs]
+    rows = frontier_table(results, exp.algorithms, tuple(np.linspace(0.05, 1.0, 20)))
+    names = list(dict.fromkeys(r["frontier"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.5 * max(1, len(names)), 4.2))
+    axes = list(np.atleast_1d(axes))
+    palette = _colors(len(exp.algorithms))
+    for ax, name in zip(axes, names):
+        mine = [r for r in rows if r["frontier"] == name]
+        for color, alg in zip(palette, exp.algorithms):
+            if alg not in mine[0]:
+                continue
+            kl = np.array([r["level"] for r in mine])
+            mean = np.array([r[alg][0] for r in mine])
+            sd = np.nan_to_num(np.array([r[alg][1] for r in mine]))
+            ax.plot(kl, mean, color=color, label=f"{alg} frontier")
+            ax.fill_between(kl, mean - sd, mean + sd, color=color, alpha=0.15)
+            for rs in ok.values():
+                spec = rs[0].status.spec
+                if spec.frontier == name and spec.algorithm == alg:
+                    x = np.mean([r.values["kl_ref"] for r in rs])
+                    y = np.mean([r.values["gain"] for r in rs])
+                    ax.scatter([x], [y], color=color, s=14)
+                    ax.annotate(spec.variant.removeprefix(name).strip(), (x, y), fontsize=6)
+        # Log KL: the loosest settings end orders of magnitude beyond the common range.
+        ax.set(
+            xlabel="KL to reference (x 1e-3, log)",
+            ylabel="evaluation reward gain over base",
+            title=f"frontier {name}",
+            xscale="log",
+        )
+    return _finish(fig, axes, out_dir / "frontiers.png", f"{seeds}; dots: final points")
 
 
 def _ratio_noise(ok, colors, out_dir: Path) -> dict[str, Path]:
@@ -225,7 +264,7 @@ def _ratio_noise(ok, colors, out_dir: Path) -> dict[str, Path]:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     rows = [
-        "## Ratio noise against the exact KL (SPEC section 3)",
+        "## Ratio noise against the exact KL (docs/method.md)",
         "",
         "Pooled over iterations, SDE steps, samples and seeds. D is the exact summed KL "
         "between the updated and the rollout policy at each recorded state; for a fresh draw "

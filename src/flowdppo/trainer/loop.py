@@ -379,6 +379,9 @@ class Trainer:
             metrics[f"reward/{name}/std"] = float(r[valid].std(unbiased=False))
         metrics["reward/excluded"] = int((~valid).sum())
         metrics["advantage/abs_mean"] = float(advantages.abs().mean())
+        # Terms with a zero advantage (a group of equal rewards) carry no gradient in any
+        # objective; grad_blocked_fraction counts them, this says how many there were.
+        metrics["advantage/zero_fraction"] = float((advantages == 0).float().mean())
         metrics["time/iteration"] = time.perf_counter() - start
         metrics.update({k: float(v) for k, v in self.counter.as_dict().items()})
         return metrics
