@@ -98,6 +98,9 @@ def test_ode_sampler_matches_pipeline(paths, kind, guided):
     assert record == {}
     assert ours.dtype == torch.float32 and ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-5
+    # The latent size that converts per-element trust regions to nats per step is the
+    # pipeline's own latent per sample (FLUX's packed latent holds the same elements).
+    assert model.latent_elements() == theirs[0].numel()
     # The pipeline's scheduler walked exactly the schedule we sampled on.
     assert torch.equal(model.pipe.scheduler.sigmas.float(), sigmas)
 
