@@ -118,6 +118,7 @@ def _train(ns) -> int:
     from flowdppo.config import load_config
     from flowdppo.trainer import distributed
     from flowdppo.trainer.loop import Trainer
+    from flowdppo.trainer.preemption import EXIT_PREEMPTED, Preempted
 
     multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
     if multi:
@@ -157,7 +158,13 @@ def _train(ns) -> int:
             + (f" ({trainer.world_size} processes, {trainer.backend})" if multi else ""),
             flush=True,
         )
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except Preempted as stopped:
+        if rank0:
+            print(f"flowdppo: {stopped}", file=sys.stderr, flush=True)
+        distributed.finish_distributed()
+        return EXIT_PREEMPTED
     if rank0:
         _print_summary(summary)
     distributed.finish_distributed()

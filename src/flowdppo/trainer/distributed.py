@@ -279,6 +279,27 @@ class DistributedTrainer(Trainer):
         super_start = super()._start_run_dir
         self._on_rank0(super_start)
 
+    def _claim_run_dir(self) -> None:
+        super_claim = super()._claim_run_dir
+        self._on_rank0(super_claim)  # the lock is rank 0's, as are all the writes
+
+    def _processes(self) -> int:
+        return self.world_size
+
+    def _notice(self, line: str) -> None:
+        if self.rank == 0:
+            super()._notice(line)
+
+    def _agree(self, signum: int, due: bool) -> tuple[int, bool]:
+        # A signal to any process stops every one at this same iteration; rank 0's clock
+        # alone decides a time-based checkpoint, so the processes cannot disagree on it.
+        votes = torch.tensor([signum, int(due and self.rank == 0)], dtype=torch.int64)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return int(votes[0]), bool(votes[1])
+
+    def _resume_command(self) -> str:
+        return f"the same launcher with `-m flowdppo train --resume {self.run_dir}`"
+
     def _checkpoint(self) -> None:
         super_checkpoint = super()._checkpoint
         if self.fsdp:  # gathering the full state is a collective: every process takes part
