@@ -147,7 +147,7 @@ def _train(ns) -> int:
         cfg = load_config(path, overrides, base=base)
         run_dir = Path(cfg.log.run_dir or f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if multi:  # rank 0 names the run, so a clock tick between processes cannot split it
-            distributed.init_distributed(cfg.train.dist_backend)
+            distributed.init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
             run_dir = Path(distributed.broadcast_text(str(run_dir)))
         trainer = Trainer(cfg, run_dir)
     rank0 = getattr(trainer, "rank", 0) == 0
@@ -318,4 +318,4 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[ns.command](ns)
     except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)

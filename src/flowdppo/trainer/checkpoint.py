@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flowdppo.trainer.faults import fault_point
+from flowdppo.trainer.watchdog import mark
 
 LATEST = "latest"
 _NAME = re.compile(r"ckpt-\d{6,}")
@@ -116,6 +117,7 @@ def save_checkpoint(
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     try:
+        mark("checkpoint")
         _clear_leftovers(run_dir)
         tmp.mkdir(parents=True)
         _write_files(tmp, model_state, optimizer, rng, state, iteration)
@@ -161,6 +163,7 @@ def _write_files(
     for f in files:
         with open(tmp / f, "rb+") as fh:
             os.fsync(fh.fileno())
+    mark("checkpoint")
     fault_point("checkpoint:tensors")
     payload = {
         "iteration": iteration,

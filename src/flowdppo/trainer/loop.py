@@ -23,7 +23,7 @@ from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
 from flowdppo.tasks import task_for_config
-from flowdppo.trainer import budget, guards, preemption
+from flowdppo.trainer import budget, guards, preemption, watchdog
 from flowdppo.trainer import checkpoint as ckpt
 from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.lock import RunLock
@@ -374,6 +374,7 @@ class Trainer:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         start = time.perf_counter()
+        watchdog.progress.iteration = self.iteration
         with self._timed("rollout", metrics):
             prompts, group = self._draw_prompts()
             sde_steps = schedule.choose_sde_steps(
@@ -384,6 +385,7 @@ class Trainer:
             )
             ro = self._rollout(prompts, group, sde_steps)
         with self._timed("reward", metrics):
+            watchdog.mark("reward")
             rewards, valid = self._score(self.model.decode(ro.final), prompts)
             advantages = guards.valid_advantages(
                 rewards,
