@@ -431,3 +431,40 @@ def test_a_stopped_rank_ends_the_job_within_the_watchdog_bound(tmp_path):
 
 def _workers_left(workers: dict[int, int]) -> list[int]:
     return [pid for pid in workers.values() if not _gone(pid)]
+
+
+def test_the_watchdog_names_the_rank_that_stopped_progressing_first(monkeypatch):
+    """Heartbeats keep coming but no forward pass or checkpoint step happens: a deadlock."""
+    import socket
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    ended = []
+    monkeypatch.setattr(
+        watchdog.Watchdog, "_end", lambda self, reason, culprit=None: ended.append(reason)
+    )
+    host = socket.gethostname()
+    seq = iter(range(1, 10**6))
+
+    def rank1_beats(seconds: float, rank0_progresses: bool) -> None:
+        """Rank 1 alive and beating, frozen in its reward phase."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not ended:
+            if rank0_progresses:
+                watchdog.mark("update")
+            beat = {"seq": next(seq), "beats": 0, "phase": "reward", "iteration": 2}
+            store.set("flowdppo/heartbeat/0/1", json.dumps(beat))
+            time.sleep(0.02)
+
+    guard = watchdog.Watchdog(0, [(host, 1), (host, 2)], 0.5, lambda: "hint")
+    guard.start()
+    try:
+        rank1_beats(0.3, rank0_progresses=True)
+        assert not ended  # one process progressing is a job progressing
+        rank1_beats(5, rank0_progresses=False)  # now rank 0 waits for rank 1 too
+    finally:
+        guard.stop()
+    assert ended and ended[0].startswith("no process made progress for 0.5 s")
+    assert "rank 1 (PID 2 on" in ended[0] and "phase 'reward' of iteration 3" in ended[0]
