@@ -151,3 +151,22 @@ def test_two_resumes_at_once_one_proceeds_and_the_log_stays_in_order(tmp_path):
     assert f"took over the lock of {run} from PID {winner.pid}" in done.stderr
     iterations = [r["iteration"] for r in _metrics(run)]
     assert iterations == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_by_the_clock_as_well_as_by_the_iteration(tmp_path, toy_overrides):
+    from flowdppo.config import load_config
+    from flowdppo.trainer.loop import Trainer
+
+    def checkpoints(minutes: str, name: str) -> list[str]:
+        overrides = toy_overrides + [
+            "train.iterations=3",
+            "log.checkpoint_every=100",
+            "log.keep_checkpoints=5",
+            f"train.checkpoint_every_minutes={minutes}",
+        ]
+        Trainer(load_config(None, overrides), tmp_path / name).train()
+        return [p.name for p in ckpt.list_checkpoints(tmp_path / name)]
+
+    # Due at every iteration end (a microsecond has always passed), or never before the end.
+    assert checkpoints("1e-8", "often") == ["ckpt-000001", "ckpt-000002", "ckpt-000003"]
+    assert checkpoints("60", "rarely") == ["ckpt-000003"]

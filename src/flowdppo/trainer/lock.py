@@ -80,9 +80,9 @@ class RunLock:
             pass
         os.close(fd)  # closing drops the flock
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
+    def __del__(self) -> None:
+        # A trainer dropped without finishing (in a test, a notebook) frees its directory.
+        self.release()
 
 
 def _read(fd: int) -> dict | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -489,7 +490,7 @@ class Trainer:
         return f"flowdppo train --resume {self.run_dir}"
 
     def _stopped_message(self, signum: int) -> str:
-        name = preemption.signal.Signals(signum).name
+        name = signal.Signals(signum).name
         return (
             f"stopped by {name} after iteration {self.iteration} of "
             f"{self.cfg.train.iterations}; checkpoint {self.run_dir / ckpt.name_of(self.iteration)} "
