@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -385,3 +386,74 @@ def test_a_run_killed_before_its_first_checkpoint_can_start_again(
     monkeypatch.setattr(Trainer, "_checkpoint", original)
     _run(tmp_path, toy_overrides)  # the same directory, from the start
     assert _strip_time(metrics_of(run)) == _strip_time(metrics_of(ref))
+
+
+# ---------------------------------------------------------------- inputs caught before work
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main(["train", "train.group_size=1000000000", f"log.run_dir={run}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "train.group_size" in err and "8000000000 samples" in err
+    assert " TB for the rollout's latents" in err and "memory" in err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("train:\n  lr: 0.001\n".encode("utf-16"), "is UTF-16 .* text; flowdppo reads UTF-8"),
+        ("train:\n  lr: 0.001\n".encode("utf-32"), "is UTF-32 .* text"),
+        ("train:\n  lr: 0.001\n".encode("utf-16-le"), "holds NUL bytes: it is UTF-16"),
+        ("name: caf\xe9\n".encode("latin-1"), r"is not UTF-8 text \(byte 0xe9 at offset 9\)"),
+        (b"", r"is empty \(no keys\); to run the defaults give no config file"),
+        (b"# only a comment\n", "is empty"),
+        (None, "is a directory, not a YAML file"),
+    ],
+)
+def test_config_files_that_are_not_utf8_yaml_name_the_file(tmp_path, capsys, content, match):
+    path = tmp_path / "c.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    run = tmp_path / "run"
+    assert cli.main(["train", str(path), f"log.run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file '{path}' ") and err.count("\n") == 1
+    assert re.search(match, err), err
+    assert not run.exists()
+
+
+def test_a_utf8_byte_order_mark_and_an_explicit_empty_mapping_are_fine(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("\ufefftrain:\n  lr: 0.002\n".encode())
+    assert load_config(path).train.lr == 0.002
+    path.write_text("{}\n")
+    assert load_config(path).train.lr == load_config().train.lr
+
+
+def test_an_edited_config_that_changes_tensor_shapes_names_the_key(finished_run, capsys):
+    run, _ = finished_run
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("lora_rank: 8", "lora_rank: 4"))
+    before = (run / "metrics.jsonl").read_text()
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint ") and err.count("\n") == 1
+    assert "differ in shape" in err and "[8, " in err and "[4, " in err
+    assert "model.lora_rank: 8 -> 4" in err and "Set those keys back" in err
+    assert (run / "metrics.jsonl").read_text() == before  # nothing was touched
+    for p in ckpt.list_checkpoints(run):
+        ckpt.verify_checkpoint(p)
+
+
+@pytest.mark.parametrize("pointer", [b"ckpt-000009\n", b"garbage\n", b"\xff\xfe"])
+def test_a_broken_latest_pointer_is_reported_with_the_fallback(finished_run, capsys, pointer):
+    run, _ = finished_run
+    (run / "latest").write_bytes(pointer)
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert str(run / "latest") in warning
+    assert "using ckpt-000003, the newest checkpoint in" in warning

@@ -17,8 +17,10 @@ wrong minibatch weight, a rank training on other noise) moves them by a whole st
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from flowdppo.config import load_config
+from flowdppo.trainer import checkpoint as ckpt
+from flowdppo.trainer import watchdog
 from flowdppo.trainer.distributed import check_world_size, combine_stats
 from flowdppo.trainer.loop import Trainer, TrainingError, metrics_of
 from flowdppo.trainer.rollout import ForwardCounter, Shard, rollout
@@ -299,3 +303,168 @@ def test_uneven_global_batch_is_rejected_before_work():
     with pytest.raises(TrainingError, match="9 samples cannot be split evenly over 2 processes"):
         check_world_size(cfg, 2)
     check_world_size(cfg, 3)
+
+
+# ---------------------------------------------------------------- preemption and hung ranks
+def _start_torchrun(*args: str, fault: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("FLOWDPPO_FAULT", None)
+    if fault:
+        env["FLOWDPPO_FAULT"] = fault
+    return subprocess.Popen(
+        [*cmd, "-m", "flowdppo", "train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _workers(agent: int, timeout: float = 120) -> dict[int, int]:
+    """rank -> PID of the agent's two workers, once both are training."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == agent:
+                rank = [e for e in env if e.startswith(b"RANK=")]
+                if rank:
+                    found[int(rank[0][5:])] = pid
+        if len(found) == 2:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("the workers never started")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # a zombie has ended; its reaper may be slow
+
+
+def _wait_for_line(stream, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line or text in line:
+            return
+    raise AssertionError(f"{text!r} never came")
+
+
+def test_torchrun_sigterm_stops_every_rank_at_one_checkpoint_then_resumes_bit_exact(
+    tmp_path, two_processes
+):
+    run = tmp_path / "run"
+    # Both workers get SIGTERM in iteration 1's update (update passes 1-12 on each rank),
+    # as SLURM signals every process of a job step.
+    proc = _start_torchrun(*TINY, f"log.run_dir={run}", fault="update:5:SIGTERM")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0  # torchrun reports its workers' non-zero exit
+    assert "exitcode  : 75" in err, err[-3000:]
+    assert err.count("flowdppo: stopped by SIGTERM after iteration 1 of 4") == 1  # rank 0
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt-000001"]
+    _torchrun("--resume", str(run))
+    digest = [
+        json.loads((r / "ckpt-000004" / "state.json").read_text())["sha256"]
+        for r in (run, two_processes)
+    ]
+    assert digest[0] == digest[1]
+    untimed = [
+        [{k: v for k, v in row.items() if not k.startswith("time/")} for row in metrics_of(r)]
+        for r in (run, two_processes)
+    ]
+    assert untimed[0] == untimed[1]
+
+
+def test_killing_the_agent_ends_the_workers_within_the_bound(tmp_path):
+    proc = _start_torchrun(*TINY, "train.iterations=100000", f"log.run_dir={tmp_path / 'run'}")
+    try:
+        _wait_for_line(proc.stdout, "iter 2/")
+        workers = _workers(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        start = time.monotonic()
+        while not all(_gone(p) for p in workers.values()) and time.monotonic() - start < 30:
+            time.sleep(0.05)
+        took = time.monotonic() - start
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < watchdog.TICK_S + 2, took  # the documented bound: one tick
+    assert "the launcher that started it" in err and "is gone" in err
+
+
+def test_a_stopped_rank_ends_the_job_within_the_watchdog_bound(tmp_path):
+    bound = 4.0
+    proc = _start_torchrun(
+        *TINY,
+        "train.iterations=100000",
+        f"train.dist_timeout_s={bound}",
+        f"log.run_dir={tmp_path / 'run'}",
+    )
+    try:
+        _wait_for_line(proc.stdout, "iter 2/")
+        workers = _workers(proc.pid)
+        os.kill(workers[1], signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _workers_left(workers):
+            os.kill(pid, signal.SIGKILL)
+    assert took < bound + 5, took  # the bound, a tick, and torchrun's own shutdown
+    line = [x for x in err.splitlines() if x.startswith("error: rank 1 ")]
+    assert line, err[-3000:]
+    assert f"PID {workers[1]} on" in line[0] and "stopped responding" in line[0]
+    assert "it was last in phase '" in line[0] and "Ending the job" in line[0]
+
+
+def _workers_left(workers: dict[int, int]) -> list[int]:
+    return [pid for pid in workers.values() if not _gone(pid)]
+
+
+def test_the_watchdog_names_the_rank_that_stopped_progressing_first(monkeypatch):
+    """Heartbeats keep coming but no forward pass or checkpoint step happens: a deadlock."""
+    import socket
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    ended = []
+    monkeypatch.setattr(
+        watchdog.Watchdog, "_end", lambda self, reason, culprit=None: ended.append(reason)
+    )
+    host = socket.gethostname()
+    seq = iter(range(1, 10**6))
+
+    def rank1_beats(seconds: float, rank0_progresses: bool) -> None:
+        """Rank 1 alive and beating, frozen in its reward phase."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not ended:
+            if rank0_progresses:
+                watchdog.mark("update")
+            beat = {"seq": next(seq), "beats": 0, "phase": "reward", "iteration": 2}
+            store.set("flowdppo/heartbeat/0/1", json.dumps(beat))
+            time.sleep(0.02)
+
+    guard = watchdog.Watchdog(0, [(host, 1), (host, 2)], 0.5, lambda: "hint")
+    guard.start()
+    try:
+        rank1_beats(0.3, rank0_progresses=True)
+        assert not ended  # one process progressing is a job progressing
+        rank1_beats(5, rank0_progresses=False)  # now rank 0 waits for rank 1 too
+    finally:
+        guard.stop()
+    assert ended and ended[0].startswith("no process made progress for 0.5 s")
+    assert "rank 1 (PID 2 on" in ended[0] and "phase 'reward' of iteration 3" in ended[0]

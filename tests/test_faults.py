@@ -139,11 +139,15 @@ def test_sigkill_at_five_points_then_resume_is_bit_exact(tmp_path):
 
 
 def test_fault_spec_parsing():
-    from flowdppo.trainer.faults import _parse
+    from flowdppo.trainer.faults import Fault, _parse
 
     assert _parse(None) is None and _parse("") is None
-    assert _parse("update:3") == ("update", 3)
-    assert _parse("checkpoint:tensors:2") == ("checkpoint:tensors", 2)
-    for bad in ("update", "update:0", ":3", "update:x"):
-        with pytest.raises(ValueError, match="POINT:N"):
+    assert _parse("update:3") == [Fault("update", 3)]
+    assert _parse("checkpoint:tensors:2") == [Fault("checkpoint:tensors", 2)]
+    assert _parse("checkpoint:tensors:2:SIGTERM,update:5:hang") == [
+        Fault("checkpoint:tensors", 2, "SIGTERM"),
+        Fault("update", 5, "hang"),
+    ]
+    for bad in ("update", "update:0", ":3", "update:x", "update:3:SIGNOPE", "update:SIGTERM"):
+        with pytest.raises(ValueError, match="POINT:N|not a signal name"):
             _parse(bad)

@@ -123,6 +123,7 @@ def _train(ns) -> int:
     from flowdppo.config import load_config
     from flowdppo.trainer import distributed
     from flowdppo.trainer.loop import Trainer
+    from flowdppo.trainer.preemption import EXIT_PREEMPTED, Preempted
 
     multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
     if multi:
@@ -151,7 +152,7 @@ def _train(ns) -> int:
         cfg = load_config(path, overrides, base=base)
         run_dir = Path(cfg.log.run_dir or f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if multi:  # rank 0 names the run, so a clock tick between processes cannot split it
-            distributed.init_distributed(cfg.train.dist_backend)
+            distributed.init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
             run_dir = Path(distributed.broadcast_text(str(run_dir)))
         trainer = Trainer(cfg, run_dir)
     rank0 = getattr(trainer, "rank", 0) == 0
@@ -165,7 +166,13 @@ def _train(ns) -> int:
             + f"\n  {describe_trust_region(trainer.cfg)}",
             flush=True,
         )
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except Preempted as stopped:
+        if rank0:
+            print(f"flowdppo: {stopped}", file=sys.stderr, flush=True)
+        distributed.finish_distributed()
+        return EXIT_PREEMPTED
     if rank0:
         _print_summary(summary)
     distributed.finish_distributed()
@@ -319,4 +326,4 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[ns.command](ns)
     except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)

@@ -145,6 +145,23 @@ class TrainConfig(_Section):
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: nccl if CUDA is available, else gloo"
     )
+    # A process may go this long without progress (a model forward, a checkpoint step)
+    # while every other one waits too. The longest legitimate stretch on a real model is
+    # rank 0 evaluating alone, or writing a full fine-tuning checkpoint, while the others
+    # wait: minutes. 15 minutes is a margin of about 3 over that, and frees a hung
+    # multi-GPU job in half the time of PyTorch's own default (30 minutes).
+    dist_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="multi-process runs: a process that makes no progress this long, or whose "
+        "launcher or peers are gone, ends the job (docs/RELIABILITY.md)",
+    )
+    checkpoint_every_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="also checkpoint at the first iteration boundary this many minutes after "
+        "the last checkpoint; null: only every log.checkpoint_every iterations",
+    )
 
     @field_validator("adam_betas")
     @classmethod
@@ -488,19 +505,58 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# Byte-order marks of the encodings a text editor may save a file in, longest first.
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    name = repr(str(path))
+    if path.is_dir():
+        raise ConfigError(f"config file {name} is a directory, not a YAML file")
+    if not path.exists():
+        raise ConfigError(f"config file {name} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {name} cannot be read: {exc.strerror or exc}") from exc
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), None)
+    if encoding is not None:
+        raise ConfigError(
+            f"config file {name} is {encoding} text; flowdppo reads UTF-8: save it as UTF-8 "
+            f"(e.g. iconv -f {encoding.split()[0]} -t UTF-8)"
+        )
+    if b"\x00" in raw:
+        raise ConfigError(
+            f"config file {name} holds NUL bytes: it is UTF-16 or UTF-32 without a byte-order "
+            "mark, or not text at all; save it as UTF-8"
+        )
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is harmless: accept it
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {name} is not valid YAML: {exc}") from exc
     if data is None:
-        return {}
+        # An empty file is more often a failed write or the wrong path than a wish for the
+        # defaults, which `flowdppo train` with no file gives; `{}` says it on purpose.
+        raise ConfigError(
+            f"config file {name} is empty (no keys); to run the defaults give no config "
+            "file, or write {} in it"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}"
+            f"config file {name} must hold a mapping of keys, got {type(data).__name__}"
         )
     return data
 

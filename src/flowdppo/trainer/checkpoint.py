@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flowdppo.trainer.faults import fault_point
+from flowdppo.trainer.watchdog import mark
 
 LATEST = "latest"
+_NAME = re.compile(r"ckpt-\d{6,}")
 #: Keys every checkpoint's state.json holds.
 PAYLOAD_KEYS = ("iteration", "optimizer", "state", "sha256")
 
@@ -110,10 +113,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``ckpt-<iteration>`` atomically, move ``latest`` to it, prune old ones."""
     run_dir = Path(run_dir)
-    name = f"ckpt-{iteration:06d}"
+    name = name_of(iteration)
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     try:
+        mark("checkpoint")
         _clear_leftovers(run_dir)
         tmp.mkdir(parents=True)
         _write_files(tmp, model_state, optimizer, rng, state, iteration)
@@ -159,6 +163,7 @@ def _write_files(
     for f in files:
         with open(tmp / f, "rb+") as fh:
             os.fsync(fh.fileno())
+    mark("checkpoint")
     fault_point("checkpoint:tensors")
     payload = {
         "iteration": iteration,
@@ -169,19 +174,95 @@ def _write_files(
     write_text_atomic(tmp / "state.json", json.dumps(payload, indent=1))
 
 
+def name_of(iteration: int) -> str:
+    return f"ckpt-{iteration:06d}"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob("ckpt-*") if p.is_dir())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    return resolve_latest(run_dir)[0]
+
+
+def resolve_latest(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint ``latest`` names, else the newest on disk; and what was wrong, if any.
+
+    No ``latest`` at all is normal (a kill between the first checkpoint's rename and the
+    pointer's write); a ``latest`` that names nothing usable is reported, since resuming
+    from another checkpoint than the one recorded deserves a word.
+    """
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST
-    if pointer.is_file():
-        path = run_dir / pointer.read_text().strip()
-        if path.is_dir():
-            return path
     found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    fallback = found[-1] if found else None
+    if not pointer.exists():
+        return fallback, None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"{pointer} cannot be read ({exc})"
+    else:
+        if _NAME.fullmatch(name) and (run_dir / name).is_dir():
+            return run_dir / name, None
+        problem = (
+            f"{pointer} names {name!r}, which does not exist"
+            if _NAME.fullmatch(name)
+            else f"{pointer} holds {name[:40]!r}, not a checkpoint name"
+        )
+    then = (
+        f"using {fallback.name}, the newest checkpoint in {run_dir}"
+        if fallback is not None
+        else "and no checkpoint is left"
+    )
+    return fallback, f"{problem}; {then}"
+
+
+def mismatch(
+    path: Path,
+    saved: dict[str, torch.Tensor],
+    current: dict[str, torch.Tensor],
+    saved_config: dict | None,
+    config: dict,
+) -> str | None:
+    """Why checkpoint tensors ``saved`` cannot load into a model whose ``current`` trainable
+    tensors they should fill (names or shapes differ), naming the config keys that changed
+    since the checkpoint was written (``saved_config``, absent in older checkpoints)."""
+    if set(saved) != set(current):
+        what = f"checkpoint {path} does not match this model's trainable parameters"
+    else:
+        wrong = [k for k in current if tuple(saved[k].shape) != tuple(current[k].shape)]
+        if not wrong:
+            return None
+        k = wrong[0]
+        what = (
+            f"checkpoint {path} does not fit this model: {len(wrong)} trainable tensors "
+            f"differ in shape, e.g. {k} is {list(saved[k].shape)} in the checkpoint and "
+            f"{list(current[k].shape)} in the model this config builds"
+        )
+    changed = _changed(saved_config, config) if saved_config is not None else []
+    if changed:
+        return (
+            f"{what}; the run's config.yaml changed since it was written: {', '.join(changed)}. "
+            "Set those keys back to the checkpoint's values, or start a new run"
+        )
+    return f"{what} (was it written with another model or fine-tuning mode?)"
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs, ``log.*`` aside (where it writes)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        dotted = prefix + key
+        if dotted == "log":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
 
 
 def verify_checkpoint(path: Path) -> dict:

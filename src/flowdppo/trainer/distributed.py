@@ -23,6 +23,8 @@ import atexit
 import gc
 import math
 import os
+import socket
+import time
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flowdppo.config import Config
-from flowdppo.trainer import guards
+from flowdppo.trainer import guards, watchdog
 from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.loop import Trainer, TrainingError
 from flowdppo.trainer.rollout import ForwardCounter, Shard, reference_kl, rollout
@@ -47,8 +49,29 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> None:
-    """Join the process group the launcher set up (idempotent)."""
+def _communication_error(exc: RuntimeError) -> bool:
+    # A backend error reaches Python as DistError from a collective, but as a plain
+    # RuntimeError from DDP's reducer inside backward(); both name their backend's source.
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        mark in text for mark in ("gloo", "nccl", "processgroup", "c10d")
+    )
+
+
+class PeerLost(TrainingError):
+    """A collective failed: another process of the job died or its machine went away."""
+
+    exit_code = watchdog.EXIT_LOST
+
+
+def init_distributed(backend: str = "auto", progress_timeout_s: float = 900.0) -> None:
+    """Join the process group the launcher set up (idempotent).
+
+    The watchdog ends a job that makes no progress for ``progress_timeout_s``
+    (``train.dist_timeout_s``) with a message naming the process; the process group's own
+    timeout, which would end it with a bare backend error, is twice that, a backstop for
+    when the watchdog cannot run.
+    """
     if dist.is_initialized():
         return
     missing = [k for k in LAUNCH_ENV if k not in os.environ]
@@ -70,7 +93,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> None:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, timeout=timedelta(seconds=2 * progress_timeout_s))
     # Tear the group down before interpreter shutdown even when training fails: gloo's
     # worker threads can otherwise abort the process at exit.
     atexit.register(_destroy)
@@ -124,6 +147,7 @@ class _Route:
             return self.counter.velocity(model, phase, x, sigma, cond, guidance_scale)
         self.counter.calls[phase] = self.counter.calls.get(phase, 0) + 1
         self.counter.samples[phase] = self.counter.samples.get(phase, 0) + x.shape[0]
+        watchdog.mark(phase)
         fault_point(phase)
         return self.wrapped(x, sigma, cond, guidance_scale)
 
@@ -191,7 +215,7 @@ class DistributedTrainer(Trainer):
     """:class:`Trainer` for one process of a ``torchrun`` / ``accelerate launch`` job."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
-        init_distributed(cfg.train.dist_backend)
+        init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = dist.get_backend()
@@ -212,13 +236,37 @@ class DistributedTrainer(Trainer):
             )
 
     def train(self) -> dict:
+        peers: list = [None] * self.world_size
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+        guard = watchdog.Watchdog(
+            self.rank, peers, self.cfg.train.dist_timeout_s, self._surviving_checkpoint
+        )
+        guard.start()
         try:
             return super().train()
+        except RuntimeError as exc:
+            if not _communication_error(exc):
+                raise
+            raise self._lost(exc) from None
         finally:
+            guard.stop()
             # DDP's reducer holds the process group; release it before the group is torn
             # down, or gloo's threads can outlive it and abort the process at exit.
             self.wrapped = None
             gc.collect()
+
+    def _lost(self, exc: Exception) -> PeerLost:
+        if not watchdog.claim_exit():
+            # The watchdog saw it first and is ending this process with its own account.
+            while True:
+                time.sleep(1)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        p = watchdog.progress
+        return PeerLost(
+            f"rank {self.rank} lost contact with the other processes in phase {p.phase!r} "
+            f"of iteration {p.iteration + 1} ({first}): a process of the job died or its "
+            f"machine went away; {self._surviving_checkpoint()}"
+        )
 
     # ---------------------------------------------------------------- rank-0 side effects
     def _on_rank0(self, fn, *args):
@@ -278,6 +326,27 @@ class DistributedTrainer(Trainer):
     def _start_run_dir(self) -> None:
         super_start = super()._start_run_dir
         self._on_rank0(super_start)
+
+    def _claim_run_dir(self) -> None:
+        super_claim = super()._claim_run_dir
+        self._on_rank0(super_claim)  # the lock is rank 0's, as are all the writes
+
+    def _processes(self) -> int:
+        return self.world_size
+
+    def _notice(self, line: str) -> None:
+        if self.rank == 0:
+            super()._notice(line)
+
+    def _agree(self, signum: int, due: bool) -> tuple[int, bool]:
+        # A signal to any process stops every one at this same iteration; rank 0's clock
+        # alone decides a time-based checkpoint, so the processes cannot disagree on it.
+        votes = torch.tensor([signum, int(due and self.rank == 0)], dtype=torch.int64)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return int(votes[0]), bool(votes[1])
+
+    def _resume_command(self) -> str:
+        return f"the same launcher with `-m flowdppo train --resume {self.run_dir}`"
 
     def _checkpoint(self) -> None:
         super_checkpoint = super()._checkpoint

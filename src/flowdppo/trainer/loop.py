@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,9 +24,10 @@ from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
 from flowdppo.tasks import task_for_config
+from flowdppo.trainer import budget, guards, preemption, watchdog
 from flowdppo.trainer import checkpoint as ckpt
-from flowdppo.trainer import guards
 from flowdppo.trainer.guards import TrainingError
+from flowdppo.trainer.lock import RunLock
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
 from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
 from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
@@ -62,6 +65,19 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.lock = RunLock(self.run_dir)
+        try:
+            if resume and self.run_dir.is_dir():
+                # Before the model loads (minutes for a real one): a second writer is
+                # refused at once.
+                self._claim_run_dir()
+            self._build(resume)
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        cfg = self.cfg
         self.task = task_for_config(cfg)
         threads = cfg.train.threads or self.task.extra.get("threads")
         if threads:
@@ -131,18 +147,27 @@ class Trainer:
         self.skipped_in_a_row = 0  # consecutive optimizer steps skipped for non-finite values
         self.phase_time: dict[str, float] = {}
         self.summary: dict = {}
+        budget.check_batch_memory(cfg, self.model, self._processes(), self.task.eval_split())
         if resume:
             self._resume()
         else:
             self._start_run_dir()
 
     # ---------------------------------------------------------------- run directory
+    def _processes(self) -> int:
+        return 1
+
+    def _claim_run_dir(self) -> None:
+        """Hold the run directory's lock (trainer/lock.py) until the run ends."""
+        self.lock.acquire()
+
+    def _release_run_dir(self) -> None:
+        self.lock.release()
+
+    def _notice(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     def _start_run_dir(self) -> None:
-        if ckpt.latest_checkpoint(self.run_dir) is not None:
-            raise TrainingError(
-                f"run directory {self.run_dir} already holds checkpoints; continue it with "
-                f"--resume {self.run_dir} or choose another log.run_dir"
-            )
         probe = self.run_dir / ".write-test"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,10 +175,18 @@ class Trainer:
             probe.unlink()
         except OSError as exc:
             raise TrainingError(f"run directory {self.run_dir} is not writable: {exc}") from exc
+        self.lock.acquire()
+        if ckpt.latest_checkpoint(self.run_dir) is not None:
+            raise TrainingError(
+                f"run directory {self.run_dir} already holds checkpoints; continue it with "
+                f"--resume {self.run_dir} or choose another log.run_dir"
+            )
         ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
+        path, warning = ckpt.resolve_latest(self.run_dir)
+        if warning:
+            self._notice(f"warning: {warning}")
         if path is None:
             raise TrainingError(
                 f"nothing to resume in {self.run_dir}: it holds no checkpoint "
@@ -171,11 +204,10 @@ class Trainer:
             )
             raise ckpt.CheckpointError(f"cannot resume: {exc}; {hint}") from exc
         current = trainable_state(self.model.module)
-        if set(model_state) != set(current):
-            raise TrainingError(
-                f"checkpoint {path} does not match this model's trainable parameters "
-                "(was it written with another model or fine-tuning mode?)"
-            )
+        saved = payload["state"].get("config")
+        problem = ckpt.mismatch(path, model_state, current, saved, self.cfg.model_dump(mode="json"))
+        if problem:
+            raise TrainingError(problem)
         self._load_trainable(model_state, optim_state)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
@@ -197,6 +229,8 @@ class Trainer:
             "forward_samples": self.counter.samples,
             "backward_calls": self.counter.backward,
             "skipped_in_a_row": self.skipped_in_a_row,
+            # What the checkpoint was written with: a resume names the keys edited since.
+            "config": self.cfg.model_dump(mode="json"),
         }
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         model_state, optim_state = self._trainable_checkpoint_state()
@@ -345,6 +379,7 @@ class Trainer:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         start = time.perf_counter()
+        watchdog.progress.iteration = self.iteration
         with self._timed("rollout", metrics):
             prompts, group = self._draw_prompts()
             sde_steps = schedule.choose_sde_steps(
@@ -355,6 +390,7 @@ class Trainer:
             )
             ro = self._rollout(prompts, group, sde_steps)
         with self._timed("reward", metrics):
+            watchdog.mark("reward")
             rewards, valid = self._score(self.model.decode(ro.final), prompts)
             advantages = guards.valid_advantages(
                 rewards,
@@ -398,38 +434,81 @@ class Trainer:
         return result
 
     def train(self) -> dict:
+        try:
+            self._train()
+            return self._write_summary()
+        finally:
+            self._release_run_dir()
+
+    def _train(self) -> None:
         cfg = self.cfg
         log = self._open_log()
         progress = self._open_progress()
+        self._last_checkpoint = time.monotonic()
         try:
-            if "before" not in self.summary:
-                self.summary["before"] = self._evaluate("iter-000000", None, None)
-            while self.iteration < cfg.train.iterations:
-                metrics = self.run_iteration()
-                self.iteration += 1
-                last = self.iteration == cfg.train.iterations
-                every = cfg.log.eval_every
-                if last or (every and self.iteration % every == 0):
-                    self._evaluate(f"iter-{self.iteration:06d}", log, metrics)
-                try:
-                    log.log(self.iteration, metrics)
-                except OSError as exc:
-                    raise TrainingError(
-                        f"could not append to {log.path} ({exc}); the checkpoints and the "
-                        f"metrics already written are intact. Free disk space, then continue "
-                        f"with --resume {self.run_dir}"
-                    ) from exc
-                progress.update(self.iteration - 1, cfg.train.iterations, metrics)
-                if last or self.iteration % cfg.log.checkpoint_every == 0:
-                    if last:
-                        self.summary["after"] = {
-                            k: v for k, v in metrics.items() if k.startswith("eval/")
-                        }
-                    self._checkpoint()
+            with preemption.StopSignals(self._surviving_checkpoint) as stop:
+                if "before" not in self.summary:
+                    self.summary["before"] = self._evaluate("iter-000000", None, None)
+                while self.iteration < cfg.train.iterations:
+                    self._iterate(log, progress, stop)
         finally:
             progress.close()
             log.close()
-        return self._write_summary()
+
+    def _iterate(self, log: RunLog, progress: Progress, stop: preemption.StopSignals) -> None:
+        """One iteration, its log line, and at its end the checkpoint or stop it calls for."""
+        cfg = self.cfg
+        metrics = self.run_iteration()
+        self.iteration += 1
+        last = self.iteration == cfg.train.iterations
+        every = cfg.log.eval_every
+        if last or (every and self.iteration % every == 0):
+            self._evaluate(f"iter-{self.iteration:06d}", log, metrics)
+        try:
+            log.log(self.iteration, metrics)
+        except OSError as exc:
+            raise TrainingError(
+                f"could not append to {log.path} ({exc}); the checkpoints and the "
+                f"metrics already written are intact. Free disk space, then continue "
+                f"with --resume {self.run_dir}"
+            ) from exc
+        progress.update(self.iteration - 1, cfg.train.iterations, metrics)
+        signum, due = self._safe_point(stop)
+        if last or signum or due or self.iteration % cfg.log.checkpoint_every == 0:
+            if last:
+                self.summary["after"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+            self._checkpoint()
+            self._last_checkpoint = time.monotonic()
+        if signum and not last:
+            raise preemption.Preempted(self._stopped_message(signum))
+
+    # ---------------------------------------------------------------- stopping
+    def _safe_point(self, stop: preemption.StopSignals) -> tuple[int, bool]:
+        """(a stop signal's number or 0, a checkpoint due by the clock) at an iteration end."""
+        minutes = self.cfg.train.checkpoint_every_minutes
+        due = minutes is not None and time.monotonic() - self._last_checkpoint >= 60 * minutes
+        return self._agree(stop.signum or 0, due)
+
+    def _agree(self, signum: int, due: bool) -> tuple[int, bool]:
+        """What every process decides; one process decides alone."""
+        return signum, due
+
+    def _resume_command(self) -> str:
+        return f"flowdppo train --resume {self.run_dir}"
+
+    def _stopped_message(self, signum: int) -> str:
+        name = signal.Signals(signum).name
+        return (
+            f"stopped by {name} after iteration {self.iteration} of "
+            f"{self.cfg.train.iterations}; checkpoint {self.run_dir / ckpt.name_of(self.iteration)} "
+            f"is written. Continue with: {self._resume_command()}"
+        )
+
+    def _surviving_checkpoint(self) -> str:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return "no checkpoint was written yet"
+        return f"the last complete checkpoint, {path}, is intact: {self._resume_command()}"
 
     def _write_summary(self) -> dict:
         summary = {

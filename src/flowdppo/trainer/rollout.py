@@ -14,6 +14,7 @@ import torch
 from flowdppo import kernels
 from flowdppo.models.base import Cond, FlowModel
 from flowdppo.trainer.faults import fault_point
+from flowdppo.trainer.watchdog import mark
 
 
 @dataclass
@@ -128,6 +129,7 @@ class ForwardCounter:
     def velocity(self, model: FlowModel, phase: str, x, sigma, cond, guidance_scale):
         self.calls[phase] = self.calls.get(phase, 0) + 1
         self.samples[phase] = self.samples.get(phase, 0) + x.shape[0]
+        mark(phase)
         fault_point(phase)
         return model.velocity(x, sigma, cond, guidance_scale)
 
