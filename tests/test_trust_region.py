@@ -110,3 +110,11 @@ def test_summary_records_the_resolved_trust_region(tmp_path, toy_overrides, one_
     tr = summary["trust_region"]
     assert tr["latent_elements"] == TOY_D
     assert tr["dppo_threshold"] * TOY_D == pytest.approx(tr["dppo_threshold_per_step"])
+
+
+@pytest.mark.parametrize(
+    "key", ["dppo_threshold", "dppo_threshold_per_step", "clip_range", "clip_range_per_step"]
+)
+def test_a_zero_trust_region_is_refused_with_the_key_named(key):
+    with pytest.raises(ConfigError, match=f"objective.{key}"):
+        load_config(None, [f"objective.{key}=0"])

@@ -1,4 +1,4 @@
-"""Group-relative advantages and the combination of several rewards (SPEC section 4).
+"""Group-relative advantages and the combination of several rewards (docs/method.md).
 
 A group is the samples drawn for one prompt in one iteration, identified here by an integer
 group index per sample, so groups need not be contiguous or of equal size.

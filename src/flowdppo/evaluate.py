@@ -3,7 +3,7 @@
 The same noise is used at every evaluation (a fixed seed), so curves over training compare
 like with like. Reward is measured on deterministic ODE samples; the KL to the reference is
 measured along trajectories of the training sampler, where the per-step policy is Gaussian
-(SPEC section 7: averaged over SDE steps, and summed along the path).
+(docs/method.md: averaged over SDE steps, and summed along the path).
 """
 
 from __future__ import annotations

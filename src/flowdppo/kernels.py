@@ -1,7 +1,7 @@
 """Transition kernels of a flow-matching sampler: one denoising step as a Gaussian policy.
 
 Every kernel maps (velocity, sample, sigma -> sigma_next) to a mean and a standard deviation
-(SPEC section 2). Sampling and replay share :func:`step`, so the first replay of a rollout
+(docs/method.md). Sampling and replay share :func:`step`, so the first replay of a rollout
 scores each stored transition with exactly the arithmetic that produced it: the ratio is 1
 up to float rounding, and any drift from that is a real change of the policy.
 

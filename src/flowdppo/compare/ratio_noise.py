@@ -1,4 +1,4 @@
-"""The ratio-noise probe (SPEC section 3): the per-step log-ratio against the exact KL.
+"""The ratio-noise probe (docs/method.md): the per-step log-ratio against the exact KL.
 
 For a transition ``x' ~ N(mu_old, std^2 I)`` and a new mean ``mu_new = mu_old + d``, the
 summed log-ratio ``log pi_new(x') - log pi_old(x')`` is Gaussian with mean ``-D`` and

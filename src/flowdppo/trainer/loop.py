@@ -1,4 +1,4 @@
-"""One training loop for every model and algorithm (SPEC section 6).
+"""One training loop for every model and algorithm (docs/method.md).
 
 Per iteration: roll out P prompts x G samples with no gradient, score them, form group
 advantages, then replay the recorded SDE steps for I inner epochs of minibatches and apply
