@@ -118,3 +118,15 @@ def test_summary_records_the_resolved_trust_region(tmp_path, toy_overrides, one_
 def test_a_zero_trust_region_is_refused_with_the_key_named(key):
     with pytest.raises(ConfigError, match=f"objective.{key}"):
         load_config(None, [f"objective.{key}=0"])
+
+
+def test_a_per_step_window_that_is_no_ratio_range_is_refused():
+    # Summed log-probs: the default 6.55-nat window would be the ratio range 1 +- 6.55.
+    with pytest.raises(ConfigError, match="objective.clip_range directly"):
+        load_config(None, ["algorithm=grpo", "sampler.log_prob_reduce=sum"])
+    given = load_config(
+        None, ["algorithm=grpo", "sampler.log_prob_reduce=sum", "objective.clip_range=0.2"]
+    )
+    assert resolve_trust_region(given, 64).objective.clip_range_per_step == 0.2
+    # Flow-DPPO does not use the clip range, so the same config is fine for it.
+    resolve_trust_region(load_config(None, ["sampler.log_prob_reduce=sum"]), 64)

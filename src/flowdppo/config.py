@@ -57,8 +57,8 @@ class ObjectiveConfig(_Section):
     # the log-prob reduction in use (the published form; with element-mean log-probs its
     # meaning in nats scales with the latent size d), or per SDE step, in nats summed over
     # the latent, which carries from one model and resolution to another. Unset, the run
-    # uses TRUST_REGION_DEFAULTS: the paper's SD3.5-M settings (delta = 1e-7 and
-    # epsilon = 1e-4 per element at d = 65,536) held fixed in nats per step.
+    # uses the per-step defaults of TRUST_REGION_KEYS: the paper's SD3.5-M settings
+    # (delta = 1e-7 and epsilon = 1e-4 per element at d = 65,536) held in nats per step.
     dppo_threshold: float | None = Field(
         None, gt=0, description="Flow-DPPO trust-region KL per element of log_prob_reduce"
     )
@@ -279,8 +279,27 @@ class Config(_Section):
         if s.eta == 0:
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
         check_trust_region_forms(self.objective, s.log_prob_reduce)
+        if self.objective_name == "clip" and s.log_prob_reduce == "sum":
+            self._check_summed_clip_window()
         self._check_model_and_data()
         return self
+
+    def _check_summed_clip_window(self) -> None:
+        # A clip range is a ratio window 1 +- eps, read as a log-ratio window of d x eps
+        # nats to first order, which needs eps << 1. With summed log-probs eps is the
+        # per-step value itself, and a window of several nats (the default) has no such
+        # range. Checked here, before any work, since it does not depend on the model.
+        o = self.objective
+        for key in ("clip_range", "clip_range_high"):
+            step = getattr(o, f"{key}_per_step")
+            if getattr(o, key) is None and step is None:
+                step = TRUST_REGION_KEYS[key]
+            if getattr(o, key) is None and step is not None and step >= 1:
+                raise ValueError(
+                    f"objective.{key}_per_step = {step:g} nats is not a ratio window 1 +- eps "
+                    f"with eps < 1 under sampler.log_prob_reduce = sum (eps is the per-step "
+                    f"value there): set objective.{key} directly for this reduction"
+                )
 
     def _check_model_and_data(self) -> None:
         m, d = self.model, self.data
