@@ -92,9 +92,40 @@ TRUST_REGION_KEYS = {
 }
 
 
+class WeightSchedule(_Section):
+    """A reward's weight that ramps linearly from ``start`` to ``value`` over the first
+    ``warmup_iterations`` iterations, then stays at ``value``."""
+
+    value: float = Field(description="the weight after the warm-up")
+    warmup_iterations: int = Field(ge=1, description="iterations the ramp lasts")
+    start: float = Field(0.0, description="the weight at iteration 0")
+
+    def at(self, iteration: int) -> float:
+        frac = min(1.0, iteration / self.warmup_iterations)
+        return self.start + (self.value - self.start) * frac
+
+
 class RewardConfig(_Section):
-    names: list[str] = Field(default_factory=list, description="empty: the task's default")
-    weights: dict[str, float] = Field(default_factory=dict)
+    names: list[str] = Field(
+        default_factory=list,
+        description="registered names or package.module:function import paths of reward "
+        "factories; empty: the task's default",
+    )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules imported before the run starts (they register rewards, tasks or "
+        "model adapters); recorded, so resume, eval and sample import them too",
+    )
+    weights: dict[str, float | WeightSchedule] = Field(
+        default_factory=dict,
+        description="per reward: a constant weight, or {value, warmup_iterations, start} for "
+        "a linear warm-up; unnamed rewards weigh 1",
+    )
+    concurrent: bool = Field(
+        True,
+        description="score a batch with all rewards at once, each in its own thread (false: "
+        "one after the other, for rewards that are not thread-safe)",
+    )
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)
@@ -111,10 +142,21 @@ class RewardConfig(_Section):
 
     @model_validator(mode="after")
     def _options_name_rewards(self) -> RewardConfig:
+        if len(set(self.names)) != len(self.names):
+            dup = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise ValueError(f"names lists {dup} more than once")
         unknown = sorted(set(self.options) - set(self.names)) if self.names else []
         if unknown:
             raise ValueError(f"options names {unknown}, which are not in reward.names {self.names}")
         return self
+
+
+def reward_weights(cfg: RewardConfig, iteration: int) -> dict[str, float]:
+    """Every weighted reward's weight at ``iteration`` (0-based)."""
+    return {
+        name: w.at(iteration) if isinstance(w, WeightSchedule) else float(w)
+        for name, w in cfg.weights.items()
+    }
 
 
 class TrainConfig(_Section):
