@@ -140,6 +140,32 @@ class RewardConfig(_Section):
         description="keyword options per reward, {name: {key: value}} (e.g. a model path)",
     )
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        # One plain message per weight, instead of one per branch of the union.
+        if not isinstance(v, dict):
+            return v
+        form = "a number or a warm-up {value: W, warmup_iterations: N, start: W0 (default 0)}"
+        out: dict[str, Any] = {}
+        for name, w in v.items():
+            if isinstance(w, dict):
+                keys = set(WeightSchedule.model_fields)
+                if set(w) - keys or not {"value", "warmup_iterations"} <= set(w):
+                    raise ValueError(f"{name!r}: {w} is not {form}")
+                try:
+                    out[name] = WeightSchedule(**w)
+                except ValidationError as exc:
+                    problems = "; ".join(
+                        f"{'.'.join(map(str, e['loc']))} {e['msg'].lower()}" for e in exc.errors()
+                    )
+                    raise ValueError(f"{name!r}: {problems}") from None
+            elif isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w):
+                out[name] = w
+            else:
+                raise ValueError(f"{name!r}: {w!r} is not {form}")
+        return out
+
     @model_validator(mode="after")
     def _options_name_rewards(self) -> RewardConfig:
         if len(set(self.names)) != len(self.names):
