@@ -1,7 +1,8 @@
 """Cost per image of the built-in rewards that run on this machine: images per second.
 
 ``ocr`` (the shipped PP-OCR models) on sign-like images at several resolutions, each with
-one rendered line of text, and the JPEG rewards for scale. Timed after one warm-up call,
+one rendered line of text, the JPEG reward at the same sizes, and the built-in tasks'
+rewards on a batch of 64 of their own images. Timed after one warm-up call,
 over ``--repeats`` calls of a batch of ``--batch`` images; reports the median. The model
 rewards that need weights (CLIP, PickScore, aesthetic) and the served ones (``http``,
 ``vlm``) cost what their model or server costs; docs/rewards.md says how to measure them.
@@ -42,6 +43,22 @@ def signs(n: int, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), prompts
 
 
+TASK_REWARDS = {
+    "digits": ["digit_prob", "digit_smoothness"],
+    "shapes": ["shapes_geneval", "shapes_strict", "shapes_smoothness"],
+}
+
+
+def task_batch(name: str, n: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` samples of a built-in task's base model (ODE-free: decoded noise), its prompts."""
+    from flowdppo.tasks import get_task
+
+    task = get_task(name)
+    model = task.build_model(None)
+    images = model.decode(model.initial_noise(n, torch.Generator().manual_seed(0)))
+    return images, [task.train_prompts[i % len(task.train_prompts)] for i in range(n)]
+
+
 def images_per_second(reward, images, prompts, repeats: int) -> float:
     reward(images, prompts)  # warm-up: first-call allocations
     times = []
@@ -64,6 +81,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rewards = {"ocr": get_reward("ocr"), "jpeg_compressibility": get_reward("jpeg_compressibility")}
     rows = []
+    for task_name, names in TASK_REWARDS.items():
+        images, prompts = task_batch(task_name, 64)
+        for name in names:
+            ips = images_per_second(get_reward(name), images, prompts, args.repeats)
+            size = images.shape[-1]
+            rows.append(
+                {"reward": name, "size": size, "images_per_s": ips, "ms_per_image": 1e3 / ips}
+            )
+            print(f"{name:<22} {size:>5} px  {ips:8.0f} images/s  {1e3 / ips:8.3f} ms/image")
     for size in (int(s) for s in args.sizes.split(",")):
         images, prompts = signs(args.batch, size)
         for name, reward in rewards.items():
