@@ -1,5 +1,8 @@
 """A toy task for fast trainer tests: 2x2x2 latents, an MLP velocity, a brightness reward."""
 
+import threading
+from http.server import ThreadingHTTPServer
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +127,13 @@ def tiny_pipes(tmp_path_factory) -> dict:
         }
     finally:
         torch.set_num_threads(before)
+
+
+def serve_on_loopback(handler: type) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded HTTP server for ``handler`` on 127.0.0.1 (a free port), running in a
+    daemon thread; returns it and its ``http://host:port`` root."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    host, port = httpd.server_address[:2]
+    return httpd, f"http://{host}:{port}"

@@ -101,3 +101,11 @@ def test_task_recommendation_ranks_below_file_and_overrides(tmp_path):
 def test_run_name_defaults_to_algorithm_and_task():
     assert load_config(None, ["algorithm=dppo+cps", "task=shapes"]).run_name == "dppo-cps-shapes"
     assert load_config(None, ["name=mine"]).run_name == "mine"
+
+
+def test_a_huge_step_count_is_checked_without_listing_every_step():
+    # The fuzzer's integers reach 10**20; a list of the window's steps took all memory.
+    cfg = load_config(None, [f"sampler.num_steps={10**20}"])
+    assert cfg.sampler.num_steps == 10**20
+    with pytest.raises(ConfigError, match="more than the 0 steps in sampler.sde_window"):
+        load_config(None, ["sampler.num_steps=3", "sampler.sde_window=[0.7, 0.9]"])

@@ -253,6 +253,7 @@ def _eval(ns) -> int:
         cfg.sampler.sde_window,
         ns.n or cfg.log.eval_samples_per_prompt,
         seed=cfg.train.seed + 1,
+        concurrent=cfg.reward.concurrent,
     )
     metrics = ev.run(*task.eval_split())
     metrics["iteration"] = iteration

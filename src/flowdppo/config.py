@@ -92,9 +92,40 @@ TRUST_REGION_KEYS = {
 }
 
 
+class WeightSchedule(_Section):
+    """A reward's weight that ramps linearly from ``start`` to ``value`` over the first
+    ``warmup_iterations`` iterations, then stays at ``value``."""
+
+    value: float = Field(description="the weight after the warm-up")
+    warmup_iterations: int = Field(ge=1, description="iterations the ramp lasts")
+    start: float = Field(0.0, description="the weight at iteration 0")
+
+    def at(self, iteration: int) -> float:
+        frac = min(1.0, iteration / self.warmup_iterations)
+        return self.start + (self.value - self.start) * frac
+
+
 class RewardConfig(_Section):
-    names: list[str] = Field(default_factory=list, description="empty: the task's default")
-    weights: dict[str, float] = Field(default_factory=dict)
+    names: list[str] = Field(
+        default_factory=list,
+        description="registered names or package.module:function import paths of reward "
+        "factories; empty: the task's default",
+    )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules imported before the run starts (they register rewards, tasks or "
+        "model adapters); recorded, so resume, eval and sample import them too",
+    )
+    weights: dict[str, float | WeightSchedule] = Field(
+        default_factory=dict,
+        description="per reward: a constant weight, or {value, warmup_iterations, start} for "
+        "a linear warm-up; unnamed rewards weigh 1",
+    )
+    concurrent: bool = Field(
+        True,
+        description="score a batch with all rewards at once, each in its own thread (false: "
+        "one after the other, for rewards that are not thread-safe)",
+    )
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)
@@ -109,12 +140,49 @@ class RewardConfig(_Section):
         description="keyword options per reward, {name: {key: value}} (e.g. a model path)",
     )
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        # One plain message per weight, instead of one per branch of the union.
+        if not isinstance(v, dict):
+            return v
+        form = "a number or a warm-up {value: W, warmup_iterations: N, start: W0 (default 0)}"
+        out: dict[str, Any] = {}
+        for name, w in v.items():
+            if isinstance(w, dict):
+                keys = set(WeightSchedule.model_fields)
+                if set(w) - keys or not {"value", "warmup_iterations"} <= set(w):
+                    raise ValueError(f"{name!r}: {w} is not {form}")
+                try:
+                    out[name] = WeightSchedule(**w)
+                except ValidationError as exc:
+                    problems = "; ".join(
+                        f"{'.'.join(map(str, e['loc']))} {e['msg'].lower()}" for e in exc.errors()
+                    )
+                    raise ValueError(f"{name!r}: {problems}") from None
+            elif isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w):
+                out[name] = w
+            else:
+                raise ValueError(f"{name!r}: {w!r} is not {form}")
+        return out
+
     @model_validator(mode="after")
     def _options_name_rewards(self) -> RewardConfig:
+        if len(set(self.names)) != len(self.names):
+            dup = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise ValueError(f"names lists {dup} more than once")
         unknown = sorted(set(self.options) - set(self.names)) if self.names else []
         if unknown:
             raise ValueError(f"options names {unknown}, which are not in reward.names {self.names}")
         return self
+
+
+def reward_weights(cfg: RewardConfig, iteration: int) -> dict[str, float]:
+    """Every weighted reward's weight at ``iteration`` (0-based)."""
+    return {
+        name: w.at(iteration) if isinstance(w, WeightSchedule) else float(w)
+        for name, w in cfg.weights.items()
+    }
 
 
 class TrainConfig(_Section):
@@ -261,17 +329,17 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         s = self.sampler
-        lo, hi = s.sde_window
-        window = [k for k in range(s.num_steps) if lo <= k / s.num_steps < hi]
+        first, stop = sde_window_bounds(s.num_steps, s.sde_window)
+        in_window = stop - first
         if s.num_sde_steps > s.num_steps:
             raise ValueError(
                 f"sampler.num_sde_steps ({s.num_sde_steps}) is more than sampler.num_steps "
                 f"({s.num_steps})"
             )
-        if s.num_sde_steps > len(window):
+        if s.num_sde_steps > in_window:
             raise ValueError(
                 f"sampler.num_sde_steps ({s.num_sde_steps}) is more than the "
-                f"{len(window)} steps in sampler.sde_window {list(s.sde_window)} of "
+                f"{in_window} steps in sampler.sde_window {list(s.sde_window)} of "
                 f"sampler.num_steps = {s.num_steps}: widen the window or draw fewer"
             )
         if self.kernel == "cps" and s.eta > 1:
@@ -364,6 +432,23 @@ class Config(_Section):
     @property
     def samples_per_iteration(self) -> int:
         return self.train.prompts_per_iteration * self.train.group_size
+
+
+def sde_window_bounds(num_steps: int, window: tuple[float, float]) -> tuple[int, int]:
+    """``(first, stop)``: the steps ``k`` with ``lo <= k / num_steps < hi``.
+
+    Found from ``lo * n`` and ``hi * n`` and then checked with the same division the
+    sampler uses, so validating a config costs the same for 10 steps as for 10**20 (a
+    list of every step would not fit in memory for a huge value)."""
+    lo, hi = window
+
+    def first_at_or_above(threshold: float) -> int:
+        k = max(0, min(num_steps, math.floor(threshold * num_steps) - 2))
+        while k < num_steps and k / num_steps < threshold:
+            k += 1
+        return k
+
+    return first_at_or_above(lo), first_at_or_above(hi)
 
 
 def per_step_factor(latent_elements: int, log_prob_reduce: str) -> int:

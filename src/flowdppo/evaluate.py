@@ -15,7 +15,7 @@ import torch
 from flowdppo import schedule
 from flowdppo.models.base import FlowModel
 from flowdppo.rewards import Reward
-from flowdppo.trainer.guards import call_reward
+from flowdppo.trainer.guards import call_rewards
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout, sample
 from flowdppo.trainer.runlog import save_grid
 
@@ -31,6 +31,7 @@ class Evaluator:
         samples_per_prompt: int,
         seed: int,
         counter: ForwardCounter | None = None,
+        concurrent: bool = True,
     ):
         self.model = model
         self.rewards = rewards
@@ -40,6 +41,7 @@ class Evaluator:
         self.n = samples_per_prompt
         self.seed = seed
         self.counter = counter or ForwardCounter()
+        self.concurrent = concurrent
 
     @torch.no_grad()
     def split(
@@ -53,8 +55,8 @@ class Evaluator:
         images = self.model.decode(final)
         out = {}
         total = 0
-        for name, fn in self.rewards.items():
-            r = call_reward(name, fn, images, batch)
+        scored = call_rewards(self.rewards, images, batch, concurrent=self.concurrent)
+        for name, r in scored.items():
             # Like training, leave NaN / inf rewards out of the means (and count them).
             out[f"eval/{tag}/reward/{name}"] = float(r[torch.isfinite(r)].mean())
             total = total + r

@@ -9,6 +9,7 @@ import torch
 from flowdppo.config import Config, ConfigError, config_from_dict, read_yaml
 from flowdppo.models.base import FlowModel
 from flowdppo.models.finetune import apply_finetuning
+from flowdppo.plugins import load_user_code
 from flowdppo.tasks import Task, task_for_config
 from flowdppo.trainer import checkpoint as ckpt
 
@@ -19,6 +20,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, Task, FlowModel, int]:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (it has no config.yaml)")
     cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    load_user_code(cfg.reward)  # the run's own plugins may define its task or model
     task = task_for_config(cfg)
     model = task.build_model(cfg.model.weights)
     apply_finetuning(

@@ -10,6 +10,10 @@ reward that loads weights does so once, when a run asks for it::
 
 A factory's keyword arguments are the reward's options: ``get_reward(name, **options)``,
 set per run in the config as ``reward.options: {name: {key: value}}``.
+
+A name with a colon, ``package.module:function``, is a factory found by its import path
+instead of the registry (:mod:`flowdppo.plugins`), so a user's reward needs no
+registration and no wrapper script.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 import torch
 
+from flowdppo import plugins
+
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 _FACTORIES: dict[str, Callable[..., Reward]] = {}
@@ -30,12 +36,21 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
     """Register a reward factory under ``name`` (a decorator)."""
 
     def wrap(factory: Callable[..., Reward]) -> Callable[..., Reward]:
-        if name in _FACTORIES:
+        if name in _FACTORIES and not _same_definition(_FACTORIES[name], factory):
             raise ValueError(f"reward {name!r} is already registered")
         _FACTORIES[name] = factory
         return factory
 
     return wrap
+
+
+def _same_definition(a: Callable, b: Callable) -> bool:
+    # A module imported twice (reloaded in a notebook, or once as a plugin and once as a
+    # script) registers its factory again: the same definition, not a clash of names.
+    def key(f: Callable) -> tuple:
+        return getattr(f, "__module__", None), getattr(f, "__qualname__", None)
+
+    return key(a) == key(b) and "<lambda>" not in str(key(a)[1])
 
 
 #: Rewards whose module is imported only when a run names them. None of these modules
@@ -47,6 +62,8 @@ _LAZY: dict[str, str] = {
     "jpeg_compressibility": "flowdppo.rewards.vision",
     "jpeg_incompressibility": "flowdppo.rewards.vision",
     "http": "flowdppo.rewards.http",
+    "ocr": "flowdppo.rewards.ocr",
+    "vlm": "flowdppo.rewards.vlm",
 }
 
 
@@ -55,28 +72,51 @@ def available_rewards() -> list[str]:
     return sorted(set(_FACTORIES) | set(_LAZY))
 
 
-def get_reward(name: str, **options: Any) -> Reward:
-    """Build the reward registered as ``name``, passing ``options`` to its factory."""
+def reward_factory(name: str) -> Callable[..., Reward]:
+    """The factory of a registered name or of a ``package.module:function`` import path."""
+    if plugins.is_import_path(name):
+        return plugins.resolve(name, "reward.names")
     _load_builtin()
     if name not in _FACTORIES and name in _LAZY:
         importlib.import_module(_LAZY[name])
     if name not in _FACTORIES:
         raise ValueError(
             f"unknown reward {name!r}; available: {', '.join(available_rewards())}. "
-            "Register your own with flowdppo.rewards.register_reward."
+            "Register your own with flowdppo.rewards.register_reward (and list its module in "
+            "reward.plugins), or name it by import path, package.module:function"
         )
-    factory = _FACTORIES[name]
+    return _FACTORIES[name]
+
+
+def get_reward(name: str, **options: Any) -> Reward:
+    """Build the reward registered as ``name`` (or at the import path ``name``), passing
+    ``options`` to its factory."""
+    factory = reward_factory(name)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError:
         accepted = _option_names(factory)
+        required = [n for n in _required_names(factory) if n not in options]
+        if required and not options:
+            raise ValueError(
+                f"reward {name!r} needs the arguments {required} to be built; reward.names "
+                "takes a factory (its keyword arguments are the options, set in "
+                f"reward.options), not the reward itself: if {name!r} is fn(images, "
+                "prompts), name a function that returns it"
+            ) from None
         raise ValueError(
             f"reward {name!r} does not take the options {sorted(options)}; it takes "
             f"{', '.join(accepted) if accepted else 'no options'} (set in reward.options.{name})"
         ) from None
     except ValueError:  # a builtin or C callable without a signature: let the call decide
         pass
-    return factory(**options)
+    reward = factory(**options)
+    if not callable(reward):
+        raise ValueError(
+            f"reward {name!r}: its factory returned a {type(reward).__name__}, not a callable; "
+            "a factory returns the reward, fn(images, prompts) -> Tensor[B]"
+        )
+    return reward
 
 
 def _option_names(factory: Callable) -> list[str]:
@@ -85,6 +125,15 @@ def _option_names(factory: Callable) -> list[str]:
     except ValueError:
         return []
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _required_names(factory: Callable) -> list[str]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except ValueError:
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.default is p.empty]
 
 
 def _load_builtin() -> None:

@@ -86,44 +86,10 @@ class HttpReward:
         return torch.tensor(scores, dtype=torch.float32).view(-1, f).mean(1)
 
     def _post(self, payload: dict) -> list[float]:
-        body = json.dumps(payload).encode()
-        expected = len(payload["images"])
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(
-                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-            )
-            try:
-                deadline = time.monotonic() + self.timeout
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = _read_until(response, deadline)
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode(errors="replace")
-                if exc.code < 500:  # the request itself is wrong: retrying cannot help
-                    raise RewardServerError(
-                        f"reward server {self.url} rejected the request with HTTP {exc.code}: "
-                        f"{detail}"
-                    ) from exc
-                last = RewardServerError(f"HTTP {exc.code}: {detail}")
-                continue
-            except (
-                urllib.error.URLError,
-                TimeoutError,
-                ConnectionError,
-                http.client.HTTPException,
-            ) as exc:
-                reason = getattr(exc, "reason", exc)
-                kind = "timed out" if isinstance(reason, TimeoutError) else "failed"
-                last = RewardServerError(f"request {kind} ({reason})")
-                continue
-            return self._parse(raw, expected)
-        raise RewardServerError(
-            f"reward server {self.url} gave no usable answer after {self.retries + 1} attempts "
-            f"(timeout {self.timeout:g} s each); last error: {last}. Check that the server is "
-            "running and reachable, or raise the reward's timeout"
+        raw = post_json(
+            self.url, payload, timeout=self.timeout, retries=self.retries, backoff=self.backoff
         )
+        return self._parse(raw, len(payload["images"]))
 
     def _parse(self, raw: bytes, expected: int) -> list[float]:
         try:
@@ -140,6 +106,61 @@ class HttpReward:
                 "images; it must return one per image, in order"
             )
         return rewards
+
+
+def post_json(
+    url: str,
+    payload: dict,
+    *,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    headers: dict[str, str] | None = None,
+    what: str = "reward server",
+) -> bytes:
+    """POST ``payload`` as JSON and return the answer's body.
+
+    Each attempt has ``timeout`` seconds for the whole answer; connection failures,
+    timeouts and 5xx answers are retried ``retries`` times (after ``backoff`` seconds,
+    doubled each time); a 4xx answer is not. Failures are :class:`RewardServerError`
+    naming ``what`` and the URL.
+    """
+    body = json.dumps(payload).encode()
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        request = urllib.request.Request(
+            url,
+            data=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            method="POST",
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return _read_until(response, deadline)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace")
+            if exc.code < 500:  # the request itself is wrong: retrying cannot help
+                raise RewardServerError(
+                    f"{what} {url} rejected the request with HTTP {exc.code}: {detail}"
+                ) from exc
+            last = RewardServerError(f"HTTP {exc.code}: {detail}")
+        except (
+            urllib.error.URLError,
+            TimeoutError,
+            ConnectionError,
+            http.client.HTTPException,
+        ) as exc:
+            reason = getattr(exc, "reason", exc)
+            kind = "timed out" if isinstance(reason, TimeoutError) else "failed"
+            last = RewardServerError(f"request {kind} ({reason})")
+    raise RewardServerError(
+        f"{what} {url} gave no usable answer after {retries + 1} attempts "
+        f"(timeout {timeout:g} s each); last error: {last}. Check that the server is "
+        "running and reachable, or raise the reward's timeout"
+    )
 
 
 def _read_until(response, deadline: float) -> bytes:

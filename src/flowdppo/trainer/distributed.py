@@ -408,12 +408,14 @@ class DistributedTrainer(Trainer):
             shard=self.shard,
         )
 
-    def _score(self, images: torch.Tensor, prompts: list[str]):
+    def _score(self, images: torch.Tensor, prompts: list[str], times: dict[str, float]):
         local = self._local(prompts)
-        scored = {
-            name: self._gather(guards.call_reward(name, fn, images, local))
-            for name, fn in self.rewards.items()
-        }
+        # Rewards run concurrently on this process's shard; the all-gathers stay on this
+        # thread, in one order, so every process issues the same collectives.
+        computed = guards.call_rewards(
+            self.rewards, images, local, concurrent=self.cfg.reward.concurrent, times=times
+        )
+        scored = {name: self._gather(r) for name, r in computed.items()}
         # The validity checks of the one-process trainer, applied to the gathered batch,
         # so that every process reaches the same verdict.
         as_rewards = {name: (lambda _i, _p, r=r: r) for name, r in scored.items()}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from flowdppo import schedule
-from flowdppo.config import Config, dump_config, resolve_trust_region
+from flowdppo import plugins, schedule
+from flowdppo.config import Config, dump_config, resolve_trust_region, reward_weights
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
@@ -66,6 +66,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.lock = RunLock(self.run_dir)
+        # User code first: it may register the task or the rewards named below.
+        plugins.load_user_code(cfg.reward)
         try:
             if resume and self.run_dir.is_dir():
                 # Before the model loads (minutes for a real one): a second writer is
@@ -141,6 +143,7 @@ class Trainer:
             cfg.log.eval_samples_per_prompt,
             seed=t.seed + 1,
             counter=self.counter,
+            concurrent=cfg.reward.concurrent,
         )
         self.iteration = 0
         self.optimizer_steps = 0
@@ -279,10 +282,19 @@ class Trainer:
         return prompts, group
 
     def _score(
-        self, images: torch.Tensor, prompts: list[str]
+        self, images: torch.Tensor, prompts: list[str], times: dict[str, float]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Rewards and the mask of validly scored samples (see :mod:`guards`)."""
-        return guards.score(self.rewards, images, prompts, self.cfg.reward.max_invalid_fraction)
+        """Rewards and the mask of validly scored samples (see :mod:`guards`); each reward's
+        seconds go into ``times``."""
+        r = self.cfg.reward
+        return guards.score(
+            self.rewards,
+            images,
+            prompts,
+            r.max_invalid_fraction,
+            concurrent=r.concurrent,
+            times=times,
+        )
 
     def _update(self, ro, advantages: torch.Tensor, metrics: dict) -> None:
         t = self.cfg.train
@@ -391,12 +403,16 @@ class Trainer:
             ro = self._rollout(prompts, group, sde_steps)
         with self._timed("reward", metrics):
             watchdog.mark("reward")
-            rewards, valid = self._score(self.model.decode(ro.final), prompts)
+            reward_times: dict[str, float] = {}
+            rewards, valid = self._score(self.model.decode(ro.final), prompts, reward_times)
+            # The weights of the iteration being trained (a warm-up ramps with it); a
+            # resumed run recomputes the same ones from the iteration count.
+            weights = reward_weights(cfg.reward, self.iteration)
             advantages = guards.valid_advantages(
                 rewards,
                 group,
                 valid,
-                weights=cfg.reward.weights,
+                weights=weights,
                 method=cfg.reward.combine,
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
@@ -413,6 +429,10 @@ class Trainer:
         for name, r in rewards.items():
             metrics[f"reward/{name}/mean"] = float(r[valid].mean())
             metrics[f"reward/{name}/std"] = float(r[valid].std(unbiased=False))
+        for name, seconds in reward_times.items():
+            metrics[f"time/reward/{name}"] = seconds
+        for name, w in weights.items():
+            metrics[f"reward/{name}/weight"] = w
         metrics["reward/excluded"] = int((~valid).sum())
         metrics["advantage/abs_mean"] = float(advantages.abs().mean())
         # Terms with a zero advantage (a group of equal rewards) carry no gradient in any
