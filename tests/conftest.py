@@ -105,12 +105,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tiny_pipes(tmp_path_factory) -> dict:
-    """Tiny random SD3, FLUX and Wan pipelines built offline and saved to disk, once."""
+def _build_pipelines(tmp_path_factory, folder: str, builders: dict) -> dict:
+    """Run each ``name: build(out_dir)`` once, quietly and on one thread; name -> path."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    import tiny_pipelines
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -118,15 +116,49 @@ def tiny_pipes(tmp_path_factory) -> dict:
     tlog.disable_progress_bar()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("pipes")
+    root = tmp_path_factory.mktemp(folder)
     try:
-        return {
-            "sd3": tiny_pipelines.build_sd3(root / "sd3"),
-            "flux": tiny_pipelines.build_flux(root / "flux"),
-            "wan": tiny_pipelines.build_wan(root / "wan"),
-        }
+        return {name: build(root / name) for name, build in builders.items()}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipes(tmp_path_factory) -> dict:
+    """Tiny random SD3, FLUX and Wan pipelines built offline and saved to disk, once."""
+    pytest.importorskip("diffusers")
+    import tiny_pipelines as tp
+
+    builders = {"sd3": tp.build_sd3, "flux": tp.build_flux, "wan": tp.build_wan}
+    return _build_pipelines(tmp_path_factory, "pipes", builders)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_pipes(tmp_path_factory) -> dict:
+    """Tiny random Wan 2.2 pipelines (A14B two experts, TI2V-5B) saved to disk, once."""
+    pytest.importorskip("diffusers")
+    import tiny_pipelines_video as tv
+
+    builders = {"wan22_a14b": tv.build_wan22_a14b, "wan22_ti2v": tv.build_wan22_ti2v}
+    return _build_pipelines(tmp_path_factory, "video-pipes", builders)
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_after_checkpoint`'s patched trainer: a simulated kill."""
+
+
+def crash_after_checkpoint(monkeypatch, iteration: int) -> None:
+    """Make the Trainer raise :class:`Crash` right after writing ``iteration``'s checkpoint."""
+    from flowdppo.trainer.loop import Trainer
+
+    original = Trainer._checkpoint
+
+    def crash(self):
+        original(self)
+        if self.iteration == iteration:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash)
 
 
 def serve_on_loopback(handler: type) -> tuple[ThreadingHTTPServer, str]:

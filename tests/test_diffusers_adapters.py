@@ -165,12 +165,19 @@ def test_sde_replay_gives_ratio_one(paths, kind):
         model, prompts, group, spec, [0, 2], torch.Generator().manual_seed(0), ForwardCounter()
     )
     assert ro.states.shape[:2] == (2, 4) and torch.isfinite(ro.final).all()
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    for i in range(2):
+    replay_and_backward(model, ro, spec, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    grads = [p.grad for p in model.module.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def replay_and_backward(model, ro, spec, adv) -> None:
+    """Replay every recorded SDE step: ratio 1 and KL 0 each time; accumulate gradients."""
+    for i in range(ro.states.shape[0]):
         loss, stats = step_loss(
             model,
             ro,
-            torch.arange(4),
+            torch.arange(len(adv)),
             i,
             adv,
             spec,
@@ -181,9 +188,6 @@ def test_sde_replay_gives_ratio_one(paths, kind):
         assert abs(float(stats["ratio_min"]) - 1) < 1e-6
         assert float(stats["kl_max"]) < 1e-10
         loss.mean().backward()
-    grads = [p.grad for p in model.module.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))

@@ -170,27 +170,43 @@ def build_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = True)
 
 def build_wan(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny WanPipeline (Wan 2.1 T2V layout, Euler flow scheduler) saved to ``out_dir``."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     _seeded(seed)
-    vae = AutoencoderKLWan(
+    vae = wan_vae()
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=t5_encoder(umt5=True),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=wan_transformer(16),
+    )
+    return _save(pipe, out_dir)
+
+
+def wan_vae():
+    """The Wan 2.1 VAE (16 latent channels, 8x spatial, 4x temporal), 3 channels wide."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
         base_dim=3,
         z_dim=16,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
-    transformer = WanTransformer3DModel(
+
+
+def wan_transformer(channels: int):
+    """A one-block WanTransformer3DModel on ``channels`` latent channels."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
+        in_channels=channels,
+        out_channels=channels,
         text_dim=T5_DIM,
         freq_dim=32,
         ffn_dim=32,
@@ -199,14 +215,6 @@ def build_wan(out_dir: str | Path, seed: int = 0) -> Path:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
-    pipe = WanPipeline(
-        tokenizer=t5_tokenizer(),
-        text_encoder=t5_encoder(umt5=True),
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        transformer=transformer,
-    )
-    return _save(pipe, out_dir)
 
 
 def build_clip_model(out_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:

@@ -281,14 +281,14 @@ def _export_lora(ns) -> int:
             f"error: {run_dir} fine-tuned the whole transformer (model.finetune full), so it "
             "has no LoRA to export"
         )
-    from flowdppo.models.diffusers_adapters import save_lora_for_diffusers
+    from flowdppo.models.diffusers_adapters import lora_load_hint, save_lora_for_diffusers
     from flowdppo.runs import load_run
 
     _, _, model, iteration = load_run(run_dir)
     out = save_lora_for_diffusers(model, ns.out)
     print(
         f"wrote the LoRA of {run_dir} (iteration {iteration}) to {out}; load it with "
-        f"pipe.load_lora_weights({str(out)!r})"
+        f"{lora_load_hint(model, out)}"
     )
     return 0
 

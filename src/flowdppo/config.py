@@ -38,6 +38,11 @@ class SamplerConfig(_Section):
     )
     shift: float | None = Field(None, gt=0, description="time shift; null: the model's own")
     guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance (1: off)")
+    guidance_scale_2: float | None = Field(
+        None,
+        ge=1.0,
+        description="two-expert Wan 2.2: the low-noise expert's guidance; null: guidance_scale",
+    )
     log_prob_reduce: Literal["mean", "sum"] = "mean"
     score: Literal["gaussian", "cps"] = Field(
         "gaussian", description="cps: the CPS authors' unnormalised -(x' - mean)^2 score"
@@ -408,6 +413,17 @@ class Config(_Section):
         if m.frames is not None and m.kind != "wan":
             raise ValueError(
                 f"model.frames is for video models (model.kind wan); {m.kind} makes images"
+            )
+        g2 = self.sampler.guidance_scale_2
+        if g2 is not None and m.kind != "wan":
+            raise ValueError(
+                "sampler.guidance_scale_2 is the low-noise expert's guidance of a two-expert "
+                f"Wan 2.2 pipeline (model.kind wan), not of model.kind {m.kind!r}: drop it"
+            )
+        if g2 is not None and self.sampler.guidance_scale == 1.0:
+            raise ValueError(
+                "sampler.guidance_scale_2 needs guidance on (sampler.guidance_scale > 1): "
+                "WanPipeline guides neither expert when guidance_scale is 1"
             )
         if self.task != "prompts":
             for key, field in DataConfig.model_fields.items():

@@ -40,7 +40,11 @@ def read_prompts(path: str, key: str) -> list[str]:
 
 def prompts_task(cfg: Config) -> Task:
     """The task for a run with ``task: prompts``; checks every input before loading."""
-    from flowdppo.models.diffusers_adapters import build_diffusers_model, check_pipeline_path
+    from flowdppo.models.diffusers_adapters import (
+        build_diffusers_model,
+        check_pipeline_path,
+        validate_pipeline_configs,
+    )
 
     m, d = cfg.model, cfg.data
     if m.kind not in DIFFUSERS_KINDS:  # the config validator already refuses this
@@ -68,6 +72,21 @@ def prompts_task(cfg: Config) -> Task:
         raise ConfigError(f"model.path: {exc}") from exc
 
     resolution = m.resolution if m.resolution is not None else DEFAULT_RESOLUTION[m.kind]
+    try:
+        problem = validate_pipeline_configs(
+            m.kind,
+            m.path,
+            resolution=resolution,
+            frames=m.frames,
+            guidance_scale_2=cfg.sampler.guidance_scale_2,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model.path: {exc}") from exc
+    if problem:
+        raise ConfigError(f"{problem[0]}: {problem[1]}")
+    extra_kwargs = {}
+    if cfg.sampler.guidance_scale_2 is not None:
+        extra_kwargs["guidance_scale_2"] = cfg.sampler.guidance_scale_2
     task = Task(
         name="prompts",
         build_model=lambda weights: None,  # replaced below
@@ -89,6 +108,7 @@ def prompts_task(cfg: Config) -> Task:
             device=None if m.device == "auto" else m.device,
             max_sequence_length=m.max_sequence_length,
             negative_prompt=m.negative_prompt,
+            **extra_kwargs,
         )
         # Full module names of the attention projections: unambiguous for peft, and they
         # exist in this network by construction (the last SD3 block has no text output).

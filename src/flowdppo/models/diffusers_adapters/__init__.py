@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from flowdppo.models.diffusers_adapters import wan
 from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel, resolve_dtype
 from flowdppo.models.diffusers_adapters.flux import FLUX_LORA_TARGETS, FluxModel
 from flowdppo.models.diffusers_adapters.sd3 import SD3_LORA_TARGETS, SD3Model
@@ -25,6 +26,10 @@ ADAPTERS: dict[str, type[DiffusersFlowModel]] = {
     "flux": FluxModel,
     "wan": WanModel,
 }
+
+#: Per kind, the adapter module's ``validate(model_index, transformer, vae, **sizes)``: the
+#: check of a directory's JSON configs that runs before any weight is read.
+VALIDATORS = {"wan": wan.validate}
 
 #: Default LoRA target module-name suffixes per model family.
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -42,7 +47,9 @@ __all__ = [
     "WanModel",
     "build_diffusers_model",
     "check_pipeline_path",
+    "lora_load_hint",
     "save_lora_for_diffusers",
+    "validate_pipeline_configs",
 ]
 
 
@@ -108,6 +115,34 @@ def check_pipeline_path(kind: str, path: str | Path) -> None:
     _check_pipeline_path(kind, ADAPTERS[kind], str(path))
 
 
+def validate_pipeline_configs(kind: str, path: str | Path, **sizes: Any) -> tuple[str, str] | None:
+    """``(config key, message)`` when the directory's JSON configs refuse the run's sizes.
+
+    Reads ``model_index.json``, ``transformer/config.json`` (``transformer_2``'s when the
+    first is absent) and ``vae/config.json`` only, so a bad ``model.resolution`` or
+    ``model.frames`` is reported in milliseconds, not after minutes of loading weights.
+    A hub id or a kind without a validator passes (the adapter checks again on load).
+    """
+    validator = VALIDATORS.get(kind)
+    root = Path(path).expanduser()
+    if validator is None or not (root / "model_index.json").is_file():
+        return None
+
+    def read(name: str) -> dict:
+        f = root / name
+        if not f.is_file():
+            return {}
+        try:
+            return json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{f} is not valid JSON: {exc}") from exc
+
+    transformer = read("transformer/config.json") or read("transformer_2/config.json")
+    if not transformer:
+        return "model.path", f"{path!r} has no transformer/config.json; is the download complete?"
+    return validator(read("model_index.json"), transformer, read("vae/config.json"), **sizes)
+
+
 def _dtype_keyword() -> str:
     # diffusers renamed from_pretrained's torch_dtype to dtype (the old name warns).
     from diffusers.utils import deprecation_utils
@@ -161,9 +196,10 @@ def _wrong_pipeline(kind: str, cls: type[DiffusersFlowModel], path: str, found: 
 def save_lora_for_diffusers(model: DiffusersFlowModel, out_dir: str | Path) -> Path:
     """Write the transformer's LoRA adapters where ``pipeline.load_lora_weights`` reads them.
 
-    The file is diffusers' ``pytorch_lora_weights.safetensors`` with the LoRA config
+    Each file is in diffusers' format (``transformer.``-prefixed keys) with the LoRA config
     (rank, alpha, targets) as metadata, so a plain pipeline reproduces the adapted
-    transformer, scaling included.
+    transformer, scaling included. A Wan 2.2 A14B model writes one file per expert
+    (:meth:`~flowdppo.models.diffusers_adapters.wan.WanModel.lora_files`).
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -186,7 +222,38 @@ def save_lora_for_diffusers(model: DiffusersFlowModel, out_dir: str | Path) -> P
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    type(model.pipe).save_lora_weights(
-        out, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
-    )
+    for weight_name, part, _ in model.lora_files():
+        layers = {k.removeprefix(part): v for k, v in state.items() if k.startswith(part)}
+        meta = dict(metadata)
+        meta["target_modules"] = sorted(
+            t.removeprefix(part) for t in metadata["target_modules"] if t.startswith(part)
+        )
+        _lora_saver(model.pipe).save_lora_weights(
+            out,
+            transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=meta,
+            weight_name=weight_name,
+        )
     return out
+
+
+def lora_load_hint(model: DiffusersFlowModel, out_dir: str | Path) -> str:
+    """The diffusers call(s) that load an export of ``model`` from ``out_dir``."""
+    pipe = model.pipe
+    target = "pipe" if hasattr(pipe, "load_lora_weights") else "pipe.transformer"
+    method = "load_lora_weights" if target == "pipe" else "load_lora_adapter"
+    calls = []
+    for _, _, kwargs in model.lora_files():
+        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        calls.append(f"{target}.{method}({str(out_dir)!r}{extra})")
+    return "; ".join(calls)
+
+
+def _lora_saver(pipe: Any) -> Any:
+    # A pipeline class without LoRA loaders gets the file its transformer's
+    # load_lora_adapter reads: diffusers' transformer-only format, as Wan's mixin writes it.
+    if hasattr(type(pipe), "save_lora_weights"):
+        return type(pipe)
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    return WanLoraLoaderMixin

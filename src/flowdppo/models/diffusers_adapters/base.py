@@ -247,6 +247,11 @@ class DiffusersFlowModel(FlowModel):
         """
         return list(self._lora_targets)
 
+    def lora_files(self) -> list[tuple[str, str, dict]]:
+        """What the LoRA export writes: (file name, prefix of ``module``'s parameter names
+        that goes in that file, extra ``pipe.load_lora_weights`` keywords that load it)."""
+        return [("pytorch_lora_weights.safetensors", "", {})]
+
     def _match_lora_targets(self, module: nn.Module) -> list[str]:
         names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
         return [

@@ -1,56 +1,118 @@
-"""Wan 2.1 text-to-video (``WanPipeline``) as a FlowModel.
+"""Wan 2.1 and Wan 2.2 text-to-video (``WanPipeline``) as a FlowModel.
 
-Latents are 5-D [B, 16, F', H/8, W/8] with ``F' = (frames - 1) / 4 + 1``; the transformer
-takes ``timestep = sigma * 1000``; guidance batches the negative prompt (default: empty,
-as the pipeline) with the positive rows, where the pipeline runs two forwards.
+Three layouts of the one pipeline class, told apart by its components and config:
 
-``decode`` returns videos [B, 3, F, H, W] in [0, 1]; the rewards of
-``flowdppo.rewards.vision`` score every frame and average over frames.
+* Wan 2.1 T2V: one transformer, the 16-channel VAE (8x spatial), a scalar timestep.
+* Wan 2.2 TI2V-5B: one transformer on the 48-channel VAE (16x spatial, its 2x2
+  patchify inside the VAE) and per-token timesteps (``expand_timesteps``): the pipeline
+  gives every latent token the step's timestep, and so does :meth:`_forward`.
+* Wan 2.2 A14B: two experts, ``transformer`` (high noise) and ``transformer_2`` (low
+  noise). The pipeline uses the first while ``timestep >= boundary_ratio *
+  num_train_timesteps`` and the second below, with ``guidance_scale_2`` (default: the
+  same as ``guidance_scale``) for the low-noise expert. :meth:`velocity` routes every
+  row to the expert the pipeline would use at its noise level, so rollout, replay, the
+  KL and the reference (adapters disabled) all see that expert. ``module`` is then a
+  :class:`WanExperts` holding both, LoRA goes on both, and the export writes one file per
+  expert (see :meth:`WanModel.lora_files`).
 
-Wan 2.1 checkpoints ship a multistep UniPC scheduler. The RL sampler takes Euler / SDE
-steps on the flow-matching Euler schedule with the checkpoint's ``flow_shift`` (see
+Latents are 5-D [B, C, F', H/s, W/s] with ``F' = (frames - 1) / 4 + 1`` (C = 16, s = 8;
+TI2V-5B: C = 48, s = 16); the transformer takes ``timestep = sigma * 1000``; guidance
+batches the negative prompt (default: empty, as the pipeline) with the positive rows,
+where the pipeline runs two forwards. ``decode`` returns videos [B, 3, F, H, W] in [0, 1];
+the rewards of ``flowdppo.rewards.vision`` score every frame and average over frames.
+
+Wan checkpoints ship a multistep UniPC scheduler. The RL sampler takes Euler / SDE steps
+on the flow-matching Euler schedule with the checkpoint's ``flow_shift`` (see
 :meth:`sigmas`), so its samples match ``WanPipeline`` only when that pipeline is given a
-``FlowMatchEulerDiscreteScheduler`` with the same shift. Wan 2.2's two-expert pipelines
-(``transformer_2``, ``boundary_ratio``) are not supported.
+``FlowMatchEulerDiscreteScheduler`` with the same shift.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from flowdppo.models.base import Cond
+import torch
+from torch import nn
+
+from flowdppo.models.base import Cond, index_cond
 from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel
+
+#: The diffusers pipeline classes (``model_index.json``'s ``_class_name``) this adapter loads.
+PIPELINE_CLASSES = ("WanPipeline",)
 
 #: Self- and cross-attention projections of every block.
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
+#: Where the low-noise expert's LoRA goes in an export; load it with
+#: ``pipe.load_lora_weights(DIR, weight_name=LOW_NOISE_LORA_FILE, load_into_transformer_2=True)``.
+LOW_NOISE_LORA_FILE = "pytorch_lora_weights_transformer_2.safetensors"
+
+DEFAULT_FRAMES = 81
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2 A14B's two experts as one module: what LoRA wraps and the trainer optimises.
+
+    ``forward(expert, **inputs)`` runs ``transformer`` (expert 0, high noise) or
+    ``transformer_2`` (expert 1, low noise); going through this module's own forward
+    keeps peft's and FSDP's hooks on the path.
+    """
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+
+    def forward(self, expert: int, **inputs: Any):
+        return (self.transformer if expert == 0 else self.transformer_2)(**inputs)
+
 
 class WanModel(DiffusersFlowModel):
-    pipeline_classes = ("WanPipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = WAN_LORA_TARGETS
     default_max_sequence_length = 512
 
-    def __init__(self, pipe, *, frames: int = 81, **kwargs):
-        if getattr(pipe, "transformer_2", None) is not None or pipe.config.get(
-            "expand_timesteps", False
-        ):
-            raise ValueError(
-                "this is a Wan 2.2 pipeline (two experts or expanded timesteps), which the "
-                "Wan adapter does not support; use a Wan 2.1 T2V checkpoint"
-            )
+    def __init__(
+        self,
+        pipe,
+        *,
+        frames: int = DEFAULT_FRAMES,
+        guidance_scale_2: float | None = None,
+        **kwargs,
+    ):
+        check_layout(
+            pipe.transformer is not None,
+            getattr(pipe, "transformer_2", None) is not None,
+            pipe.config.get("boundary_ratio"),
+            guidance_scale_2,
+        )
         self.frames = frames
+        self.expand_timesteps = bool(pipe.config.get("expand_timesteps", False))
+        ratio = pipe.config.get("boundary_ratio")
+        self.two_experts = ratio is not None
+        # The pipeline compares its float32 timestep with this Python float.
+        self.boundary_timestep = (
+            ratio * pipe.scheduler.config.num_train_timesteps if self.two_experts else None
+        )
+        self.guidance_scale_2 = guidance_scale_2
         super().__init__(pipe, **kwargs)
+        if self.two_experts:
+            low = pipe.transformer_2
+            if kwargs.get("gradient_checkpointing"):
+                low.enable_gradient_checkpointing()
+            self.module = WanExperts(pipe.transformer, low)
+            self._lora_targets = self._match_lora_targets(self.module)
 
     def _check_resolution(self) -> None:
-        spatial = self.pipe.vae_scale_factor_spatial * self.transformer_config.patch_size[1]
-        self._require_multiple("height", self.height, spatial)
-        self._require_multiple("width", self.width, spatial)
-        temporal = self.pipe.vae_scale_factor_temporal
-        if self.frames < 1 or (self.frames - 1) % temporal:
-            raise ValueError(
-                f"WanModel: frames {self.frames} must be 1 + a multiple of {temporal} "
-                f"(e.g. {(max(self.frames, 1) - 1) // temporal * temporal + 1})"
-            )
+        problem = frame_and_size_problem(
+            self.height,
+            self.width,
+            self.frames,
+            self.pipe.vae_scale_factor_spatial * self.transformer_config.patch_size[1],
+            self.pipe.vae_scale_factor_temporal,
+        )
+        if problem:
+            raise ValueError(f"WanModel: {problem[1]}")
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         s = self.pipe.vae_scale_factor_spatial
@@ -65,7 +127,7 @@ class WanModel(DiffusersFlowModel):
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
         embeds, _ = self.pipe.encode_prompt(
-            prompt=prompts,
+            prompt=list(prompts),
             negative_prompt=None,
             do_classifier_free_guidance=False,
             num_videos_per_prompt=1,
@@ -74,13 +136,50 @@ class WanModel(DiffusersFlowModel):
         )
         return {"prompt_embeds": embeds}
 
+    # ------------------------------------------------------------------ experts
+    def high_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Which rows the pipeline gives to the high-noise expert (all, with one expert)."""
+        if self.boundary_timestep is None:
+            return torch.ones_like(sigma, dtype=torch.bool)
+        return sigma * self.num_train_timesteps >= self.boundary_timestep
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        if not self.two_experts:
+            return super().velocity(x, sigma, cond, guidance_scale)
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).reshape(-1)
+        sigma = sigma.expand(b) if sigma.numel() == 1 else sigma
+        high = self.high_noise(sigma)
+        low_scale = guidance_scale
+        if self.guidance_scale_2 is not None and guidance_scale != 1.0:
+            low_scale = self.guidance_scale_2  # the pipeline guides only when g > 1
+        if bool(high.all()) or not bool(high.any()):  # one expert for the whole batch
+            scale = guidance_scale if bool(high[0]) else low_scale
+            return super().velocity(x, sigma, cond, scale)
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        for rows, scale in ((high, guidance_scale), (~high, low_scale)):
+            idx = rows.nonzero().squeeze(1)
+            out[idx] = super().velocity(x[idx], sigma[idx], index_cond(cond, idx), scale)
+        return out
+
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float):
-        return self.module(
+        timestep = sigma * self.num_train_timesteps
+        if self.expand_timesteps:
+            # The pipeline's per-token timesteps: one per 2x2 patch of every latent frame.
+            _, _, f, h, w = x.shape
+            timestep = timestep[:, None].expand(-1, f * ((h + 1) // 2) * ((w + 1) // 2))
+        inputs = dict(
             hidden_states=x,
-            timestep=sigma * self.num_train_timesteps,
+            timestep=timestep,
             encoder_hidden_states=cond["prompt_embeds"],
             return_dict=False,
-        )[0]
+        )
+        if self.two_experts:
+            # velocity() hands each call rows of one expert only.
+            return self.module(expert=0 if bool(self.high_noise(sigma[:1])) else 1, **inputs)[0]
+        return self.module(**inputs)[0]
 
     def _decode_chunk(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
@@ -89,3 +188,98 @@ class WanModel(DiffusersFlowModel):
         std = torch.tensor(vae.config.latents_std, device=x.device).view(shape)
         z = x.float() * std + mean
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+    # ------------------------------------------------------------------ export
+    def lora_files(self) -> list[tuple[str, str, dict]]:
+        """(file name, module prefix, extra ``load_lora_weights`` keywords) per export file.
+
+        Two experts: the high-noise adapter in diffusers' default file (plain
+        ``load_lora_weights(DIR)``), the low-noise one in :data:`LOW_NOISE_LORA_FILE`.
+        """
+        if not self.two_experts:
+            return super().lora_files()
+        return [
+            ("pytorch_lora_weights.safetensors", "transformer.", {}),
+            (
+                LOW_NOISE_LORA_FILE,
+                "transformer_2.",
+                {"weight_name": LOW_NOISE_LORA_FILE, "load_into_transformer_2": True},
+            ),
+        ]
+
+
+# ---------------------------------------------------------------------- checks before loading
+def check_layout(
+    has_transformer: bool, has_transformer_2: bool, boundary_ratio, guidance_scale_2
+) -> None:
+    """Raise a ValueError naming the fix for a Wan layout this adapter cannot train."""
+    if not has_transformer:
+        raise ValueError(
+            "this WanPipeline has no 'transformer' (only transformer_2); the Wan adapter "
+            "needs the high-noise expert too: download the full checkpoint"
+        )
+    if has_transformer_2 != (boundary_ratio is not None):
+        raise ValueError(
+            "this WanPipeline has "
+            + ("transformer_2 but no boundary_ratio" if has_transformer_2 else "a boundary_ratio")
+            + " but not both, which no Wan 2.2 checkpoint has; fix its model_index.json"
+        )
+    if guidance_scale_2 is not None and boundary_ratio is None:
+        raise ValueError(
+            "sampler.guidance_scale_2 is the low-noise expert's guidance of a two-expert "
+            "Wan 2.2 (A14B) pipeline; this one has a single transformer: drop it"
+        )
+
+
+def frame_and_size_problem(
+    height: int, width: int, frames: int, spatial: int, temporal: int
+) -> tuple[str, str] | None:
+    """(config key, message with a valid nearby value) for sizes the pipeline cannot take."""
+    for side, value in (("height", height), ("width", width)):
+        if value % spatial:
+            near = max(spatial, round(value / spatial) * spatial)
+            return (
+                "model.resolution",
+                f"{side} {value} must be a multiple of {spatial} for this pipeline "
+                f"(VAE x patch); choose e.g. {near}",
+            )
+    if frames < 1 or (frames - 1) % temporal:
+        near = max(0, round((frames - 1) / temporal)) * temporal + 1
+        return (
+            "model.frames",
+            f"frames {frames} must be 1 + a multiple of {temporal} (the VAE's temporal "
+            f"compression); choose e.g. {near}",
+        )
+    return None
+
+
+def validate(
+    model_index: dict,
+    transformer: dict,
+    vae: dict,
+    *,
+    resolution: int | tuple[int, int],
+    frames: int | None,
+    guidance_scale_2: float | None = None,
+) -> tuple[str, str] | None:
+    """Check a Wan directory's JSON configs against the run's sizes; reads no weights.
+
+    Returns ``(config key, message)`` for the first problem, or None. ``transformer`` is
+    ``transformer/config.json`` (or ``transformer_2``'s when the other is absent).
+    """
+    try:
+        check_layout(
+            bool(model_index.get("transformer", [None])[0]),
+            bool((model_index.get("transformer_2") or [None])[0]),
+            model_index.get("boundary_ratio"),
+            guidance_scale_2,
+        )
+    except ValueError as exc:
+        key = "sampler.guidance_scale_2" if "guidance_scale_2" in str(exc) else "model.path"
+        return key, str(exc)
+    spatial = int(vae.get("scale_factor_spatial") or 8) * int(transformer["patch_size"][1])
+    temporal = int(vae.get("scale_factor_temporal") or 4)
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return frame_and_size_problem(
+        height, width, DEFAULT_FRAMES if frames is None else frames, spatial, temporal
+    )

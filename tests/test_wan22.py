@@ -1,0 +1,254 @@
+"""Wan 2.2 through the Wan adapter: the A14B two-expert layout and the TI2V-5B layout.
+
+Tiny random pipelines (``tiny_pipelines_video``) saved and loaded back. Parity: from the
+same seed, our all-ODE sampler ends on the latents ``WanPipeline`` returns (float32, max
+abs diff <= 1e-5) with guidance off and on, at a non-square size, with the builders'
+non-default shifts; A14B's schedule crosses the expert boundary, so both experts and
+``guidance_scale_2`` are on the path. With SDE steps the replay gives ratio 1. Training
+runs through ``flowdppo train`` (dppo and grpo), resumes bit for bit, and its export
+loads into a plain pipeline. Bad sizes end before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from conftest import Crash, crash_after_checkpoint
+from test_diffusers_adapters import replay_and_backward
+from test_real_training import overrides as real_training_overrides
+
+from flowdppo.cli import main
+from flowdppo.models.diffusers_adapters import build_diffusers_model
+from flowdppo.models.diffusers_adapters.wan import LOW_NOISE_LORA_FILE, WanExperts
+from flowdppo.models.finetune import apply_finetuning
+from flowdppo.runs import load_run
+from flowdppo.trainer.loop import Trainer, metrics_of
+from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout, sample
+
+SEQ = 16
+FRAMES = 5
+PROMPTS = ["a red cat", "two dogs on grass"]
+# Non-square sizes, multiples of each layout's VAE x patch (16 and 32 pixels).
+SIZE = {"wan22_a14b": (32, 48), "wan22_ti2v": (32, 64)}
+LAYOUTS = list(SIZE)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load(layout: str, path: Path, **kw):
+    return build_diffusers_model(
+        "wan",
+        path,
+        resolution=SIZE[layout],
+        frames=FRAMES,
+        dtype="float32",
+        device="cpu",
+        max_sequence_length=SEQ,
+        **kw,
+    )
+
+
+def pipeline_latents(pipe, layout, steps, g, g2=None, **kw):
+    h, w = SIZE[layout]
+    return pipe(
+        PROMPTS,
+        height=h,
+        width=w,
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=g,
+        guidance_scale_2=g2,
+        output_type="latent",
+        max_sequence_length=SEQ,
+        **kw,
+    ).frames
+
+
+def ode(model, steps, g, noise):
+    spec = SamplerSpec("flow", model.sigmas(steps), eta=0.0, guidance_scale=g)
+    out, _ = sample(
+        model, model.encode(PROMPTS), noise, spec, [], torch.Generator(), ForwardCounter()
+    )
+    return out
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "guidance"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ode_sampler_matches_the_pipeline(tiny_video_pipes, layout, guided):
+    g2 = 2.5 if guided and layout == "wan22_a14b" else None
+    model = load(layout, tiny_video_pipes[layout], **({"guidance_scale_2": g2} if g2 else {}))
+    g, steps = (4.0 if guided else 1.0), 4
+    prompts = list(PROMPTS)
+    noise = model.initial_noise(2, torch.Generator().manual_seed(7))
+    ours = ode(model, steps, g, noise)
+    assert prompts == PROMPTS  # encoding left the caller's list alone
+    theirs = pipeline_latents(
+        model.pipe, layout, steps, g, g2, generator=torch.Generator().manual_seed(7)
+    )
+    assert ours.shape == theirs.shape == model.latent_shape(2)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert model.latent_elements() == theirs[0].numel()
+    high = model.high_noise(model.sigmas(steps)[:-1])
+    if layout == "wan22_a14b":
+        assert high.any() and not high.all()  # the schedule crosses the boundary
+        assert isinstance(model.module, WanExperts)
+    else:
+        assert high.all() and model.expand_timesteps and model.latent_shape(1)[1] == 48
+
+
+def test_mixed_batch_rows_go_to_their_own_expert(tiny_video_pipes):
+    model = load("wan22_a14b", tiny_video_pipes["wan22_a14b"], guidance_scale_2=2.0)
+    x = model.initial_noise(2, torch.Generator().manual_seed(1))
+    cond = model.encode(PROMPTS)
+    both = model.velocity(x, torch.tensor([0.95, 0.3]), cond, 3.0)
+    high = model.velocity(x[:1], torch.tensor([0.95]), {k: v[:1] for k, v in cond.items()}, 3.0)
+    low = model.velocity(x[1:], torch.tensor([0.3]), {k: v[1:] for k, v in cond.items()}, 3.0)
+    assert torch.allclose(both, torch.cat([high, low]), atol=1e-6)
+    # The low-noise row really ran the other expert (and its own guidance).
+    other = model.velocity(x[1:], torch.tensor([0.95]), {k: v[1:] for k, v in cond.items()}, 3.0)
+    assert (other - low).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sde_replay_gives_ratio_one_and_trains_every_expert(tiny_video_pipes, layout):
+    model = load(layout, tiny_video_pipes[layout])
+    apply_finetuning(model, "lora", rank=4, alpha=8, targets=model.default_lora_targets())
+    sigmas = model.sigmas(4)
+    spec = SamplerSpec("flow", sigmas, eta=0.7, guidance_scale=4.0)
+    steps = [0, 2]  # one step of each expert on A14B
+    ro = rollout(
+        model,
+        PROMPTS,
+        torch.tensor([0, 1]),
+        spec,
+        steps,
+        torch.Generator().manual_seed(0),
+        ForwardCounter(),
+    )
+    assert ro.states.shape[0] == len(steps)
+    replay_and_backward(model, ro, spec, torch.tensor([1.0, -1.0]))
+    grads = {n: p.grad for n, p in model.module.named_parameters() if p.requires_grad}
+    experts = ["transformer.", "transformer_2."] if layout == "wan22_a14b" else [""]
+    for e in experts:
+        mine = [g for n, g in grads.items() if f"model.{e}blocks" in n]
+        assert mine and all(g is not None and torch.isfinite(g).all() for g in mine)
+        assert any(g.abs().sum() > 0 for g in mine)
+
+
+# ---------------------------------------------------------------- through the command line
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("prompts") / "train.txt"
+    f.write_text("a red cat\ntwo dogs on grass\n")
+    return f
+
+
+def overrides(layout, path, prompts, run_dir, **extra) -> list[str]:
+    h, w = SIZE[layout]
+    shrink = {
+        "model.resolution": f"[{h},{w}]",
+        "train.lr": 5e-2,
+        "sampler.num_steps": 3,
+        "sampler.num_sde_steps": 2,
+        "sampler.sde_window": "[0.0,1.0]",  # SDE steps on both experts
+        "log.checkpoint_every": 1,
+        **extra,
+    }
+    return real_training_overrides("wan", path, (prompts, prompts), run_dir, **shrink)
+
+
+def digest(run: Path, it: int) -> str:
+    return json.loads((run / f"ckpt-{it:06d}" / "state.json").read_text())["sha256"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dppo_trains_and_resumes_bit_for_bit(
+    tiny_video_pipes, prompt_file, tmp_path, layout, monkeypatch
+):
+    from flowdppo.config import load_config
+
+    path = tiny_video_pipes[layout]
+    full = tmp_path / "full"
+    assert main(["train", *overrides(layout, path, prompt_file, full), "algorithm=dppo"]) == 0
+    rows = metrics_of(full)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(r["first_update_ratio_dev"] < 1e-5 and r["grad_norm"] > 0 for r in rows)
+    assert rows[0]["kl_ref/mean"] == 0 and rows[1]["kl_ref/mean"] > 0
+
+    crashed = tmp_path / "crashed"
+    cfg = load_config(None, [*overrides(layout, path, prompt_file, crashed), "algorithm=dppo"])
+    crash_after_checkpoint(monkeypatch, 1)
+    with pytest.raises(Crash):
+        Trainer(cfg, crashed).train()
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(crashed)]) == 0
+    assert digest(full, 2) == digest(crashed, 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grpo_trains_and_its_export_loads_into_a_plain_pipeline(
+    tiny_video_pipes, prompt_file, tmp_path, layout, capsys
+):
+    from diffusers import WanPipeline
+
+    path = tiny_video_pipes[layout]
+    run, out = tmp_path / "run", tmp_path / "lora"
+    assert main(["train", *overrides(layout, path, prompt_file, run), "algorithm=grpo"]) == 0
+    rows = metrics_of(run)
+    assert [r["iteration"] for r in rows] == [1, 2] and all("clip_fraction" in r for r in rows)
+    assert main(["export-lora", str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    if layout == "wan22_a14b":
+        assert (out / LOW_NOISE_LORA_FILE).is_file() and "load_into_transformer_2=True" in printed
+
+    _, _, model, _ = load_run(run)
+    steps, g = 4, 3.0
+    noise = model.initial_noise(2, torch.Generator().manual_seed(5))
+    ours = ode(model, steps, g, noise)
+
+    pipe = WanPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipeline_latents(pipe, layout, steps, g, latents=noise.clone())
+    pipe.load_lora_weights(out)
+    if layout == "wan22_a14b":
+        pipe.load_lora_weights(out, weight_name=LOW_NOISE_LORA_FILE, load_into_transformer_2=True)
+    adapted = pipeline_latents(pipe, layout, steps, g, latents=noise.clone())
+    assert (adapted - ours).abs().max().item() <= 1e-5  # the pipeline samples our policy
+    assert (adapted - base).abs().max().item() > 1e-4  # and training changed it
+
+
+# ---------------------------------------------------------------- errors before any weight
+@pytest.mark.parametrize(
+    "layout,change,key,fix",
+    [
+        ("wan22_a14b", "model.frames=6", "model.frames", "choose e.g. 5"),
+        ("wan22_ti2v", "model.resolution=[32,48]", "model.resolution", "choose e.g. 64"),
+        ("wan22_a14b", "model.resolution=[44,48]", "model.resolution", "choose e.g. 48"),
+        ("wan22_ti2v", "sampler.guidance_scale_2=2", "sampler.guidance_scale_2", "drop it"),
+    ],
+)
+def test_bad_sizes_end_before_any_weight_is_read(
+    tiny_video_pipes, prompt_file, tmp_path, monkeypatch, capsys, layout, change, key, fix
+):
+    import diffusers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_loading)
+    run = tmp_path / "run"
+    args = overrides(
+        layout, tiny_video_pipes[layout], prompt_file, run, **{"sampler.guidance_scale": 3}
+    )
+    assert main(["train", *args, change]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {key}") and fix in err[0]
+    assert not run.exists()
