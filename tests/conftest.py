@@ -135,11 +135,16 @@ def tiny_pipes(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_video_pipes(tmp_path_factory) -> dict:
-    """Tiny random Wan 2.2 pipelines (A14B two experts, TI2V-5B) saved to disk, once."""
+    """Tiny random Wan 2.2 (A14B two experts, TI2V-5B) and HunyuanVideo 1.5 pipelines saved
+    to disk, once."""
     pytest.importorskip("diffusers")
     import tiny_pipelines_video as tv
 
-    builders = {"wan22_a14b": tv.build_wan22_a14b, "wan22_ti2v": tv.build_wan22_ti2v}
+    builders = {
+        "wan22_a14b": tv.build_wan22_a14b,
+        "wan22_ti2v": tv.build_wan22_ti2v,
+        "hunyuan_video15": tv.build_hunyuan_video15,
+    }
     return _build_pipelines(tmp_path_factory, "video-pipes", builders)
 
 

@@ -62,11 +62,11 @@ def clip_text_config(**kw):
     return CLIPTextConfig(**base)
 
 
-def t5_encoder(d_model: int = T5_DIM, umt5: bool = False):
+def t5_encoder(d_model: int = T5_DIM, umt5: bool = False, vocab_size: int | None = None):
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     kw = dict(
-        vocab_size=len(t5_tokenizer()),
+        vocab_size=vocab_size or len(t5_tokenizer()),
         d_model=d_model,
         d_kv=8,
         d_ff=37,

@@ -244,8 +244,9 @@ class TrainConfig(_Section):
         return v
 
 
-MODEL_KINDS = ("task", "sd3", "flux", "wan")
-DIFFUSERS_KINDS = ("sd3", "flux", "wan")
+MODEL_KINDS = ("task", "sd3", "flux", "wan", "hunyuan_video15")
+DIFFUSERS_KINDS = ("sd3", "flux", "wan", "hunyuan_video15")
+VIDEO_KINDS = ("wan", "hunyuan_video15")
 
 
 class ModelConfig(_Section):
@@ -255,14 +256,20 @@ class ModelConfig(_Section):
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] | None = Field(None, description="null: the task's default")
     # A diffusers pipeline instead of the task's own model (docs/real-models.md).
-    kind: Literal["task", "sd3", "flux", "wan"] = Field(
-        "task", description="task: the task's built-in model; sd3, flux, wan: a diffusers pipeline"
+    kind: Literal["task", "sd3", "flux", "wan", "hunyuan_video15"] = Field(
+        "task",
+        description="task: the task's built-in model; sd3, flux, wan, hunyuan_video15: a "
+        "diffusers pipeline",
     )
     path: str | None = Field(None, description="diffusers pipeline directory (or hub id)")
     resolution: int | tuple[int, int] | None = Field(
-        None, description="pixels, int or [height, width]; null: 512 (wan: [480, 832])"
+        None,
+        description="pixels, int or [height, width]; null: 512 (wan: [480, 832], "
+        "hunyuan_video15: [480, 848])",
     )
-    frames: int | None = Field(None, ge=1, description="video frames (wan only); null: 81")
+    frames: int | None = Field(
+        None, ge=1, description="video frames (video kinds); null: the pipeline's (81, 121)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
     max_sequence_length: int | None = Field(
@@ -410,9 +417,10 @@ class Config(_Section):
                     f"model.{set_keys[0]} is for diffusers models; set model.kind to one of "
                     f"{', '.join(DIFFUSERS_KINDS)} or drop it"
                 )
-        if m.frames is not None and m.kind != "wan":
+        if m.frames is not None and m.kind not in VIDEO_KINDS:
             raise ValueError(
-                f"model.frames is for video models (model.kind wan); {m.kind} makes images"
+                f"model.frames is for video models (model.kind {' or '.join(VIDEO_KINDS)}); "
+                f"{m.kind} makes images"
             )
         g2 = self.sampler.guidance_scale_2
         if g2 is not None and m.kind != "wan":

@@ -1,4 +1,4 @@
-"""The "prompts" task: a diffusers model (SD3, FLUX, Wan) trained on prompts from text files.
+"""The "prompts" task: a diffusers model (SD3, FLUX, Wan, HunyuanVideo 1.5) trained on prompts from text files.
 
 Unlike the built-in tasks, this one is made from the run's config rather than looked up by
 name: ``model.kind`` and ``model.path`` say which pipeline to load, ``data.train_prompts``
@@ -17,7 +17,7 @@ from flowdppo.config import DIFFUSERS_KINDS, Config, ConfigError
 from flowdppo.tasks import Task
 
 #: The resolution used when ``model.resolution`` is null: the models' usual RL setting.
-DEFAULT_RESOLUTION = {"sd3": 512, "flux": 512, "wan": (480, 832)}
+DEFAULT_RESOLUTION = {"sd3": 512, "flux": 512, "wan": (480, 832), "hunyuan_video15": (480, 848)}
 
 
 def read_prompts(path: str, key: str) -> list[str]:

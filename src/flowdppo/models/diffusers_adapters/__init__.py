@@ -1,4 +1,4 @@
-"""Real generators through diffusers' public pipeline classes: SD3/SD3.5, FLUX.1, Wan 2.1.
+"""Real generators through diffusers' pipeline classes: SD3/SD3.5, FLUX.1, Wan 2.1/2.2, HunyuanVideo 1.5.
 
 ``build_diffusers_model(kind, path, ...)`` loads a pipeline saved with ``save_pretrained``
 (a local directory; a hub id also passes through) and wraps it as a
@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
-from flowdppo.models.diffusers_adapters import wan
+from flowdppo.models.diffusers_adapters import hunyuan_video15, wan
 from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel, resolve_dtype
 from flowdppo.models.diffusers_adapters.flux import FLUX_LORA_TARGETS, FluxModel
+from flowdppo.models.diffusers_adapters.hunyuan_video15 import (
+    HUNYUAN_VIDEO15_LORA_TARGETS,
+    HunyuanVideo15Model,
+)
 from flowdppo.models.diffusers_adapters.sd3 import SD3_LORA_TARGETS, SD3Model
 from flowdppo.models.diffusers_adapters.wan import WAN_LORA_TARGETS, WanModel
 
@@ -25,17 +29,22 @@ ADAPTERS: dict[str, type[DiffusersFlowModel]] = {
     "sd3": SD3Model,
     "flux": FluxModel,
     "wan": WanModel,
+    "hunyuan_video15": HunyuanVideo15Model,
 }
+
+#: Per video kind, the frame count used when none is given (the pipeline's default).
+VIDEO_FRAMES = {"wan": wan.DEFAULT_FRAMES, "hunyuan_video15": hunyuan_video15.DEFAULT_FRAMES}
 
 #: Per kind, the adapter module's ``validate(model_index, transformer, vae, **sizes)``: the
 #: check of a directory's JSON configs that runs before any weight is read.
-VALIDATORS = {"wan": wan.validate}
+VALIDATORS = {"wan": wan.validate, "hunyuan_video15": hunyuan_video15.validate}
 
 #: Default LoRA target module-name suffixes per model family.
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "sd3": SD3_LORA_TARGETS,
     "flux": FLUX_LORA_TARGETS,
     "wan": WAN_LORA_TARGETS,
+    "hunyuan_video15": HUNYUAN_VIDEO15_LORA_TARGETS,
 }
 
 __all__ = [
@@ -43,6 +52,7 @@ __all__ = [
     "DEFAULT_LORA_TARGETS",
     "DiffusersFlowModel",
     "FluxModel",
+    "HunyuanVideo15Model",
     "SD3Model",
     "WanModel",
     "build_diffusers_model",
@@ -66,8 +76,9 @@ def build_diffusers_model(
 ) -> DiffusersFlowModel:
     """Load the pipeline at ``path`` and wrap it as the ``kind`` adapter.
 
-    ``kind``: ``sd3``, ``flux`` or ``wan``. ``resolution``: pixels (int: square, or
-    ``(height, width)``). ``frames``: video frames (Wan only; default 81). ``dtype``:
+    ``kind``: one of :data:`ADAPTERS`. ``resolution``: pixels (int: square, or
+    ``(height, width)``). ``frames``: video frames (video kinds only; default: the
+    pipeline's, :data:`VIDEO_FRAMES`). ``dtype``:
     ``float32``, ``bfloat16`` or ``float16`` for every component. ``device``: default CUDA
     when available. Further keywords (``max_sequence_length``, ``negative_prompt``,
     ``cache_size``, ``decode_batch_size``) go to the adapter.
@@ -76,8 +87,10 @@ def build_diffusers_model(
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(ADAPTERS)}")
     cls = ADAPTERS[kind]
     torch_dtype = resolve_dtype(dtype)
-    if frames is not None and kind != "wan":
-        raise ValueError(f"frames is for video models (wan); {kind} generates images")
+    if frames is not None and kind not in VIDEO_FRAMES:
+        raise ValueError(
+            f"frames is for video models ({', '.join(VIDEO_FRAMES)}); {kind} generates images"
+        )
     hub_id = _check_pipeline_path(kind, cls, str(path))
 
     from diffusers import DiffusionPipeline
@@ -94,8 +107,8 @@ def build_diffusers_model(
     if found not in cls.pipeline_classes:
         raise ValueError(_wrong_pipeline(kind, cls, str(path), found))
     kwargs = dict(adapter_kwargs)
-    if kind == "wan":
-        kwargs["frames"] = 81 if frames is None else frames
+    if kind in VIDEO_FRAMES:
+        kwargs["frames"] = VIDEO_FRAMES[kind] if frames is None else frames
     return cls(
         pipe,
         resolution=resolution,
@@ -243,7 +256,9 @@ def lora_load_hint(model: DiffusersFlowModel, out_dir: str | Path) -> str:
     target = "pipe" if hasattr(pipe, "load_lora_weights") else "pipe.transformer"
     method = "load_lora_weights" if target == "pipe" else "load_lora_adapter"
     calls = []
-    for _, _, kwargs in model.lora_files():
+    for weight_name, _, kwargs in model.lora_files():
+        if target != "pipe":  # load_lora_adapter looks for a .bin file unless told the name
+            kwargs = {"weight_name": weight_name, **kwargs}
         extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
         calls.append(f"{target}.{method}({str(out_dir)!r}{extra})")
     return "; ".join(calls)

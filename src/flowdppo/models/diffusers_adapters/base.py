@@ -53,6 +53,28 @@ def calculate_shift(
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+def frame_and_size_problem(
+    height: int, width: int, frames: int, spatial: int, temporal: int
+) -> tuple[str, str] | None:
+    """(config key, message with a valid nearby value) for sizes the pipeline cannot take."""
+    for side, value in (("height", height), ("width", width)):
+        if value % spatial:
+            near = max(spatial, round(value / spatial) * spatial)
+            return (
+                "model.resolution",
+                f"{side} {value} must be a multiple of {spatial} for this pipeline "
+                f"(VAE x patch); choose e.g. {near}",
+            )
+    if frames < 1 or (frames - 1) % temporal:
+        near = max(0, round((frames - 1) / temporal)) * temporal + 1
+        return (
+            "model.frames",
+            f"frames {frames} must be 1 + a multiple of {temporal} (the VAE's temporal "
+            f"compression); choose e.g. {near}",
+        )
+    return None
+
+
 class DiffusersFlowModel(FlowModel):
     """A diffusers pipeline seen as a :class:`FlowModel`; ``module`` is its transformer.
 

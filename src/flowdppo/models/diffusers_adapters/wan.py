@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from flowdppo.models.base import Cond, index_cond
-from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel
+from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel, frame_and_size_problem
 
 #: The diffusers pipeline classes (``model_index.json``'s ``_class_name``) this adapter loads.
 PIPELINE_CLASSES = ("WanPipeline",)
@@ -229,28 +229,6 @@ def check_layout(
             "sampler.guidance_scale_2 is the low-noise expert's guidance of a two-expert "
             "Wan 2.2 (A14B) pipeline; this one has a single transformer: drop it"
         )
-
-
-def frame_and_size_problem(
-    height: int, width: int, frames: int, spatial: int, temporal: int
-) -> tuple[str, str] | None:
-    """(config key, message with a valid nearby value) for sizes the pipeline cannot take."""
-    for side, value in (("height", height), ("width", width)):
-        if value % spatial:
-            near = max(spatial, round(value / spatial) * spatial)
-            return (
-                "model.resolution",
-                f"{side} {value} must be a multiple of {spatial} for this pipeline "
-                f"(VAE x patch); choose e.g. {near}",
-            )
-    if frames < 1 or (frames - 1) % temporal:
-        near = max(0, round((frames - 1) / temporal)) * temporal + 1
-        return (
-            "model.frames",
-            f"frames {frames} must be 1 + a multiple of {temporal} (the VAE's temporal "
-            f"compression); choose e.g. {near}",
-        )
-    return None
 
 
 def validate(

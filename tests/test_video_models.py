@@ -1,12 +1,13 @@
-"""Wan 2.2 through the Wan adapter: the A14B two-expert layout and the TI2V-5B layout.
+"""Wan 2.2 (A14B two experts, TI2V-5B) and HunyuanVideo 1.5 against their own pipelines.
 
 Tiny random pipelines (``tiny_pipelines_video``) saved and loaded back. Parity: from the
-same seed, our all-ODE sampler ends on the latents ``WanPipeline`` returns (float32, max
-abs diff <= 1e-5) with guidance off and on, at a non-square size, with the builders'
-non-default shifts; A14B's schedule crosses the expert boundary, so both experts and
-``guidance_scale_2`` are on the path. With SDE steps the replay gives ratio 1. Training
-runs through ``flowdppo train`` (dppo and grpo), resumes bit for bit, and its export
-loads into a plain pipeline. Bad sizes end before any weight is read.
+same seed, our all-ODE sampler ends on the latents the pipeline returns (float32, max abs
+diff <= 1e-5) with guidance off and on, at a non-square size, with the builders'
+non-default scheduler shifts; A14B's schedule crosses the expert boundary, so both
+experts and ``guidance_scale_2`` are on the path. With SDE steps the replay gives ratio
+1. Training runs through ``flowdppo train`` (dppo and grpo) and resumes bit for bit; its
+export loads into a plain pipeline with diffusers' own loader (HunyuanVideo 1.5: the
+transformer's ``load_lora_adapter``). Bad sizes end before any weight is read.
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout, sampl
 
 SEQ = 16
 FRAMES = 5
-PROMPTS = ["a red cat", "two dogs on grass"]
-# Non-square sizes, multiples of each layout's VAE x patch (16 and 32 pixels).
-SIZE = {"wan22_a14b": (32, 48), "wan22_ti2v": (32, 64)}
+PROMPTS = ["a red cat", 'a sign that says "hi"']  # quoted text: HunyuanVideo's glyph encoder
+# Non-square sizes, multiples of each layout's VAE x patch (16, 32 and 4 pixels).
+SIZE = {"wan22_a14b": (32, 48), "wan22_ti2v": (32, 64), "hunyuan_video15": (16, 24)}
 LAYOUTS = list(SIZE)
+KIND = {"wan22_a14b": "wan", "wan22_ti2v": "wan", "hunyuan_video15": "hunyuan_video15"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(layout: str, path: Path, **kw):
     return build_diffusers_model(
-        "wan",
+        KIND[layout],
         path,
         resolution=SIZE[layout],
         frames=FRAMES,
@@ -55,27 +57,43 @@ def load(layout: str, path: Path, **kw):
     )
 
 
+def plain_pipeline(layout, path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    if layout == "hunyuan_video15":
+        pipe.tokenizer_max_length = SEQ  # what model.max_sequence_length sets
+    return pipe
+
+
 def pipeline_latents(pipe, layout, steps, g, g2=None, **kw):
     h, w = SIZE[layout]
+    if layout == "hunyuan_video15":
+        from diffusers import ClassifierFreeGuidance
+
+        # The pipeline guides through its guider; our g is its guidance_scale.
+        pipe.guider = ClassifierFreeGuidance(guidance_scale=g)
+    else:
+        kw.update(guidance_scale=g, guidance_scale_2=g2, max_sequence_length=SEQ)
     return pipe(
         PROMPTS,
         height=h,
         width=w,
         num_frames=FRAMES,
         num_inference_steps=steps,
-        guidance_scale=g,
-        guidance_scale_2=g2,
         output_type="latent",
-        max_sequence_length=SEQ,
         **kw,
     ).frames
 
 
 def ode(model, steps, g, noise):
     spec = SamplerSpec("flow", model.sigmas(steps), eta=0.0, guidance_scale=g)
+    prompts = list(PROMPTS)
     out, _ = sample(
-        model, model.encode(PROMPTS), noise, spec, [], torch.Generator(), ForwardCounter()
+        model, model.encode(prompts), noise, spec, [], torch.Generator(), ForwardCounter()
     )
+    assert prompts == PROMPTS  # encoding left the caller's list alone
     return out
 
 
@@ -84,22 +102,22 @@ def ode(model, steps, g, noise):
 def test_ode_sampler_matches_the_pipeline(tiny_video_pipes, layout, guided):
     g2 = 2.5 if guided and layout == "wan22_a14b" else None
     model = load(layout, tiny_video_pipes[layout], **({"guidance_scale_2": g2} if g2 else {}))
-    g, steps = (4.0 if guided else 1.0), 4
-    prompts = list(PROMPTS)
+    g, steps = (4.0 if guided else 1.0), 3
     noise = model.initial_noise(2, torch.Generator().manual_seed(7))
     ours = ode(model, steps, g, noise)
-    assert prompts == PROMPTS  # encoding left the caller's list alone
-    theirs = pipeline_latents(
-        model.pipe, layout, steps, g, g2, generator=torch.Generator().manual_seed(7)
-    )
+    generator = torch.Generator().manual_seed(7)
+    theirs = pipeline_latents(model.pipe, layout, steps, g, g2, generator=generator)
     assert ours.shape == theirs.shape == model.latent_shape(2)
     assert (ours - theirs).abs().max().item() <= 1e-5
     assert model.latent_elements() == theirs[0].numel()
-    high = model.high_noise(model.sigmas(steps)[:-1])
+    # The pipeline's scheduler walked exactly the schedule we sampled on (shift included).
+    assert torch.equal(model.pipe.scheduler.sigmas.float(), model.sigmas(steps))
+    assert model.pipe.scheduler.config.shift != 1.0
+    high = model.high_noise(model.sigmas(steps)[:-1]) if KIND[layout] == "wan" else None
     if layout == "wan22_a14b":
         assert high.any() and not high.all()  # the schedule crosses the boundary
         assert isinstance(model.module, WanExperts)
-    else:
+    elif layout == "wan22_ti2v":
         assert high.all() and model.expand_timesteps and model.latent_shape(1)[1] == 48
 
 
@@ -107,12 +125,13 @@ def test_mixed_batch_rows_go_to_their_own_expert(tiny_video_pipes):
     model = load("wan22_a14b", tiny_video_pipes["wan22_a14b"], guidance_scale_2=2.0)
     x = model.initial_noise(2, torch.Generator().manual_seed(1))
     cond = model.encode(PROMPTS)
+    first, second = ({k: v[i : i + 1] for k, v in cond.items()} for i in (0, 1))
     both = model.velocity(x, torch.tensor([0.95, 0.3]), cond, 3.0)
-    high = model.velocity(x[:1], torch.tensor([0.95]), {k: v[:1] for k, v in cond.items()}, 3.0)
-    low = model.velocity(x[1:], torch.tensor([0.3]), {k: v[1:] for k, v in cond.items()}, 3.0)
+    high = model.velocity(x[:1], torch.tensor([0.95]), first, 3.0)
+    low = model.velocity(x[1:], torch.tensor([0.3]), second, 3.0)
     assert torch.allclose(both, torch.cat([high, low]), atol=1e-6)
     # The low-noise row really ran the other expert (and its own guidance).
-    other = model.velocity(x[1:], torch.tensor([0.95]), {k: v[1:] for k, v in cond.items()}, 3.0)
+    other = model.velocity(x[1:], torch.tensor([0.95]), second, 3.0)
     assert (other - low).abs().max() > 1e-3
 
 
@@ -120,9 +139,8 @@ def test_mixed_batch_rows_go_to_their_own_expert(tiny_video_pipes):
 def test_sde_replay_gives_ratio_one_and_trains_every_expert(tiny_video_pipes, layout):
     model = load(layout, tiny_video_pipes[layout])
     apply_finetuning(model, "lora", rank=4, alpha=8, targets=model.default_lora_targets())
-    sigmas = model.sigmas(4)
-    spec = SamplerSpec("flow", sigmas, eta=0.7, guidance_scale=4.0)
-    steps = [0, 2]  # one step of each expert on A14B
+    spec = SamplerSpec("flow", model.sigmas(3), eta=0.7, guidance_scale=4.0)
+    steps = [0, 1]  # one step of each expert on A14B
     ro = rollout(
         model,
         PROMPTS,
@@ -137,7 +155,7 @@ def test_sde_replay_gives_ratio_one_and_trains_every_expert(tiny_video_pipes, la
     grads = {n: p.grad for n, p in model.module.named_parameters() if p.requires_grad}
     experts = ["transformer.", "transformer_2."] if layout == "wan22_a14b" else [""]
     for e in experts:
-        mine = [g for n, g in grads.items() if f"model.{e}blocks" in n]
+        mine = [g for n, g in grads.items() if f"model.{e}" in n and "blocks" in n]
         assert mine and all(g is not None and torch.isfinite(g).all() for g in mine)
         assert any(g.abs().sum() > 0 for g in mine)
 
@@ -146,18 +164,22 @@ def test_sde_replay_gives_ratio_one_and_trains_every_expert(tiny_video_pipes, la
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory) -> Path:
     f = tmp_path_factory.mktemp("prompts") / "train.txt"
-    f.write_text("a red cat\ntwo dogs on grass\n")
+    f.write_text("\n".join(PROMPTS) + "\n")
     return f
 
 
 def overrides(layout, path, prompts, run_dir, **extra) -> list[str]:
     h, w = SIZE[layout]
     shrink = {
+        "model.kind": KIND[layout],
+        "model.frames": FRAMES,
         "model.resolution": f"[{h},{w}]",
+        "data.heldout_prompts": "null",
         "train.lr": 5e-2,
-        "sampler.num_steps": 3,
-        "sampler.num_sde_steps": 2,
-        "sampler.sde_window": "[0.0,1.0]",  # SDE steps on both experts
+        "sampler.num_steps": 2,
+        "sampler.num_sde_steps": 2,  # every step, so on both of A14B's experts
+        "sampler.sde_window": "[0.0,1.0]",
+        "log.eval_samples_per_prompt": 1,
         "log.checkpoint_every": 1,
         **extra,
     }
@@ -196,8 +218,6 @@ def test_dppo_trains_and_resumes_bit_for_bit(
 def test_grpo_trains_and_its_export_loads_into_a_plain_pipeline(
     tiny_video_pipes, prompt_file, tmp_path, layout, capsys
 ):
-    from diffusers import WanPipeline
-
     path = tiny_video_pipes[layout]
     run, out = tmp_path / "run", tmp_path / "lora"
     assert main(["train", *overrides(layout, path, prompt_file, run), "algorithm=grpo"]) == 0
@@ -206,19 +226,23 @@ def test_grpo_trains_and_its_export_loads_into_a_plain_pipeline(
     assert main(["export-lora", str(run), str(out)]) == 0
     printed = capsys.readouterr().out
     assert (out / "pytorch_lora_weights.safetensors").is_file()
-    if layout == "wan22_a14b":
-        assert (out / LOW_NOISE_LORA_FILE).is_file() and "load_into_transformer_2=True" in printed
 
     _, _, model, _ = load_run(run)
-    steps, g = 4, 3.0
+    steps, g = 3, 3.0
     noise = model.initial_noise(2, torch.Generator().manual_seed(5))
     ours = ode(model, steps, g, noise)
 
-    pipe = WanPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = plain_pipeline(layout, path)
     base = pipeline_latents(pipe, layout, steps, g, latents=noise.clone())
-    pipe.load_lora_weights(out)
+    if layout == "hunyuan_video15":
+        # No load_lora_weights on this pipeline class: its transformer loads the file.
+        assert not hasattr(pipe, "load_lora_weights")
+        assert "pipe.transformer.load_lora_adapter(" in printed
+        pipe.transformer.load_lora_adapter(out, weight_name="pytorch_lora_weights.safetensors")
+    else:
+        pipe.load_lora_weights(out)
     if layout == "wan22_a14b":
+        assert (out / LOW_NOISE_LORA_FILE).is_file() and "load_into_transformer_2=True" in printed
         pipe.load_lora_weights(out, weight_name=LOW_NOISE_LORA_FILE, load_into_transformer_2=True)
     adapted = pipeline_latents(pipe, layout, steps, g, latents=noise.clone())
     assert (adapted - ours).abs().max().item() <= 1e-5  # the pipeline samples our policy
@@ -233,6 +257,8 @@ def test_grpo_trains_and_its_export_loads_into_a_plain_pipeline(
         ("wan22_ti2v", "model.resolution=[32,48]", "model.resolution", "choose e.g. 64"),
         ("wan22_a14b", "model.resolution=[44,48]", "model.resolution", "choose e.g. 48"),
         ("wan22_ti2v", "sampler.guidance_scale_2=2", "sampler.guidance_scale_2", "drop it"),
+        ("hunyuan_video15", "model.frames=8", "model.frames", "choose e.g. 9"),
+        ("hunyuan_video15", "model.resolution=[18,24]", "model.resolution", "choose e.g. 16"),
     ],
 )
 def test_bad_sizes_end_before_any_weight_is_read(
@@ -245,9 +271,8 @@ def test_bad_sizes_end_before_any_weight_is_read(
 
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_loading)
     run = tmp_path / "run"
-    args = overrides(
-        layout, tiny_video_pipes[layout], prompt_file, run, **{"sampler.guidance_scale": 3}
-    )
+    path = tiny_video_pipes[layout]
+    args = overrides(layout, path, prompt_file, run, **{"sampler.guidance_scale": 3})
     assert main(["train", *args, change]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {key}") and fix in err[0]
