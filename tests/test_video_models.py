@@ -277,3 +277,46 @@ def test_bad_sizes_end_before_any_weight_is_read(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {key}") and fix in err[0]
     assert not run.exists()
+
+
+# ---------------------------------------------------------------- the recipes
+ROOT = Path(__file__).resolve().parents[1]
+# The released checkpoints' JSON configs, as far as the size checks read them.
+RELEASED = {
+    "wan22_a14b": (
+        {
+            "transformer": ["diffusers", "x"],
+            "transformer_2": ["diffusers", "x"],
+            "boundary_ratio": 0.875,
+        },
+        {"patch_size": [1, 2, 2]},
+        {"scale_factor_spatial": 8, "scale_factor_temporal": 4},
+    ),
+    "wan22_ti2v": (
+        {"transformer": ["diffusers", "x"], "expand_timesteps": True},
+        {"patch_size": [1, 2, 2]},
+        {"scale_factor_spatial": 16, "scale_factor_temporal": 4},
+    ),
+    "hunyuan_video15": (
+        {"transformer": ["diffusers", "x"]},
+        {"patch_size": 1, "patch_size_t": 1},
+        {"spatial_compression_ratio": 16, "temporal_compression_ratio": 4},
+    ),
+}
+
+
+@pytest.mark.parametrize("algorithm", ["dppo", "grpo"])
+@pytest.mark.parametrize("family", list(RELEASED))
+def test_recipes_fit_the_released_checkpoints(family, algorithm):
+    from flowdppo.config import load_config
+    from flowdppo.models.diffusers_adapters import VALIDATORS
+
+    path = ROOT / "configs" / family / f"{algorithm}.yaml"
+    assert "NOT a published setting" in path.read_text()
+    cfg = load_config(path)
+    assert (cfg.task, cfg.model.kind, cfg.algorithm) == ("prompts", KIND[family], algorithm)
+    index, transformer, vae = RELEASED[family]
+    sizes = dict(resolution=cfg.model.resolution, frames=cfg.model.frames)
+    assert VALIDATORS[cfg.model.kind](index, transformer, vae, **sizes) is None
+    # The per-step trust region is resolved against this model's own latent size.
+    assert cfg.objective.dppo_threshold_per_step or cfg.objective.clip_range_per_step
