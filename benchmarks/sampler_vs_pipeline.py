@@ -1,20 +1,23 @@
-"""Our rollout sampler against ``StableDiffusion3Pipeline.__call__`` on one SD3 model.
+"""Our rollout sampler against each family's own pipeline ``__call__``, paired timings.
 
-Same random SD3 model (built offline, see ``tests/tiny_pipelines.py``), resolution, steps,
-batch and guidance for both; the pipeline returns latents (``output_type="latent"``, no
-VAE decode). Reported per configuration, as the median of ``--repeats`` timed runs after
-one warm-up run, alternating the order:
+For every family, one tiny random pipeline (built offline, ``tests/tiny_pipelines*.py``)
+at one shared size, the same steps, batch and guidance for both sides; the pipeline
+returns latents (``output_type="latent"``, no VAE decode). Timed per repeat, in an order
+that alternates between repeats (interleaved pairs), after one warm-up run of each:
 
 * ``pipeline``: ``pipe(prompts, ..., output_type="latent")`` (encodes its prompts each call)
 * ``ours_cold``: prompt cache cleared, then ``encode`` + ``sample`` (all ODE)
 * ``ours_warm``: ``sample`` with cached prompt encodings (the trainer's steady state)
 * ``ours_sde``: ``rollout`` with 3 recorded SDE steps (what one training rollout costs)
 
-and ``throughput_ratio`` = pipeline time / ours time (> 1: ours is faster). It also
-checks that the all-ODE latents equal the pipeline's.
+Reported: the median time of each, and per run the **median of the per-repeat ratios**
+pipeline time / ours time of the same repeat (> 1: ours is faster), with their min and
+max, so load that changes between repeats cancels within a pair. It also checks that the
+all-ODE latents equal the pipeline's.
 
-    python benchmarks/sampler_vs_pipeline.py                 # about a minute on 2 CPU cores
-    python benchmarks/sampler_vs_pipeline.py --layers 2 --resolution 32 --repeats 3
+    python benchmarks/sampler_vs_pipeline.py                         # every family
+    python benchmarks/sampler_vs_pipeline.py --families wan22_a14b hunyuan_video15 \\
+        --repeats 7 --threads 1 --out docs/results/sampler_vs_pipeline_video.json
 """
 
 from __future__ import annotations
@@ -33,10 +36,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_pipelines import build_sd3  # noqa: E402
+import tiny_pipelines  # noqa: E402
+import tiny_pipelines_video  # noqa: E402
 
 from flowdppo.models.diffusers_adapters import build_diffusers_model  # noqa: E402
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout, sample  # noqa: E402
+
+#: name: (adapter kind, builder, guided scale, image or video). Videos share one size:
+#: 32 x 64 px (a multiple of every video VAE x patch here), 5 frames.
+FAMILIES = {
+    "sd3": ("sd3", tiny_pipelines.build_sd3, 4.5, "image"),
+    "wan22_a14b": ("wan", tiny_pipelines_video.build_wan22_a14b, 4.0, "video"),
+    "wan22_ti2v": ("wan", tiny_pipelines_video.build_wan22_ti2v, 4.0, "video"),
+    "hunyuan_video15": (
+        "hunyuan_video15",
+        tiny_pipelines_video.build_hunyuan_video15,
+        4.0,
+        "video",
+    ),
+}
+VIDEO_SIZE, FRAMES = (32, 64), 5
 
 
 def timed(fn) -> float:
@@ -45,7 +64,27 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(model, prompts: list[str], steps: int, guidance: float, repeats: int, seq: int) -> dict:
+def pipeline_call(model, name: str, prompts, steps: int, guidance: float, seq: int, noise):
+    kw: dict = dict(
+        height=model.height,
+        width=model.width,
+        num_inference_steps=steps,
+        latents=noise,
+        output_type="latent",
+    )
+    if name == "hunyuan_video15":
+        from diffusers import ClassifierFreeGuidance
+
+        model.pipe.guider = ClassifierFreeGuidance(guidance_scale=guidance)
+    else:
+        kw.update(guidance_scale=guidance, max_sequence_length=seq)
+    if FAMILIES[name][3] == "video":
+        kw["num_frames"] = FRAMES
+        return model.pipe(prompts, **kw).frames
+    return model.pipe(prompts, **kw).images
+
+
+def bench(model, name, prompts, steps, guidance, repeats, seq) -> dict:
     spec = SamplerSpec("flow", model.sigmas(steps), eta=0.0, guidance_scale=guidance)
     sde_spec = SamplerSpec("flow", model.sigmas(steps), eta=0.7, guidance_scale=guidance)
     group = torch.arange(len(prompts))
@@ -55,16 +94,7 @@ def bench(model, prompts: list[str], steps: int, guidance: float, repeats: int, 
         return model.initial_noise(n, torch.Generator().manual_seed(0))
 
     def pipeline():
-        return model.pipe(
-            prompts,
-            height=model.height,
-            width=model.width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            latents=noise(),
-            output_type="latent",
-            max_sequence_length=seq,
-        ).images
+        return pipeline_call(model, name, prompts, steps, guidance, seq, noise())
 
     def ours_cold():
         model._cache.clear()
@@ -83,38 +113,61 @@ def bench(model, prompts: list[str], steps: int, guidance: float, repeats: int, 
 
     with torch.no_grad():
         diff = (ours_warm() - pipeline()).abs().max().item()
-    runs = {
-        "pipeline": pipeline,
-        "ours_cold": ours_cold,
-        "ours_warm": ours_warm,
-        "ours_sde": ours_sde,
-    }
+    runs = {"pipeline": pipeline, "ours_cold": ours_cold, "ours_warm": ours_warm}
+    runs["ours_sde"] = ours_sde
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up
-        timed(fn)
-    for rep in range(repeats):
-        order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
-        for name in order:
-            times[name].append(timed(runs[name]))
+    with torch.no_grad():
+        for fn in runs.values():  # warm-up
+            timed(fn)
+        for rep in range(repeats):
+            order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
+            for run in order:
+                times[run].append(timed(runs[run]))
+    ratios = {
+        k: [p / o for p, o in zip(times["pipeline"], times[k], strict=True)]
+        for k in runs
+        if k != "pipeline"
+    }
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "guidance_scale": guidance,
         "max_abs_latent_diff_vs_pipeline": diff,
         "median_s": med,
-        "images_per_s": {k: n / v for k, v in med.items()},
-        "throughput_ratio": {k: med["pipeline"] / med[k] for k in med if k != "pipeline"},
+        "samples_per_s": {k: n / v for k, v in med.items()},
+        "paired_ratio_median": {k: statistics.median(v) for k, v in ratios.items()},
+        "paired_ratio_min": {k: min(v) for k, v in ratios.items()},
+        "paired_ratio_max": {k: max(v) for k, v in ratios.items()},
     }
+
+
+def load(name: str, tmp: Path, ns):
+    kind, build, _, media = FAMILIES[name]
+    if name == "sd3":
+        path = build(tmp / name, layers=ns.layers, heads=ns.heads, head_dim=ns.head_dim)
+    else:
+        path = build(tmp / name)
+    video = {"frames": FRAMES} if media == "video" else {}
+    return build_diffusers_model(
+        kind,
+        path,
+        resolution=VIDEO_SIZE if media == "video" else ns.resolution,
+        dtype="float32",
+        device="cpu",
+        max_sequence_length=ns.seq,
+        **video,
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--resolution", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    ap.add_argument("--resolution", type=int, default=64, help="image families' pixels")
+    ap.add_argument("--layers", type=int, default=4, help="SD3's transformer layers")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=32, help="T5 max_sequence_length")
+    ap.add_argument("--seq", type=int, default=32, help="max_sequence_length (text tokens)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results/sampler_vs_pipeline.json")
@@ -125,28 +178,24 @@ def main() -> int:
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_sd3(Path(tmp) / "sd3", layers=ns.layers, heads=ns.heads, head_dim=ns.head_dim)
-        model = build_diffusers_model(
-            "sd3",
-            path,
-            resolution=ns.resolution,
-            dtype="float32",
-            device="cpu",
-            max_sequence_length=ns.seq,
-        )
-    params = sum(p.numel() for p in model.module.parameters())
+    dlog.set_verbosity_error()
     prompts = [f"prompt number {i}" for i in range(ns.batch)]
-    results = [bench(model, prompts, ns.steps, g, ns.repeats, ns.seq) for g in (1.0, 4.5)]
+    families = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ns.families:
+            model = load(name, Path(tmp), ns)
+            guided = FAMILIES[name][2]
+            families[name] = {
+                "transformer_params": sum(p.numel() for p in model.module.parameters()),
+                "latent_shape": list(model.latent_shape(ns.batch)),
+                "results": [
+                    bench(model, name, prompts, ns.steps, g, ns.repeats, ns.seq)
+                    for g in (1.0, guided)
+                ],
+            }
     report = {
-        "model": {
-            "kind": "sd3 (random weights)",
-            "transformer_params": params,
-            "layers": ns.layers,
-            "width": ns.heads * ns.head_dim,
-            "resolution": ns.resolution,
-            "latent_shape": list(model.latent_shape(ns.batch)),
-        },
+        "families": families,
+        "random_weights": True,
         "steps": ns.steps,
         "batch": ns.batch,
         "repeats": ns.repeats,
@@ -154,24 +203,22 @@ def main() -> int:
         "device": "cpu",
         "machine": platform.platform(),
         "torch": torch.__version__,
-        "results": results,
     }
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(
-        f"SD3 transformer {params / 1e6:.2f} M params, {ns.resolution} px, {ns.steps} steps, "
-        f"batch {ns.batch}, {ns.threads} threads, median of {ns.repeats}"
-    )
-    print(f"{'guidance':>8} {'run':>10} {'median s':>9} {'img/s':>7} {'pipeline/ours':>13}")
-    for r in results:
-        for name, t in r["median_s"].items():
-            ratio = r["throughput_ratio"].get(name)
-            print(
-                f"{r['guidance_scale']:>8} {name:>10} {t:>9.3f} {r['images_per_s'][name]:>7.1f} "
-                f"{'' if ratio is None else f'{ratio:.2f}':>13}"
-            )
-        print(f"{'':>8} latent max |ours - pipeline| = {r['max_abs_latent_diff_vs_pipeline']:.2e}")
+    print(f"{ns.steps} steps, batch {ns.batch}, {ns.threads} threads, {ns.repeats} paired repeats")
+    print(f"{'family':>16} {'g':>4} {'run':>10} {'median s':>9} {'pipeline/ours [min, max]':>26}")
+    for name, fam in families.items():
+        for r in fam["results"]:
+            for run, t in r["median_s"].items():
+                ratio = ""
+                if run != "pipeline":
+                    lo, hi = r["paired_ratio_min"][run], r["paired_ratio_max"][run]
+                    ratio = f"{r['paired_ratio_median'][run]:.2f} [{lo:.2f}, {hi:.2f}]"
+                print(f"{name:>16} {r['guidance_scale']:>4} {run:>10} {t:>9.3f} {ratio:>26}")
+            diff = r["max_abs_latent_diff_vs_pipeline"]
+            print(f"{'':>16} latent max |ours - pipeline| = {diff:.2e}")
     print(f"wrote {out}")
     return 0
 

@@ -88,8 +88,12 @@ class DiffusersFlowModel(FlowModel):
     #: Module-name suffixes LoRA targets by default (peft's matching: ``name == t`` or
     #: ``name.endswith("." + t)``).
     lora_target_suffixes: ClassVar[tuple[str, ...]] = ()
-    #: True: classifier-free guidance runs the negative prompt in the same forward.
+    #: True: classifier-free guidance is computed here from a negative-prompt forward.
     batched_cfg: bool = True
+    #: True: the negative rows share the positive rows' forward (one call of 2B rows);
+    #: False: two calls of B rows, as the pipeline (cheaper where a wide text projection
+    #: over long padded sequences dominates, see HunyuanVideo 1.5).
+    cfg_in_one_forward: bool = True
     #: diffusers' transformers take ``timestep = sigma * num_train_timesteps``.
     num_train_timesteps: int | None = 1000
 
@@ -246,12 +250,17 @@ class DiffusersFlowModel(FlowModel):
         h = x.to(self.device, self.dtype)
         if guidance_scale == 1.0 or not self.batched_cfg:
             return self._forward(h, sigma, cond, guidance_scale).float()
-        # Negative and positive rows in one forward; combined in float32, where the
-        # difference of two close predictions loses nothing (bf16 would).
+        # Negative and positive rows (in one forward unless the adapter says otherwise);
+        # combined in float32, where the difference of two close predictions loses
+        # nothing (bf16 would).
         neg = {k: v.expand(b, *v.shape[1:]) for k, v in self.negative_cond().items()}
-        both = cat_cond([neg, cond])
-        out = self._forward(torch.cat([h, h]), torch.cat([sigma, sigma]), both, guidance_scale)
-        uncond, text = out.float().chunk(2)
+        if self.cfg_in_one_forward:
+            both = cat_cond([neg, cond])
+            out = self._forward(torch.cat([h, h]), torch.cat([sigma, sigma]), both, guidance_scale)
+            uncond, text = out.float().chunk(2)
+        else:
+            text = self._forward(h, sigma, cond, guidance_scale).float()
+            uncond = self._forward(h, sigma, neg, guidance_scale).float()
         return uncond + guidance_scale * (text - uncond)
 
     @torch.no_grad()

@@ -10,8 +10,8 @@ The transformer takes ``timestep = sigma * 1000``.
 
 Guidance: the pipeline guides through its ``guider`` (a ``ClassifierFreeGuidance`` whose
 ``guidance_scale`` is our ``sampler.guidance_scale``, diffusers' formulation ``uncond + g
-(cond - uncond)``); we batch the negative prompt (default: empty, as the pipeline) with
-the positive rows. A checkpoint whose guider rescales, uses the original formulation or
+(cond - uncond)``); the negative prompt (default: empty, as the pipeline) runs in its own
+forward, as the pipeline's, combined in float32. A checkpoint whose guider rescales, uses the original formulation or
 guides only part of the schedule is refused on load rather than sampled differently.
 
 Schedule: the pipeline's linear sigmas ``1 .. 1/n`` through its Euler scheduler (shift
@@ -51,6 +51,10 @@ class HunyuanVideo15Model(DiffusersFlowModel):
     pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = HUNYUAN_VIDEO15_LORA_TARGETS
     default_max_sequence_length = 1000
+    # Measured (benchmarks/sampler_vs_pipeline.py, CPU): one forward of 2B rows cost
+    # 0.87x the pipeline's two of B, the 256 ByT5 tokens' 2048-wide projection and the
+    # 729 zero image tokens dominating; two calls, as the pipeline, match it.
+    cfg_in_one_forward = False
 
     def __init__(self, pipe, *, frames: int = DEFAULT_FRAMES, **kwargs):
         check_guider(pipe.guider)
