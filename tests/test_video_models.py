@@ -183,6 +183,10 @@ def overrides(layout, path, prompts, run_dir, **extra) -> list[str]:
         "log.checkpoint_every": 1,
         **extra,
     }
+    if layout == "hunyuan_video15":
+        # Its forward costs ~10x Wan's here (a 2048-wide projection of 256 ByT5 tokens);
+        # the per-iteration reference KL is checked on the Wan layouts.
+        shrink["log.ref_kl"] = "false"
     return real_training_overrides("wan", path, (prompts, prompts), run_dir, **shrink)
 
 
@@ -202,7 +206,8 @@ def test_dppo_trains_and_resumes_bit_for_bit(
     rows = metrics_of(full)
     assert [r["iteration"] for r in rows] == [1, 2]
     assert all(r["first_update_ratio_dev"] < 1e-5 and r["grad_norm"] > 0 for r in rows)
-    assert rows[0]["kl_ref/mean"] == 0 and rows[1]["kl_ref/mean"] > 0
+    if layout != "hunyuan_video15":
+        assert rows[0]["kl_ref/mean"] == 0 and rows[1]["kl_ref/mean"] > 0
 
     crashed = tmp_path / "crashed"
     cfg = load_config(None, [*overrides(layout, path, prompt_file, crashed), "algorithm=dppo"])
