@@ -129,14 +129,30 @@ def _train(ns) -> int:
     if multi:
         Trainer = distributed.DistributedTrainer  # noqa: N806
     if ns.resume:
-        from flowdppo.config import ConfigError, config_from_dict, read_yaml
+        from flowdppo.config import ConfigError
+        from flowdppo.runs import checkpoint_iteration, resume_config
 
-        if ns.args or ns.task:
-            raise ConfigError("--resume takes the run's own config; drop the other arguments")
+        if ns.task or (ns.args and "=" not in ns.args[0]):
+            raise ConfigError(
+                "--resume takes the run's own config; drop the other arguments (the one "
+                "override it takes is train.iterations=N, to continue a run further)"
+            )
         run_dir = Path(ns.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-        cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+        cfg = resume_config(run_dir, ns.args)
+        done = checkpoint_iteration(run_dir)
+        if (
+            done is not None
+            and done >= cfg.train.iterations
+            and (run_dir / "summary.json").is_file()
+        ):
+            print(
+                f"flowdppo: {run_dir} is finished ({done} of {cfg.train.iterations} "
+                f"iterations); nothing to do. Its results: {run_dir / 'summary.json'}; to "
+                f"train it further: flowdppo train --resume {run_dir} "
+                f"train.iterations=N with N > {cfg.train.iterations}",
+                flush=True,
+            )
+            return 0
         trainer = Trainer(cfg, run_dir, resume=True)
     else:
         path = None
