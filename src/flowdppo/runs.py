@@ -23,7 +23,6 @@ from flowdppo.plugins import load_user_code
 from flowdppo.tasks import Task, task_for_config
 from flowdppo.trainer import checkpoint as ckpt
 
-
 #: The keys ``flowdppo train --resume RUN key=value`` may change.
 RESUMABLE_KEYS = ("train.iterations",)
 
