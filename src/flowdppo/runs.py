@@ -3,8 +3,6 @@ with the latest checkpoint (the EMA weights when the run kept them)."""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -12,7 +10,6 @@ import torch
 from flowdppo.config import (
     Config,
     ConfigError,
-    Continuation,
     config_from_dict,
     parse_overrides,
     read_yaml,
@@ -31,23 +28,13 @@ def run_config(run_dir: str | Path) -> Config:
     """A run directory's own config.yaml, validated."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (it has no config.yaml)")
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     return config_from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
-
-
-def checkpoint_iteration(run_dir: str | Path) -> int | None:
-    """The iteration of the checkpoint a resume starts from (None: none readable; the
-    resume itself then says what is wrong)."""
-    path = ckpt.latest_checkpoint(Path(run_dir))
-    try:
-        return int(json.loads((path / "state.json").read_text())["iteration"])
-    except (TypeError, OSError, ValueError, KeyError):
-        return None
 
 
 def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     """The config a resume runs with: the run's own, with a longer ``train.iterations`` if
-    ``overrides`` asks for one (recorded in ``history``); any other key is refused."""
+    ``overrides`` asks for one; any other key is refused."""
     cfg = run_config(run_dir)
     tree = parse_overrides(overrides)
     changed = _dotted_keys(tree)
@@ -73,17 +60,8 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
             f"override train.iterations={new} is less than the run's own budget of {own}: a "
             "resume can only continue a run further"
         )
-    if new == own:
-        return cfg
-    at = checkpoint_iteration(run_dir) or 0
-    entry = Continuation(
-        at_iteration=at,
-        iterations_before=own,
-        iterations_after=new,
-        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-    train = cfg.train.model_copy(update={"iterations": new})
-    return cfg.model_copy(update={"train": train, "history": [*cfg.history, entry]})
+    # The trainer records the continuation in config.yaml once it holds the run's lock.
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"iterations": new})})
 
 
 def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 
 from flowdppo import plugins, schedule
-from flowdppo.config import Config, dump_config, read_yaml, resolve_trust_region, reward_weights
+from flowdppo.config import (
+    Config,
+    Continuation,
+    dump_config,
+    read_yaml,
+    resolve_trust_region,
+    reward_weights,
+)
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
@@ -239,10 +246,15 @@ class Trainer:
         """A run continued past its budget (``--resume RUN train.iterations=N``): its
         config.yaml gets the new budget and the continuation's entry in ``history``."""
         path = self.run_dir / "config.yaml"
-        saved = read_yaml(path)
-        if saved.get("train", {}).get("iterations") != self.cfg.train.iterations or len(
-            saved.get("history", [])
-        ) != len(self.cfg.history):
+        own = read_yaml(path).get("train", {}).get("iterations")
+        if isinstance(own, int) and own != self.cfg.train.iterations:
+            entry = Continuation(
+                at_iteration=iteration,
+                iterations_before=own,
+                iterations_after=self.cfg.train.iterations,
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+            self.cfg = self.cfg.model_copy(update={"history": [*self.cfg.history, entry]})
             ckpt.write_text_atomic(path, dump_config(self.cfg))
             self._notice(
                 f"flowdppo: continuing {self.run_dir} from iteration {iteration} to "
@@ -489,8 +501,19 @@ class Trainer:
             metrics.update(result)
         return result
 
+    @property
+    def finished(self) -> bool:
+        """Resumed at the end of its budget with its summary written: nothing left to do."""
+        return (
+            self.iteration >= self.cfg.train.iterations
+            and (self.run_dir / "summary.json").is_file()
+        )
+
     def train(self) -> dict:
+        """Train to the end of the budget; a finished run returns its summary unchanged."""
         try:
+            if self.finished:
+                return json.loads((self.run_dir / "summary.json").read_text())
             self._train()
             return self._write_summary()
         finally:
