@@ -728,6 +728,7 @@ def _source_of(err: ValidationError, origin: str, overrides: list[str]) -> str:
     """Where the values behind ``err`` came from: the overrides that set an offending key,
     else the file (or the defaults); a check across sections names both."""
     blamed, unblamed = [], False
+    across = any(not e["loc"] for e in err.errors())
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         hits = [
@@ -740,7 +741,7 @@ def _source_of(err: ValidationError, origin: str, overrides: list[str]) -> str:
         blamed += [h for h in hits if h not in blamed]
         unblamed = unblamed or not hits
     if not blamed:
-        return f"{origin} with overrides {', '.join(overrides)}" if overrides else origin
+        return f"{origin} with overrides {', '.join(overrides)}" if across and overrides else origin
     head = f"override{'s' if len(blamed) > 1 else ''} {', '.join(blamed)}"
     return f"{head}; {origin}" if unblamed else head
 
