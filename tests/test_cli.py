@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from flowdppo import cli
 from flowdppo.trainer.loop import Trainer
@@ -44,19 +43,14 @@ def test_resume_takes_no_other_arguments(tmp_path, capsys):
 
 # ---------------------------------------------------------------- with a finished toy run
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
+def toy_run(tmp_path_factory, one_thread):
     """A finished 2-iteration toy run (LoRA, EMA on) and its summary."""
     from conftest import TOY
 
     from flowdppo.config import load_config
 
     run = tmp_path_factory.mktemp("cli") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = Trainer(load_config(None, TOY + ["train.ema.decay=0.5"]), run).train()
-    finally:
-        torch.set_num_threads(before)
+    summary = Trainer(load_config(None, TOY + ["train.ema.decay=0.5"]), run).train()
     return run, summary
 
 
