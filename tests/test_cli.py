@@ -67,6 +67,7 @@ def _one_error_line(capsys) -> str:
         (["sample", "--task", "toy", "--prompts", "bright", "--steps", "0"], "--steps must be"),
         (["sample", "--task", "toy", "--prompts", "bright", "--guidance", "0.5"], "--guidance"),
         (["sample", "--task", "toy", "--prompts", " , "], "--prompts names no prompt"),
+        (["sample", "--task", "toy", "--prompts", "bright", "--out", "DIR"], "is not a file name"),
         (["eval", "RUN", "-n", "0"], "-n must be at least 1"),
         (["eval", "RUN", "--steps", "4,0"], "--steps must be at least 1"),
         (["eval", "RUN", "--steps", "4,x"], "--steps takes step counts"),
@@ -75,7 +76,11 @@ def _one_error_line(capsys) -> str:
 def test_sample_and_eval_options_are_one_error_line(toy_run, tmp_path, capsys, argv, match):
     run, _ = toy_run
     argv = [str(run) if a == "RUN" else a for a in argv]
-    assert cli.main([*argv, "--out", str(tmp_path / "out.png")]) == 2
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = str(tmp_path)
+    else:
+        argv += ["--out", str(tmp_path / "out.png")]
+    assert cli.main(argv) == 2
     assert match in _one_error_line(capsys)
     assert not list(tmp_path.iterdir())  # nothing written
 

@@ -282,6 +282,10 @@ def _sample(ns) -> int:
     prompts = [p.strip() for p in ns.prompts.split(",") if p.strip()]
     if not prompts:
         raise ValueError(f"--prompts names no prompt ({ns.prompts!r}); e.g. --prompts three,seven")
+    if Path(ns.out).is_dir() or not Path(ns.out).suffix:
+        raise ValueError(
+            f"--out {ns.out!r} is not a file name with an extension (e.g. samples.png)"
+        )
     if ns.run:
         from flowdppo.runs import load_run
 
