@@ -15,6 +15,8 @@ EPILOG_TRAIN = """examples:
   flowdppo train configs/digits/grpo.yaml         # a recipe
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
   flowdppo train --resume runs/dppo-digits-20261124-120000
+  flowdppo train --resume runs/dppo-digits-20261124-120000 train.iterations=400   # train further
+  flowdppo train train.ema.decay=0.99             # evaluate, sample and export an EMA of the weights
   flowdppo train configs/sd3/dppo.yaml model.path=/models/sd35m data.train_prompts=prompts.txt
 """
 
