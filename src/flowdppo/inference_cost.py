@@ -103,8 +103,9 @@ def measure(
 
 def format_table(rows: list[dict], iteration: int) -> str:
     lines = [
-        f"inference cost (ODE samples; trained = checkpoint of iteration {iteration}; times "
-        "measured on this machine)",
+        f"inference cost (ODE samples; reward: mean over the trained and held-out evaluation "
+        f"prompts; trained = checkpoint of iteration {iteration}; times measured on this "
+        "machine)",
         f"  {'model':<8} {'lora':<9} {'steps':>5} {'NFE':>5} {'reward':>8} {'ms/image':>9}",
     ]
     for r in rows:
