@@ -399,7 +399,7 @@ def _pretrain(ns) -> int:
     out = Path(ns.out if ns.out is not None else f"pretrained/{ns.task}")
     pretrain(out, ns.seed)
     base = out / f"{ns.task}_base.safetensors"
-    use = f"; train on them with model.weights={base}" if base.is_file() else ""
+    use = f"; train on the base model with model.weights={base}" if base.is_file() else ""
     print(f"wrote task {ns.task!r}'s pretrained weights to {out}/{use}")
     return 0
 
