@@ -111,7 +111,7 @@ def _checkpoint_digests(run):
     return json.loads((run / "ckpt-000004" / "state.json").read_text())["sha256"]
 
 
-def test_a_continued_run_with_ema_resumes_bit_exact(tmp_path, toy_overrides, monkeypatch):
+def test_a_continued_run_with_ema_resumes_bit_exact(tmp_path, toy_overrides, monkeypatch, capsys):
     """Two runs of 2 iterations (EMA on, cosine lr), each continued to 4 with
     ``--resume RUN train.iterations=4``; one crashes after its iteration-3 checkpoint and is
     resumed. Both end bit-identical, EMA included, and config.yaml records the continuation."""
@@ -128,6 +128,9 @@ def test_a_continued_run_with_ema_resumes_bit_exact(tmp_path, toy_overrides, mon
     for run in runs:
         assert cli.main(["train", *overrides, f"log.run_dir={run}"]) == 0
     assert cli.main(["train", "--resume", str(runs[0]), "train.iterations=4"]) == 0
+    assert "the cosine lr schedule now spans 4 iterations, so the lr resumes at 0.5 x" in (
+        capsys.readouterr().err
+    )
 
     original = Trainer._checkpoint
 

@@ -256,9 +256,18 @@ class Trainer:
             )
             self.cfg = self.cfg.model_copy(update={"history": [*self.cfg.history, entry]})
             ckpt.write_text_atomic(path, dump_config(self.cfg))
+            t = self.cfg.train
+            lr = ""
+            if t.lr_schedule != "constant":
+                total = t.iterations * self._updates_per_iteration()
+                factor = lr_factor(self.cfg, self.optimizer_steps, total)
+                lr = (
+                    f"; the {t.lr_schedule} lr schedule now spans {t.iterations} iterations, "
+                    f"so the lr resumes at {factor:.3g} x train.lr (docs/method.md)"
+                )
             self._notice(
                 f"flowdppo: continuing {self.run_dir} from iteration {iteration} to "
-                f"{self.cfg.train.iterations} (recorded in {path})"
+                f"{t.iterations} (recorded in {path}){lr}"
             )
 
     def _checkpoint(self) -> None:
