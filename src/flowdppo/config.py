@@ -727,17 +727,13 @@ def load_config(
 def _source_of(err: ValidationError, origin: str, overrides: list[str]) -> str:
     """Where the values behind ``err`` came from: the overrides that set an offending key,
     else the file (or the defaults); a check across sections names both."""
+    keys = {item: item.partition("=")[0].split(".") for item in overrides}
     blamed, unblamed = [], False
     across = any(not e["loc"] for e in err.errors())
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
-        hits = [
-            item
-            for item in overrides
-            if loc
-            and (parts := item.partition("=")[0].split("."))
-            and parts[: len(loc)] == loc[: len(parts)]
-        ]
+        # An override sets the offending key, a key inside it, or the section holding it.
+        hits = [item for item, key in keys.items() if loc and key[: len(loc)] == loc[: len(key)]]
         blamed += [h for h in hits if h not in blamed]
         unblamed = unblamed or not hits
     if not blamed:
