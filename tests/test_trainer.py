@@ -190,3 +190,19 @@ def test_ema_is_kept_in_checkpoints_and_used_for_evaluation(tmp_path, toy_overri
         assert torch.equal(ema_params[name], value)
         assert torch.equal(raw_params[name], trained[name])
         assert not torch.equal(value, trained[name]) or "lora_B" not in name
+
+
+def test_continuing_a_constant_lr_run_is_the_run_that_asked_for_more(tmp_path, toy_overrides):
+    from flowdppo import cli
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    assert cli.main(["train", *toy_overrides, f"log.run_dir={short}"]) == 0
+    assert cli.main(["train", "--resume", str(short), "train.iterations=4"]) == 0
+    assert cli.main(["train", *toy_overrides, "train.iterations=4", f"log.run_dir={long}"]) == 0
+
+    def training(run):  # the short run also evaluated at its old end, iteration 2
+        skip = ("time/", "eval/", "forward_")
+        return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in metrics_of(run)]
+
+    assert training(short) == training(long)
+    assert _checkpoint_digests(short) == _checkpoint_digests(long)
