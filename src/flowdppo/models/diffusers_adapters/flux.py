@@ -22,6 +22,7 @@ import torch
 from flowdppo.models.base import Cond
 from flowdppo.models.diffusers_adapters.base import (
     JOINT_ATTENTION_LORA_TARGETS,
+    ComponentConfigs,
     DiffusersFlowModel,
 )
 
@@ -44,8 +45,12 @@ def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
+#: The pipeline classes (``model_index.json``'s ``_class_name``) this adapter takes.
+PIPELINE_CLASSES = ("FluxPipeline",)
+
+
 class FluxModel(DiffusersFlowModel):
-    pipeline_classes = ("FluxPipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = FLUX_LORA_TARGETS
     default_max_sequence_length = 512
     num_train_timesteps = None  # see the module docstring: the linear spacing, shift exp(mu)
@@ -61,10 +66,10 @@ class FluxModel(DiffusersFlowModel):
         f = self.pipe.vae_scale_factor * 2  # the VAE's factor, times 2 for packing
         return 2 * (self.height // f), 2 * (self.width // f)
 
-    def _check_resolution(self) -> None:
-        multiple = self.pipe.vae_scale_factor * 2
-        self._require_multiple("height", self.height, multiple)
-        self._require_multiple("width", self.width, multiple)
+    @classmethod
+    def pixel_multiple(cls, configs: ComponentConfigs) -> tuple[int, str]:
+        vae = 2 ** (len(configs("vae")["block_out_channels"]) - 1)
+        return 2 * vae, f"the VAE's {vae}x downsampling times FLUX's 2x2 packing"
 
     def _image_ids(self, h: int, w: int) -> torch.Tensor:
         ids = torch.zeros(h, w, 3)
@@ -130,3 +135,6 @@ class FluxModel(DiffusersFlowModel):
         z = unpack_latents(x.float(), h, w)
         z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+
+ADAPTER = FluxModel
