@@ -48,9 +48,15 @@ def flux2_call(g: float, n: int) -> dict:
 
 #: Per family: its model.kind, the guidance it is tested with, and the pipeline's keywords
 #: for our guidance weight g (docs/real-models.md, "Guidance").
+def qwen_image_call(g: float, n: int) -> dict:
+    # True CFG needs an explicit negative prompt in the pipeline; ours is model.negative_prompt.
+    return {"true_cfg_scale": g, **({"negative_prompt": [""] * n} if g > 1 else {})}
+
+
 FAMILIES = {
     "flux2": ("flux2", 4.0, flux2_call),
     "flux2_dev": ("flux2", 4.0, flux2_call),
+    "qwen_image": ("qwen_image", 4.0, qwen_image_call),
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -278,13 +284,15 @@ def export_reproduces_training(pipes, family, run: Path, out: Path, capsys) -> N
     assert (adapted - base).abs().max().item() > 1e-4  # and training changed it
 
 
-def test_flux2_recipes_train_resume_and_export(
-    tiny_image_pipes, prompt_files, tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize("family", ["flux2", "qwen_image"])
+def test_recipes_train_resume_and_export(
+    tiny_image_pipes, prompt_files, tmp_path, monkeypatch, capsys, family
 ):
+    recipes = FAMILIES[family][0]
     run = train_dppo_grpo_and_resume(
-        tiny_image_pipes, "flux2", "flux2", prompt_files, tmp_path, monkeypatch
+        tiny_image_pipes, family, recipes, prompt_files, tmp_path, monkeypatch
     )
-    export_reproduces_training(tiny_image_pipes, "flux2", run, tmp_path / "lora", capsys)
+    export_reproduces_training(tiny_image_pipes, family, run, tmp_path / "lora", capsys)
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -178,8 +178,97 @@ def build_flux2_dev(out_dir: str | Path, seed: int = 0) -> Path:
     return _save(pipe, out_dir)
 
 
+def qwen25_vl_encoder(vocab: int):
+    """A tiny Qwen2_5_VLForConditionalGeneration (the Qwen-Image text encoder; the vision
+    tokens are ids no prompt produces)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": TEXT_DIM,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "vocab_size": vocab + 3,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": TEXT_DIM,
+        },
+        vocab_size=vocab + 3,
+        bos_token_id=0,
+        eos_token_id=0,
+        vision_start_token_id=vocab,
+        vision_end_token_id=vocab + 1,
+        vision_token_id=vocab + 2,
+        image_token_id=vocab + 2,
+        video_token_id=vocab + 2,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny QwenImagePipeline: a 2-level Qwen-Image VAE (scale 4) with random latent
+    statistics, one dual-stream block, a 2-layer Qwen2.5-VL text encoder."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    _seeded(seed)
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=torch.randn(z_dim).mul(0.3).tolist(),
+        latents_std=torch.rand(z_dim).add(0.5).tolist(),
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    # Qwen-Image's released scheduler: dynamic shifting from the image token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True)
+    tokenizer = qwen_tokenizer()
+    pipe = QwenImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=qwen25_vl_encoder(len(tokenizer) + 18),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    # The template's system message as 18 tokens, so that its prefix is the 34 tokens the
+    # pipeline drops (as with the real tokenizer) and what remains is the prompt's.
+    system = pipe.prompt_template_encode.split("system\n", 1)[1].split("<|im_end|>", 1)[0]
+    cuts = [round(i * len(system) / 18) for i in range(19)]
+    tokenizer.add_tokens([system[a:b] for a, b in zip(cuts, cuts[1:])])
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    assert len(tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx
+    return _save(pipe, out_dir)
+
+
 #: The families' builders by test name: ``flux2`` is [klein] (the paper's FLUX.2 model).
 BUILDERS = {
     "flux2": build_flux2_klein,
     "flux2_dev": build_flux2_dev,
+    "qwen_image": build_qwen_image,
 }
