@@ -266,9 +266,73 @@ def build_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
     return _save(pipe, out_dir)
 
 
+def build_z_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny ZImagePipeline: 3-level AutoencoderKL (scale 4), one main layer and one
+    refiner layer each, a 2-layer Qwen3 text encoder (the pipeline reads hidden_states[-2]),
+    Z-Image-Turbo's static shift 3.0."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    _seeded(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=TEXT_DIM,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # allocated with torch.empty
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(4, 4, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    tokenizer = qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+    )
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=Qwen3Model(config),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return _save(pipe, out_dir)
+
+
 #: The families' builders by test name: ``flux2`` is [klein] (the paper's FLUX.2 model).
 BUILDERS = {
     "flux2": build_flux2_klein,
     "flux2_dev": build_flux2_dev,
     "qwen_image": build_qwen_image,
+    "z_image": build_z_image,
 }

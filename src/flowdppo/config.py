@@ -241,7 +241,7 @@ class TrainConfig(_Section):
 
 #: ``auto`` and the adapter modules of ``flowdppo.models.diffusers_adapters`` (kept in step
 #: with its ADAPTER_MODULES; a test checks).
-DIFFUSERS_KINDS = ("auto", "sd3", "flux", "wan", "flux2", "qwen_image")
+DIFFUSERS_KINDS = ("auto", "sd3", "flux", "wan", "flux2", "qwen_image", "z_image")
 MODEL_KINDS = ("task", *DIFFUSERS_KINDS)
 
 

@@ -33,7 +33,7 @@ from flowdppo.models.diffusers_adapters.sd3 import SD3Model
 from flowdppo.models.diffusers_adapters.wan import WanModel
 
 #: The adapter modules, each one ``model.kind``.
-ADAPTER_MODULES = ("sd3", "flux", "wan", "flux2", "qwen_image")
+ADAPTER_MODULES = ("sd3", "flux", "wan", "flux2", "qwen_image", "z_image")
 
 ADAPTERS: dict[str, type[DiffusersFlowModel]] = {}
 for _kind in ADAPTER_MODULES:

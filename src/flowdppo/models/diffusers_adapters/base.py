@@ -121,6 +121,20 @@ def calculate_shift(
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+def pad_text(conds: list[Cond]) -> Cond:
+    """Concatenate condition batches whose ``prompt_embeds`` / ``prompt_mask`` differ in
+    length, padding the shorter ones with masked zeros."""
+    n = max(c["prompt_embeds"].shape[1] for c in conds)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        extra = n - t.shape[1]
+        if not extra:
+            return t
+        return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
+
+    return {k: torch.cat([pad(c[k]) for c in conds]) for k in conds[0]}
+
+
 class DiffusersFlowModel(FlowModel):
     """A diffusers pipeline seen as a :class:`FlowModel`; ``module`` is its transformer.
 

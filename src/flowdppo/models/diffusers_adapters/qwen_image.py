@@ -2,7 +2,7 @@
 
 The latent state is the pipeline's packed sequence [B, (H/16)(W/16), 4C] (2x2 patches of
 the VAE's C = 16 latent channels), drawn as the pipeline draws it ([B, 1, C, H/8, W/8] in
-one call, then packed). ``decode`` unpacks and de-normalises with the VAE's
+one call, then packed: the same numbers as FLUX's [B, C, H/8, W/8] draw). ``decode`` unpacks and de-normalises with the VAE's
 ``latents_mean`` / ``latents_std``.
 
 Schedule: ``linspace(1, 1/N, N)`` with dynamic shifting by the image token count, as
@@ -23,17 +23,16 @@ as its embedded guidance instead, in one forward.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from flowdppo.models.base import Cond
 from flowdppo.models.diffusers_adapters.base import (
     JOINT_ATTENTION_LORA_TARGETS,
     ComponentConfigs,
-    DiffusersFlowModel,
     PipelineInputError,
+    pad_text,
 )
-from flowdppo.models.diffusers_adapters.flux import pack_latents, unpack_latents
+from flowdppo.models.diffusers_adapters.flux import PackedLatentModel
 
 #: The pipeline classes (``model_index.json``'s ``_class_name``) this adapter takes.
 PIPELINE_CLASSES = ("QwenImagePipeline",)
@@ -42,26 +41,11 @@ PIPELINE_CLASSES = ("QwenImagePipeline",)
 QWEN_IMAGE_LORA_TARGETS = JOINT_ATTENTION_LORA_TARGETS
 
 
-def pad_text(conds: list[Cond]) -> Cond:
-    """Concatenate condition batches whose ``prompt_embeds`` / ``prompt_mask`` differ in
-    length, padding the shorter ones with masked zeros."""
-    n = max(c["prompt_embeds"].shape[1] for c in conds)
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        extra = n - t.shape[1]
-        if not extra:
-            return t
-        return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
-
-    return {k: torch.cat([pad(c[k]) for c in conds]) for k in conds[0]}
-
-
-class QwenImageModel(DiffusersFlowModel):
+class QwenImageModel(PackedLatentModel):
     pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = QWEN_IMAGE_LORA_TARGETS
     default_max_sequence_length = 512  # the pipeline's default
     default_resolution = 512
-    num_train_timesteps = None  # the pipeline passes sigma itself (t / 1000)
 
     def __init__(self, pipe, **kwargs):
         super().__init__(pipe, **kwargs)
@@ -89,31 +73,6 @@ class QwenImageModel(DiffusersFlowModel):
         # there would never get a gradient.
         last = f"transformer_blocks.{len(module.transformer_blocks) - 1}.attn.to_add_out"
         return [n for n in super()._match_lora_targets(module) if n != last]
-
-    def _latent_hw(self) -> tuple[int, int]:
-        f = self.pipe.vae_scale_factor * 2
-        return 2 * (self.height // f), 2 * (self.width // f)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.transformer_config.in_channels // 4
-
-    def latent_shape(self, n: int) -> tuple[int, ...]:
-        h, w = self._latent_hw()
-        return (n, (h // 2) * (w // 2), self.latent_channels * 4)
-
-    @property
-    def image_seq_len(self) -> int:
-        return self.latent_shape(1)[1]
-
-    def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        h, w = self._latent_hw()
-        shape = (n, 1, self.latent_channels, h, w)  # the pipeline's draw, one call
-        x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return pack_latents(x[:, 0])
-
-    def _pipeline_base_sigmas(self, num_steps: int) -> np.ndarray:
-        return np.linspace(1.0, 1 / num_steps, num_steps)  # exactly the pipeline's
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
         embeds, mask = self.pipe.encode_prompt(
@@ -153,8 +112,7 @@ class QwenImageModel(DiffusersFlowModel):
 
     def _decode_chunk(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        h, w = self._latent_hw()
-        z = unpack_latents(x.float(), h, w)[:, :, None]  # [B, C, 1, h, w]
+        z = self._unpacked(x)[:, :, None]  # [B, C, 1, h, w]
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
         std = torch.tensor(vae.config.latents_std, device=z.device).view(shape)
