@@ -348,3 +348,35 @@ def test_bad_inputs_end_before_any_weight_is_read(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {key}") and hint in err[0], err
     assert not run.exists()
+
+
+def test_a_users_adapter_is_named_by_import_path(
+    tiny_image_pipes, prompt_files, tmp_path, monkeypatch, capsys
+):
+    # A user's module, not part of flowdppo: an adapter for the Z-Image pipeline class.
+    (tmp_path / "my_adapters.py").write_text(
+        "from flowdppo.models.diffusers_adapters.z_image import ZImageModel\n\n"
+        "class MyZImage(ZImageModel):\n"
+        "    pipeline_classes = ('ZImagePipeline',)\n\n"
+        "class NotAnAdapter:\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load(tiny_image_pipes, "z_image", adapter="my_adapters:MyZImage")
+    assert type(model).__name__ == "MyZImage"
+    run = tmp_path / "run"
+    for adapter, message in [
+        ("my_adapters:NotAnAdapter", "is not a subclass of"),
+        ("my_adapters:MyZImage", "model.adapter MyZImage takes ZImagePipeline"),
+    ]:
+        args = recipe_args(
+            "flux2/dppo.yaml",
+            tiny_image_pipes["flux2"],
+            prompt_files,
+            run,
+            **{"model.adapter": adapter},
+        )
+        assert main(["train", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: model.adapter") and message in err[0]
+    assert not run.exists()

@@ -42,11 +42,11 @@ def qwen_tokenizer(words: tuple[str, ...] = ()):
     return tok
 
 
-def qwen3_encoder(layers: int):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def qwen3_config(layers: int, vocab: int):
+    from transformers import Qwen3Config
 
-    config = Qwen3Config(
-        vocab_size=len(qwen_tokenizer()),
+    return Qwen3Config(
+        vocab_size=vocab,
         hidden_size=TEXT_DIM,
         intermediate_size=16,
         num_hidden_layers=layers,
@@ -55,7 +55,12 @@ def qwen3_encoder(layers: int):
         head_dim=8,
         max_position_embeddings=1024,
     )
-    return Qwen3ForCausalLM(config)
+
+
+def qwen3_encoder(layers: int):
+    from transformers import Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(qwen3_config(layers, len(qwen_tokenizer())))
 
 
 def flux2_vae(latent_channels: int = 4):
@@ -276,7 +281,7 @@ def build_z_image(out_dir: str | Path, seed: int = 0) -> Path:
         ZImagePipeline,
         ZImageTransformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     _seeded(seed)
     transformer = ZImageTransformer2DModel(
@@ -309,20 +314,10 @@ def build_z_image(out_dir: str | Path, seed: int = 0) -> Path:
         shift_factor=0.1159,
     )
     tokenizer = qwen_tokenizer()
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=1024,
-    )
     pipe = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
-        text_encoder=Qwen3Model(config),
+        text_encoder=Qwen3Model(qwen3_config(2, len(tokenizer))),
         tokenizer=tokenizer,
         transformer=transformer,
     )
