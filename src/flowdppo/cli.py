@@ -368,7 +368,7 @@ def _export_lora(ns) -> int:
     if cfg.model.kind == "task":
         raise SystemExit(
             f"error: {run_dir} trained task {cfg.task!r}'s built-in model; export-lora takes a "
-            "run of a diffusers model (model.kind sd3, flux or wan)"
+            "run of a diffusers model (task prompts, model.path set)"
         )
     if cfg.model.finetune != "lora":
         raise SystemExit(

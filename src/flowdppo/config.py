@@ -264,8 +264,10 @@ class TrainConfig(_Section):
         return v
 
 
-MODEL_KINDS = ("task", "sd3", "flux", "wan")
-DIFFUSERS_KINDS = ("sd3", "flux", "wan")
+#: ``auto`` and the adapter modules of ``flowdppo.models.diffusers_adapters`` (kept in step
+#: with its ADAPTER_MODULES; a test checks).
+DIFFUSERS_KINDS = ("auto", "sd3", "flux", "wan", "flux2", "qwen_image", "z_image")
+MODEL_KINDS = ("task", *DIFFUSERS_KINDS)
 
 
 class ModelConfig(_Section):
@@ -275,14 +277,22 @@ class ModelConfig(_Section):
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] | None = Field(None, description="null: the task's default")
     # A diffusers pipeline instead of the task's own model (docs/real-models.md).
-    kind: Literal["task", "sd3", "flux", "wan"] = Field(
-        "task", description="task: the task's built-in model; sd3, flux, wan: a diffusers pipeline"
+    kind: str | None = Field(
+        None,
+        description="task: the task's built-in model; auto: the diffusers adapter that takes "
+        "model.path's pipeline class; or one adapter by name (sd3, flux, wan, flux2, "
+        "qwen_image, z_image); null: auto when model.path is set, else task",
     )
-    path: str | None = Field(None, description="diffusers pipeline directory (or hub id)")
+    path: str | None = Field(None, description="local diffusers pipeline directory")
+    adapter: str | None = Field(
+        None, description="a user adapter class by import path, package.module:Class"
+    )
     resolution: int | tuple[int, int] | None = Field(
-        None, description="pixels, int or [height, width]; null: 512 (wan: [480, 832])"
+        None, description="pixels, int or [height, width]; null: the adapter's default"
     )
-    frames: int | None = Field(None, ge=1, description="video frames (wan only); null: 81")
+    frames: int | None = Field(
+        None, ge=1, description="video frames (video models only); null: the adapter's default"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
     max_sequence_length: int | None = Field(
@@ -290,6 +300,22 @@ class ModelConfig(_Section):
     )
     negative_prompt: str = Field("", description="the negative prompt of guidance")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available)")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        if v is not None and v not in MODEL_KINDS:
+            near = difflib.get_close_matches(str(v), MODEL_KINDS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"must be one of {', '.join(MODEL_KINDS)}, got {v!r}{hint}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_kind(self):
+        if self.kind is None:
+            # Not through validate_assignment: it would run this validator again.
+            object.__setattr__(self, "kind", "auto" if self.path or self.adapter else "task")
+        return self
 
     @field_validator("resolution")
     @classmethod
@@ -423,11 +449,12 @@ class Config(_Section):
         else:
             if self.task == "prompts":
                 raise ValueError(
-                    "task 'prompts' needs a diffusers model: set model.kind to one of "
-                    f"{', '.join(DIFFUSERS_KINDS)} and model.path to its directory"
+                    "task 'prompts' needs a diffusers model: set model.path to its directory "
+                    f"(model.kind auto, or one of {', '.join(DIFFUSERS_KINDS[1:])})"
                 )
             pipeline_keys = (
                 "path",
+                "adapter",
                 "resolution",
                 "frames",
                 "dtype",
@@ -443,9 +470,10 @@ class Config(_Section):
                     f"model.{set_keys[0]} is for diffusers models; set model.kind to one of "
                     f"{', '.join(DIFFUSERS_KINDS)} or drop it"
                 )
-        if m.frames is not None and m.kind != "wan":
+        if m.adapter is not None and m.kind != "auto":
             raise ValueError(
-                f"model.frames is for video models (model.kind wan); {m.kind} makes images"
+                f"model.adapter chooses the adapter itself: set model.kind=auto (or leave it "
+                f"unset), not {m.kind!r}"
             )
         if self.task != "prompts":
             for key, field in DataConfig.model_fields.items():
