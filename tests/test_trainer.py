@@ -1,4 +1,5 @@
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -57,6 +58,22 @@ class Crash(RuntimeError):
     pass
 
 
+@contextmanager
+def crash_after_checkpoint(monkeypatch, iteration):
+    """Inside: a run raises Crash right after writing its checkpoint of ``iteration``."""
+    original = Trainer._checkpoint
+
+    def checkpoint_then_crash(self):
+        original(self)
+        if self.iteration == iteration:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint_then_crash)
+    with pytest.raises(Crash):
+        yield
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path, toy_overrides, monkeypatch):
     overrides = toy_overrides + [
         "train.iterations=4",
@@ -68,17 +85,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, toy_overrides, monkeypatch
     full = Trainer(cfg, tmp_path / "full").train()
 
     # The same run, crashing right after its iteration-2 checkpoint, then resumed.
-    original = Trainer._checkpoint
-
-    def crash_after_two(self):
-        original(self)
-        if self.iteration == 2:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "_checkpoint", crash_after_two)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 2):
         Trainer(cfg, tmp_path / "crashed").train()
-    monkeypatch.setattr(Trainer, "_checkpoint", original)
     resumed = Trainer(cfg, tmp_path / "crashed", resume=True).train()
 
     def strip(rows):
@@ -132,17 +140,8 @@ def test_a_continued_run_with_ema_resumes_bit_exact(tmp_path, toy_overrides, mon
         capsys.readouterr().err
     )
 
-    original = Trainer._checkpoint
-
-    def crash_after_three(self):
-        original(self)
-        if self.iteration == 3:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "_checkpoint", crash_after_three)
-    with pytest.raises(Crash):
+    with crash_after_checkpoint(monkeypatch, 3):
         cli.main(["train", "--resume", str(runs[1]), "train.iterations=4"])
-    monkeypatch.setattr(Trainer, "_checkpoint", original)
     assert cli.main(["train", "--resume", str(runs[1])]) == 0  # config.yaml says 4 now
 
     rows = [metrics_of(run) for run in runs]
