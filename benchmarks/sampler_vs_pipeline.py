@@ -1,23 +1,26 @@
-"""Our rollout sampler against each family's own pipeline ``__call__``, paired timings.
+"""Our rollout sampler against the diffusers pipeline's own ``__call__``, per family.
 
-For every family, one tiny random pipeline (built offline, ``tests/tiny_pipelines*.py``)
-at one shared size, the same steps, batch and guidance for both sides; the pipeline
-returns latents (``output_type="latent"``, no VAE decode). Timed per repeat, in an order
-that alternates between repeats (interleaved pairs), after one warm-up run of each:
+Same random model (built offline: ``tests/tiny_pipelines.py`` for SD3,
+``tests/tiny_pipelines_image.py`` for FLUX.2 [klein] / [dev], Qwen-Image and Z-Image,
+``tests/tiny_pipelines_video.py`` for Wan 2.2 A14B / TI2V-5B and HunyuanVideo 1.5, 5 frames),
+resolution, steps, batch, noise and guidance for both; the pipeline returns latents
+(``output_type="latent"``, no VAE decode). Timings are paired and interleaved: each of
+``--repeats`` rounds (after one warm-up) times every run once, in an order that alternates
+between rounds, and a run's ratio is the median over rounds of (pipeline time / its time)
+in the same round, so machine load that drifts between rounds cancels. The runs:
 
 * ``pipeline``: ``pipe(prompts, ..., output_type="latent")`` (encodes its prompts each call)
 * ``ours_cold``: prompt cache cleared, then ``encode`` + ``sample`` (all ODE)
 * ``ours_warm``: ``sample`` with cached prompt encodings (the trainer's steady state)
 * ``ours_sde``: ``rollout`` with 3 recorded SDE steps (what one training rollout costs)
 
-Reported: the median time of each, and per run the **median of the per-repeat ratios**
-pipeline time / ours time of the same repeat (> 1: ours is faster), with their min and
-max, so load that changes between repeats cancels within a pair. It also checks that the
-all-ODE latents equal the pipeline's.
+and ``throughput_ratio`` = the median paired ratio (> 1: ours is faster). It also checks
+that the all-ODE latents equal the pipeline's (the last denoising step's latents, through
+the pipeline's step callback, in the sampling layout; the video pipelines return them).
 
-    python benchmarks/sampler_vs_pipeline.py                         # every family
-    python benchmarks/sampler_vs_pipeline.py --families wan22_a14b hunyuan_video15 \\
-        --repeats 7 --threads 1 --out docs/results/sampler_vs_pipeline_video.json
+    python benchmarks/sampler_vs_pipeline.py                 # SD3, about a minute
+    python benchmarks/sampler_vs_pipeline.py --family images --threads 1 --repeats 7
+    python benchmarks/sampler_vs_pipeline.py --family videos --threads 1 --repeats 7 --steps 4
 """
 
 from __future__ import annotations
@@ -36,26 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import tiny_pipelines  # noqa: E402
+import tiny_pipelines_image  # noqa: E402
 import tiny_pipelines_video  # noqa: E402
+from tiny_pipelines import build_sd3  # noqa: E402
 
 from flowdppo.models.diffusers_adapters import build_diffusers_model  # noqa: E402
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout, sample  # noqa: E402
-
-#: name: (adapter kind, builder, guided scale, image or video). Videos share one size:
-#: 32 x 64 px (a multiple of every video VAE x patch here), 5 frames.
-FAMILIES = {
-    "sd3": ("sd3", tiny_pipelines.build_sd3, 4.5, "image"),
-    "wan22_a14b": ("wan", tiny_pipelines_video.build_wan22_a14b, 4.0, "video"),
-    "wan22_ti2v": ("wan", tiny_pipelines_video.build_wan22_ti2v, 4.0, "video"),
-    "hunyuan_video15": (
-        "hunyuan_video15",
-        tiny_pipelines_video.build_hunyuan_video15,
-        4.0,
-        "video",
-    ),
-}
-VIDEO_SIZE, FRAMES = (32, 64), 5
 
 
 def timed(fn) -> float:
@@ -64,27 +53,24 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_call(model, name: str, prompts, steps: int, guidance: float, seq: int, noise):
-    kw: dict = dict(
-        height=model.height,
-        width=model.width,
-        num_inference_steps=steps,
-        latents=noise,
-        output_type="latent",
-    )
-    if name == "hunyuan_video15":
-        from diffusers import ClassifierFreeGuidance
-
-        model.pipe.guider = ClassifierFreeGuidance(guidance_scale=guidance)
-    else:
-        kw.update(guidance_scale=guidance, max_sequence_length=seq)
-    if FAMILIES[name][3] == "video":
-        kw["num_frames"] = FRAMES
-        return model.pipe(prompts, **kw).frames
-    return model.pipe(prompts, **kw).images
+#: The guidance weight each family is timed with (besides 1.0), and the pipeline keywords
+#: for our weight g (docs/real-models.md, "Guidance").
+GUIDANCE = {"sd3": 4.5, "flux2": 4.0, "flux2_dev": 4.0, "qwen_image": 4.0, "z_image": 4.0}
+GUIDANCE.update(dict.fromkeys(tiny_pipelines_video.BUILDERS, 4.0))
+FRAMES = 5  # the video families' frames
 
 
-def bench(model, name, prompts, steps, guidance, repeats, seq) -> dict:
+def pipeline_guidance(family: str, g: float, n: int) -> dict:
+    if family == "qwen_image":
+        return {"true_cfg_scale": g, **({"negative_prompt": [""] * n} if g > 1 else {})}
+    if family == "z_image":
+        return {"guidance_scale": g - 1}
+    return {"guidance_scale": g}
+
+
+def bench(
+    model, family: str, prompts: list[str], steps: int, guidance: float, repeats: int, seq: int
+) -> dict:
     spec = SamplerSpec("flow", model.sigmas(steps), eta=0.0, guidance_scale=guidance)
     sde_spec = SamplerSpec("flow", model.sigmas(steps), eta=0.7, guidance_scale=guidance)
     group = torch.arange(len(prompts))
@@ -94,7 +80,26 @@ def bench(model, name, prompts, steps, guidance, repeats, seq) -> dict:
         return model.initial_noise(n, torch.Generator().manual_seed(0))
 
     def pipeline():
-        return pipeline_call(model, name, prompts, steps, guidance, seq, noise())
+        if family in tiny_pipelines_video.BUILDERS:
+            return video_pipeline(model, family, prompts, steps, guidance, seq, noise())
+        last = {}
+
+        def keep(pipe, i, t, tensors):
+            last["latents"] = tensors["latents"]
+            return {}
+
+        model.pipe(
+            prompt=list(prompts),
+            height=model.height,
+            width=model.width,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),  # the same noise as noise()
+            output_type="latent",
+            max_sequence_length=seq,
+            callback_on_step_end=keep,
+            **pipeline_guidance(family, guidance, n),
+        )
+        return last["latents"]
 
     def ours_cold():
         model._cache.clear()
@@ -113,89 +118,146 @@ def bench(model, name, prompts, steps, guidance, repeats, seq) -> dict:
 
     with torch.no_grad():
         diff = (ours_warm() - pipeline()).abs().max().item()
-    runs = {"pipeline": pipeline, "ours_cold": ours_cold, "ours_warm": ours_warm}
-    runs["ours_sde"] = ours_sde
+    runs = {
+        "pipeline": pipeline,
+        "ours_cold": ours_cold,
+        "ours_warm": ours_warm,
+        "ours_sde": ours_sde,
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
-    with torch.no_grad():
-        for fn in runs.values():  # warm-up
-            timed(fn)
-        for rep in range(repeats):
-            order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
-            for run in order:
-                times[run].append(timed(runs[run]))
-    ratios = {
-        k: [p / o for p, o in zip(times["pipeline"], times[k], strict=True)]
-        for k in runs
+    for fn in runs.values():  # warm-up
+        timed(fn)
+    for rep in range(repeats):
+        order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            times[name].append(timed(runs[name]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired = {
+        k: [p / t for p, t in zip(times["pipeline"], v)]
+        for k, v in times.items()
         if k != "pipeline"
     }
-    med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "guidance_scale": guidance,
         "max_abs_latent_diff_vs_pipeline": diff,
         "median_s": med,
-        "samples_per_s": {k: n / v for k, v in med.items()},
-        "paired_ratio_median": {k: statistics.median(v) for k, v in ratios.items()},
-        "paired_ratio_min": {k: min(v) for k, v in ratios.items()},
-        "paired_ratio_max": {k: max(v) for k, v in ratios.items()},
+        "images_per_s": {k: n / v for k, v in med.items()},
+        "throughput_ratio": {k: statistics.median(v) for k, v in paired.items()},
+        "ratio_range": {k: [min(v), max(v)] for k, v in paired.items()},
     }
 
 
-def load(name: str, tmp: Path, ns):
-    kind, build, _, media = FAMILIES[name]
-    if name == "sd3":
-        path = build(tmp / name, layers=ns.layers, heads=ns.heads, head_dim=ns.head_dim)
-    else:
-        path = build(tmp / name)
-    video = {"frames": FRAMES} if media == "video" else {}
-    return build_diffusers_model(
-        kind,
-        path,
-        resolution=VIDEO_SIZE if media == "video" else ns.resolution,
-        dtype="float32",
-        device="cpu",
-        max_sequence_length=ns.seq,
-        **video,
-    )
+def video_pipeline(model, family: str, prompts, steps: int, g: float, seq: int, noise):
+    """The video pipelines' own latents (``output_type="latent"``), from our noise."""
+    kw: dict = {"guidance_scale": g, "max_sequence_length": seq}
+    if family == "hunyuan_video15":
+        from diffusers import ClassifierFreeGuidance
+
+        model.pipe.guider = ClassifierFreeGuidance(guidance_scale=g)  # its CFG weight is ours
+        kw = {}
+    return model.pipe(
+        list(prompts),
+        height=model.height,
+        width=model.width,
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        latents=noise,
+        output_type="latent",
+        **kw,
+    ).frames
+
+
+def build(family: str, root: Path, ns) -> Path:
+    if family in tiny_pipelines_video.BUILDERS:
+        return tiny_pipelines_video.BUILDERS[family](root / family)
+    if family == "sd3":
+        return build_sd3(root / "sd3", layers=ns.layers, heads=ns.heads, head_dim=ns.head_dim)
+    return tiny_pipelines_image.BUILDERS[family](root / family)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    ap.add_argument("--resolution", type=int, default=64, help="image families' pixels")
-    ap.add_argument("--layers", type=int, default=4, help="SD3's transformer layers")
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=16)
+    ap.add_argument(
+        "--family",
+        default="sd3",
+        choices=[
+            "sd3",
+            *tiny_pipelines_image.BUILDERS,
+            "images",
+            *tiny_pipelines_video.BUILDERS,
+            "videos",
+        ],
+        help="images: FLUX.2 [klein], [dev], Qwen-Image and Z-Image at one shared size; "
+        "videos: Wan 2.2 A14B, TI2V-5B and HunyuanVideo 1.5 at one shared size",
+    )
+    ap.add_argument("--resolution", type=int, nargs="+", default=None, help="H [W] pixels")
+    ap.add_argument("--layers", type=int, default=4, help="SD3 only")
+    ap.add_argument("--heads", type=int, default=4, help="SD3 only")
+    ap.add_argument("--head-dim", type=int, default=16, help="SD3 only")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=32, help="max_sequence_length (text tokens)")
+    ap.add_argument("--seq", type=int, default=32, help="text max_sequence_length")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="docs/results/sampler_vs_pipeline.json")
+    ap.add_argument("--out", default=None, help="default docs/results/sampler_vs_pipeline*.json")
     ns = ap.parse_args()
+    groups = {"images": tiny_pipelines_image.BUILDERS, "videos": tiny_pipelines_video.BUILDERS}
+    families = list(groups[ns.family]) if ns.family in groups else [ns.family]
+    video = families[0] in tiny_pipelines_video.BUILDERS
+    if ns.resolution is None:
+        # Videos: a multiple of every video VAE x patch here (16, 32, 4 px).
+        ns.resolution = [64] if ns.family == "sd3" else [32, 64] if video else [64, 96]
+    size = tuple(ns.resolution * 2 if len(ns.resolution) == 1 else ns.resolution[:2])
+    suffix = "" if ns.family == "sd3" else f"_{ns.family}"
+    out = Path(ns.out or f"docs/results/sampler_vs_pipeline{suffix}.json")
     torch.set_num_threads(ns.threads)
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
-    dlog.set_verbosity_error()
     prompts = [f"prompt number {i}" for i in range(ns.batch)]
-    families = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ns.families:
-            model = load(name, Path(tmp), ns)
-            guided = FAMILIES[name][2]
-            families[name] = {
-                "transformer_params": sum(p.numel() for p in model.module.parameters()),
+    reports = []
+    for family in families:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build_diffusers_model(
+                "auto",
+                build(family, Path(tmp), ns),
+                resolution=size,
+                dtype="float32",
+                device="cpu",
+                max_sequence_length=ns.seq,
+                **({"frames": FRAMES} if family in tiny_pipelines_video.BUILDERS else {}),
+            )
+        params = sum(p.numel() for p in model.module.parameters())
+        gs = (1.0, GUIDANCE[family])
+        results = [bench(model, family, prompts, ns.steps, g, ns.repeats, ns.seq) for g in gs]
+        reports.append(
+            {
+                "family": family,
+                "pipeline": type(model.pipe).__name__,
+                "transformer_params": params,
+                "resolution": list(size),
                 "latent_shape": list(model.latent_shape(ns.batch)),
-                "results": [
-                    bench(model, name, prompts, ns.steps, g, ns.repeats, ns.seq)
-                    for g in (1.0, guided)
-                ],
+                "results": results,
             }
+        )
+        print(
+            f"{type(model.pipe).__name__}: transformer {params / 1e6:.3f} M params, "
+            f"{size[0]}x{size[1]} px, {ns.steps} steps, batch {ns.batch}, {ns.threads} threads, "
+            f"{ns.repeats} paired rounds"
+        )
+        print(f"{'guidance':>8} {'run':>10} {'median s':>9} {'img/s':>7} {'pipeline/ours':>13}")
+        for r in results:
+            for name, t in r["median_s"].items():
+                ratio = r["throughput_ratio"].get(name)
+                print(
+                    f"{r['guidance_scale']:>8} {name:>10} {t:>9.3f} "
+                    f"{r['images_per_s'][name]:>7.1f} {'' if ratio is None else f'{ratio:.2f}':>13}"
+                )
+            diff = r["max_abs_latent_diff_vs_pipeline"]
+            print(f"{'':>8} latent max |ours - pipeline| = {diff:.2e}")
     report = {
-        "families": families,
-        "random_weights": True,
         "steps": ns.steps,
         "batch": ns.batch,
         "repeats": ns.repeats,
@@ -203,22 +265,12 @@ def main() -> int:
         "device": "cpu",
         "machine": platform.platform(),
         "torch": torch.__version__,
+        "models": reports,
     }
-    out = Path(ns.out)
+    if ns.family == "sd3":
+        report["model"] = {"layers": ns.layers, "width": ns.heads * ns.head_dim}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"{ns.steps} steps, batch {ns.batch}, {ns.threads} threads, {ns.repeats} paired repeats")
-    print(f"{'family':>16} {'g':>4} {'run':>10} {'median s':>9} {'pipeline/ours [min, max]':>26}")
-    for name, fam in families.items():
-        for r in fam["results"]:
-            for run, t in r["median_s"].items():
-                ratio = ""
-                if run != "pipeline":
-                    lo, hi = r["paired_ratio_min"][run], r["paired_ratio_max"][run]
-                    ratio = f"{r['paired_ratio_median'][run]:.2f} [{lo:.2f}, {hi:.2f}]"
-                print(f"{name:>16} {r['guidance_scale']:>4} {run:>10} {t:>9.3f} {ratio:>26}")
-            diff = r["max_abs_latent_diff_vs_pipeline"]
-            print(f"{'':>16} latent max |ours - pipeline| = {diff:.2e}")
     print(f"wrote {out}")
     return 0
 

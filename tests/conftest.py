@@ -105,8 +105,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _build_pipelines(tmp_path_factory, folder: str, builders: dict) -> dict:
-    """Run each ``name: build(out_dir)`` once, quietly and on one thread; name -> path."""
+def build_tiny_pipelines(tmp_path_factory, name: str, builders: dict) -> dict:
+    """Run each builder into its own directory under a fresh temporary ``name``, quietly and
+    on one thread; the paths by builder name."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     from diffusers.utils import logging as dlog
@@ -116,9 +117,9 @@ def _build_pipelines(tmp_path_factory, folder: str, builders: dict) -> dict:
     tlog.disable_progress_bar()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp(folder)
+    root = tmp_path_factory.mktemp(name)
     try:
-        return {name: build(root / name) for name, build in builders.items()}
+        return {key: build(root / key) for key, build in builders.items()}
     finally:
         torch.set_num_threads(before)
 
@@ -127,10 +128,60 @@ def _build_pipelines(tmp_path_factory, folder: str, builders: dict) -> dict:
 def tiny_pipes(tmp_path_factory) -> dict:
     """Tiny random SD3, FLUX and Wan pipelines built offline and saved to disk, once."""
     pytest.importorskip("diffusers")
-    import tiny_pipelines as tp
+    import tiny_pipelines
 
-    builders = {"sd3": tp.build_sd3, "flux": tp.build_flux, "wan": tp.build_wan}
-    return _build_pipelines(tmp_path_factory, "pipes", builders)
+    builders = {
+        "sd3": tiny_pipelines.build_sd3,
+        "flux": tiny_pipelines.build_flux,
+        "wan": tiny_pipelines.build_wan,
+    }
+    return build_tiny_pipelines(tmp_path_factory, "pipes", builders)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_pipes(tmp_path_factory) -> dict:
+    """Tiny random FLUX.2 ([klein] and [dev]), Qwen-Image and Z-Image pipelines, built
+    offline and saved to disk once (tests/tiny_pipelines_image.py)."""
+    pytest.importorskip("diffusers")
+    import tiny_pipelines_image
+
+    return build_tiny_pipelines(tmp_path_factory, "image-pipes", tiny_pipelines_image.BUILDERS)
+
+
+def assert_sde_replay_gives_ratio_one(model, guidance_scale: float, steps: int = 6) -> None:
+    """With LoRA on and SDE steps, replaying a rollout gives ratio 1 and a finite, nonzero
+    gradient: rollout and replay compute the same velocity."""
+    from flowdppo.models.finetune import apply_finetuning
+    from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout
+    from flowdppo.trainer.update import ObjectiveSpec, step_loss
+
+    apply_finetuning(model, "lora", rank=4, alpha=8, targets=model.default_lora_targets())
+    spec = SamplerSpec("flow", model.sigmas(steps), eta=0.7, guidance_scale=guidance_scale)
+    prompts = [p for p in ("a red cat", "two dogs on grass") for _ in range(2)]
+    group = torch.tensor([0, 0, 1, 1])
+    ro = rollout(
+        model, prompts, group, spec, [0, 2], torch.Generator().manual_seed(0), ForwardCounter()
+    )
+    assert ro.states.shape[:2] == (2, 4) and torch.isfinite(ro.final).all()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for i in range(2):
+        loss, stats = step_loss(
+            model,
+            ro,
+            torch.arange(4),
+            i,
+            adv,
+            spec,
+            ObjectiveSpec("dppo", 1e-4, 1e-4),
+            ForwardCounter(),
+        )
+        assert abs(float(stats["ratio_max"]) - 1) < 1e-6
+        assert abs(float(stats["ratio_min"]) - 1) < 1e-6
+        assert float(stats["kl_max"]) < 1e-10
+        loss.mean().backward()
+    grads = [p.grad for p in model.module.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
 
 
 @pytest.fixture(scope="session")
@@ -138,32 +189,9 @@ def tiny_video_pipes(tmp_path_factory) -> dict:
     """Tiny random Wan 2.2 (A14B two experts, TI2V-5B) and HunyuanVideo 1.5 pipelines saved
     to disk, once."""
     pytest.importorskip("diffusers")
-    import tiny_pipelines_video as tv
+    import tiny_pipelines_video
 
-    builders = {
-        "wan22_a14b": tv.build_wan22_a14b,
-        "wan22_ti2v": tv.build_wan22_ti2v,
-        "hunyuan_video15": tv.build_hunyuan_video15,
-    }
-    return _build_pipelines(tmp_path_factory, "video-pipes", builders)
-
-
-class Crash(Exception):
-    """Raised by :func:`crash_after_checkpoint`'s patched trainer: a simulated kill."""
-
-
-def crash_after_checkpoint(monkeypatch, iteration: int) -> None:
-    """Make the Trainer raise :class:`Crash` right after writing ``iteration``'s checkpoint."""
-    from flowdppo.trainer.loop import Trainer
-
-    original = Trainer._checkpoint
-
-    def crash(self):
-        original(self)
-        if self.iteration == iteration:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "_checkpoint", crash)
+    return build_tiny_pipelines(tmp_path_factory, "video-pipes", tiny_pipelines_video.BUILDERS)
 
 
 def serve_on_loopback(handler: type) -> tuple[ThreadingHTTPServer, str]:

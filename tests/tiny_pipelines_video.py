@@ -153,3 +153,11 @@ def build_hunyuan_video15(out_dir: str | Path, seed: int = 0, shift: float = 7.0
         guider=ClassifierFreeGuidance(guidance_scale=1.0),
     )
     return _save(pipe, out_dir)
+
+
+#: The builders by family name (the benchmark and the test fixture share them).
+BUILDERS = {
+    "wan22_a14b": build_wan22_a14b,
+    "wan22_ti2v": build_wan22_ti2v,
+    "hunyuan_video15": build_hunyuan_video15,
+}

@@ -35,8 +35,10 @@ from torch import nn
 from flowdppo.models.base import Cond
 from flowdppo.models.diffusers_adapters.base import (
     JOINT_ATTENTION_LORA_TARGETS,
+    ComponentConfigs,
     DiffusersFlowModel,
-    frame_and_size_problem,
+    PipelineInputError,
+    require_video_sizes,
 )
 
 #: The diffusers pipeline classes (``model_index.json``'s ``_class_name``) this adapter loads.
@@ -44,36 +46,35 @@ PIPELINE_CLASSES = ("HunyuanVideo15Pipeline",)
 
 HUNYUAN_VIDEO15_LORA_TARGETS = JOINT_ATTENTION_LORA_TARGETS
 
-DEFAULT_FRAMES = 121  # the pipeline's default
-
 
 class HunyuanVideo15Model(DiffusersFlowModel):
     pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = HUNYUAN_VIDEO15_LORA_TARGETS
     default_max_sequence_length = 1000
+    default_resolution = (480, 848)  # the 480p checkpoints' 16:9 size
+    default_frames = 121  # the pipeline's
     # Measured (benchmarks/sampler_vs_pipeline.py, CPU): one forward of 2B rows cost
     # 0.87x the pipeline's two of B, the 256 ByT5 tokens' 2048-wide projection and the
     # 729 zero image tokens dominating; two calls, as the pipeline, match it.
     cfg_in_one_forward = False
 
-    def __init__(self, pipe, *, frames: int = DEFAULT_FRAMES, **kwargs):
+    def __init__(self, pipe, *, frames: int = 121, **kwargs):
         check_guider(pipe.guider)
         self.frames = frames
         kwargs["decode_batch_size"] = 1
         super().__init__(pipe, **kwargs)
         pipe.tokenizer_max_length = self.max_sequence_length
 
-    def _check_resolution(self) -> None:
-        c = self.transformer_config
-        problem = frame_and_size_problem(
-            self.height,
-            self.width,
-            self.frames,
-            self.pipe.vae_scale_factor_spatial * c.patch_size,
-            self.pipe.vae_scale_factor_temporal,
-        )
-        if problem:
-            raise ValueError(f"HunyuanVideo15Model: {problem[1]}")
+    @classmethod
+    def check_inputs(
+        cls, configs: ComponentConfigs, height: int, width: int, frames: int | None
+    ) -> None:
+        vae, transformer = configs("vae"), configs("transformer")
+        spatial = vae.get("spatial_compression_ratio", 16) * transformer.get("patch_size", 1)
+        temporal = vae.get("temporal_compression_ratio", 4)
+        frames = cls.default_frames if frames is None else frames
+        why = "the VAE's spatial compression times the transformer's patch"
+        require_video_sizes(height, width, frames, spatial, temporal, why)
 
     def _match_lora_targets(self, module: nn.Module) -> list[str]:
         # The token refiner's attention has the same names; LoRA stays on the main blocks.
@@ -146,7 +147,8 @@ class HunyuanVideo15Model(DiffusersFlowModel):
 
 
 def check_guider(guider) -> None:
-    """Refuse a guider whose guidance is not plain CFG over the whole schedule."""
+    """Refuse a guider whose guidance is not plain CFG over the whole schedule (on load:
+    its config is a guider/ file, not one of the JSON configs read before loading)."""
     if guider is None:
         return
     config = dict(getattr(guider, "config", {}))
@@ -161,23 +163,12 @@ def check_guider(guider) -> None:
         if k in config and config[k] != plain
     }
     if odd:
-        raise ValueError(
+        raise PipelineInputError(
+            "model.path",
             f"this HunyuanVideo15Pipeline's guider sets {odd}; flowdppo's guidance is plain "
             "classifier-free guidance at every step (sampler.guidance_scale): reset those "
-            "keys in guider/guider_config.json"
+            "keys in guider/guider_config.json",
         )
 
 
-def validate(model_index: dict, transformer: dict, vae: dict, **sizes) -> tuple[str, str] | None:
-    """Check a HunyuanVideo 1.5 directory's JSON configs against the run's ``resolution``
-    and ``frames``; reads no weights. ``(config key, message)`` or None."""
-    spatial = int(vae.get("spatial_compression_ratio", 16)) * int(transformer.get("patch_size", 1))
-    resolution, frames = sizes["resolution"], sizes.get("frames")
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-    return frame_and_size_problem(
-        height,
-        width,
-        DEFAULT_FRAMES if frames is None else frames,
-        spatial,
-        int(vae.get("temporal_compression_ratio", 4)),
-    )
+ADAPTER = HunyuanVideo15Model

@@ -35,10 +35,12 @@ import torch
 from torch import nn
 
 from flowdppo.models.base import Cond, index_cond
-from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel, frame_and_size_problem
-
-#: The diffusers pipeline classes (``model_index.json``'s ``_class_name``) this adapter loads.
-PIPELINE_CLASSES = ("WanPipeline",)
+from flowdppo.models.diffusers_adapters.base import (
+    ComponentConfigs,
+    DiffusersFlowModel,
+    PipelineInputError,
+    require_video_sizes,
+)
 
 #: Self- and cross-attention projections of every block.
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -46,8 +48,6 @@ WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: Where the low-noise expert's LoRA goes in an export; load it with
 #: ``pipe.load_lora_weights(DIR, weight_name=LOW_NOISE_LORA_FILE, load_into_transformer_2=True)``.
 LOW_NOISE_LORA_FILE = "pytorch_lora_weights_transformer_2.safetensors"
-
-DEFAULT_FRAMES = 81
 
 
 class WanExperts(nn.Module):
@@ -67,25 +67,28 @@ class WanExperts(nn.Module):
         return (self.transformer if expert == 0 else self.transformer_2)(**inputs)
 
 
+#: The pipeline classes (``model_index.json``'s ``_class_name``) this adapter takes.
+PIPELINE_CLASSES = ("WanPipeline",)
+
+
 class WanModel(DiffusersFlowModel):
     pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = WAN_LORA_TARGETS
     default_max_sequence_length = 512
+    default_resolution = (480, 832)
+    default_frames = 81
 
     def __init__(
         self,
         pipe,
         *,
-        frames: int = DEFAULT_FRAMES,
+        frames: int = 81,
         guidance_scale_2: float | None = None,
         **kwargs,
     ):
-        check_layout(
-            pipe.transformer is not None,
-            getattr(pipe, "transformer_2", None) is not None,
-            pipe.config.get("boundary_ratio"),
-            guidance_scale_2,
-        )
+        # The layout and sizes are checked by check_inputs (base __init__).
+        if guidance_scale_2 is not None and pipe.config.get("boundary_ratio") is None:
+            raise PipelineInputError("sampler.guidance_scale_2", NO_LOW_NOISE_EXPERT)
         self.frames = frames
         self.expand_timesteps = bool(pipe.config.get("expand_timesteps", False))
         ratio = pipe.config.get("boundary_ratio")
@@ -103,16 +106,31 @@ class WanModel(DiffusersFlowModel):
             self.module = WanExperts(pipe.transformer, low)
             self._lora_targets = self._match_lora_targets(self.module)
 
-    def _check_resolution(self) -> None:
-        problem = frame_and_size_problem(
-            self.height,
-            self.width,
-            self.frames,
-            self.pipe.vae_scale_factor_spatial * self.transformer_config.patch_size[1],
-            self.pipe.vae_scale_factor_temporal,
+    @classmethod
+    def check_inputs(
+        cls, configs: ComponentConfigs, height: int, width: int, frames: int | None
+    ) -> None:
+        index = configs("pipeline")
+        check_layout(
+            bool((index.get("transformer") or [None])[0]),
+            bool((index.get("transformer_2") or [None])[0]),
+            index.get("boundary_ratio"),
         )
-        if problem:
-            raise ValueError(f"WanModel: {problem[1]}")
+        vae = configs("vae")
+        downsample = list(vae.get("temperal_downsample", [False, True, True]))
+        # Wan 2.2's 48-channel VAE patchifies inside and says its own factors.
+        spatial = vae.get("scale_factor_spatial") or 2 ** len(downsample)
+        spatial *= configs("transformer")["patch_size"][1]
+        temporal = vae.get("scale_factor_temporal") or 2 ** sum(downsample)
+        frames = cls.default_frames if frames is None else frames
+        why = "the VAE's spatial downsampling times the transformer's patch"
+        require_video_sizes(height, width, frames, spatial, temporal, why)
+
+    @classmethod
+    def check_guidance_scale_2(cls, configs: ComponentConfigs) -> None:
+        """``sampler.guidance_scale_2`` needs a two-expert (A14B) pipeline."""
+        if configs("pipeline").get("boundary_ratio") is None:
+            raise PipelineInputError("sampler.guidance_scale_2", NO_LOW_NOISE_EXPERT)
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         s = self.pipe.vae_scale_factor_spatial
@@ -209,55 +227,27 @@ class WanModel(DiffusersFlowModel):
 
 
 # ---------------------------------------------------------------------- checks before loading
-def check_layout(
-    has_transformer: bool, has_transformer_2: bool, boundary_ratio, guidance_scale_2
-) -> None:
-    """Raise a ValueError naming the fix for a Wan layout this adapter cannot train."""
+NO_LOW_NOISE_EXPERT = (
+    "sampler.guidance_scale_2: it is the low-noise expert's guidance of a two-expert Wan 2.2 "
+    "(A14B) pipeline; this one has a single transformer: drop it"
+)
+
+
+def check_layout(has_transformer: bool, has_transformer_2: bool, boundary_ratio) -> None:
+    """Raise a :class:`PipelineInputError` for a Wan layout this adapter cannot train."""
     if not has_transformer:
-        raise ValueError(
+        raise PipelineInputError(
+            "model.path",
             "this WanPipeline has no 'transformer' (only transformer_2); the Wan adapter "
-            "needs the high-noise expert too: download the full checkpoint"
+            "needs the high-noise expert too: download the full checkpoint",
         )
     if has_transformer_2 != (boundary_ratio is not None):
-        raise ValueError(
+        raise PipelineInputError(
+            "model.path",
             "this WanPipeline has "
             + ("transformer_2 but no boundary_ratio" if has_transformer_2 else "a boundary_ratio")
-            + " but not both, which no Wan 2.2 checkpoint has; fix its model_index.json"
-        )
-    if guidance_scale_2 is not None and boundary_ratio is None:
-        raise ValueError(
-            "sampler.guidance_scale_2 is the low-noise expert's guidance of a two-expert "
-            "Wan 2.2 (A14B) pipeline; this one has a single transformer: drop it"
+            + " but not both, which no Wan 2.2 checkpoint has; fix its model_index.json",
         )
 
 
-def validate(
-    model_index: dict,
-    transformer: dict,
-    vae: dict,
-    *,
-    resolution: int | tuple[int, int],
-    frames: int | None,
-    guidance_scale_2: float | None = None,
-) -> tuple[str, str] | None:
-    """Check a Wan directory's JSON configs against the run's sizes; reads no weights.
-
-    Returns ``(config key, message)`` for the first problem, or None. ``transformer`` is
-    ``transformer/config.json`` (or ``transformer_2``'s when the other is absent).
-    """
-    try:
-        check_layout(
-            bool(model_index.get("transformer", [None])[0]),
-            bool((model_index.get("transformer_2") or [None])[0]),
-            model_index.get("boundary_ratio"),
-            guidance_scale_2,
-        )
-    except ValueError as exc:
-        key = "sampler.guidance_scale_2" if "guidance_scale_2" in str(exc) else "model.path"
-        return key, str(exc)
-    spatial = int(vae.get("scale_factor_spatial") or 8) * int(transformer["patch_size"][1])
-    temporal = int(vae.get("scale_factor_temporal") or 4)
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-    return frame_and_size_problem(
-        height, width, DEFAULT_FRAMES if frames is None else frames, spatial, temporal
-    )
+ADAPTER = WanModel
