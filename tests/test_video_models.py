@@ -250,6 +250,7 @@ def test_grpo_trains_and_its_export_loads_into_a_plain_pipeline(
         ("wan22_ti2v", "sampler.guidance_scale_2=2", "sampler.guidance_scale_2", "drop it"),
         ("hunyuan_video15", "model.frames=8", "model.frames", "use e.g. 9"),
         ("hunyuan_video15", "model.resolution=[18,24]", "model.resolution", "use e.g. 16"),
+        ("wan22_a14b", "model.kind=hunyuan_video15", "model.kind", "use model kind 'wan'"),
     ],
 )
 def test_bad_sizes_end_before_any_weight_is_read(
@@ -312,3 +313,11 @@ def test_recipes_fit_the_released_checkpoints(family, algorithm):
     ADAPTERS[cfg.model.kind].check_inputs(configs, *cfg.model.resolution, cfg.model.frames)
     # The per-step trust region is resolved against this model's own latent size.
     assert cfg.objective.dppo_threshold_per_step or cfg.objective.clip_range_per_step
+
+
+def test_auto_kind_picks_the_video_adapters(tiny_video_pipes):
+    from flowdppo.models.diffusers_adapters import ADAPTERS, check_pipeline
+
+    for layout, path in tiny_video_pipes.items():
+        cls, size = check_pipeline("auto", path, resolution=SIZE[layout], frames=FRAMES)
+        assert cls is ADAPTERS[KIND[layout]] and size == SIZE[layout]
