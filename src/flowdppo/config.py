@@ -265,6 +265,12 @@ class ModelConfig(_Section):
     )
     negative_prompt: str = Field("", description="the negative prompt of guidance")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    forward_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="samples per model forward in rollout, reference KL and evaluation, and "
+        "the default batch of model rewards; null: the whole batch in one forward",
+    )
 
     @field_validator("resolution")
     @classmethod

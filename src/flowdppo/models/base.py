@@ -39,6 +39,9 @@ class FlowModel(ABC):
     module: nn.Module
     #: Time shift applied to the sigma schedule (SD3 uses 3.0).
     shift: float = 1.0
+    #: Samples per model forward outside the update (rollout, reference KL, evaluation);
+    #: None: the whole batch in one forward. See :meth:`batched_velocity`.
+    forward_batch_size: int | None = None
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> Cond:
@@ -58,6 +61,31 @@ class FlowModel(ABC):
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0
     ) -> torch.Tensor:
         """Predict the velocity ``v = eps - x0`` at noise level ``sigma`` (shape [B])."""
+
+    def batched_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """:meth:`velocity` in forwards of at most ``forward_batch_size`` samples.
+
+        Only the network call is split; the caller draws the step's noise for the whole
+        batch, so the random stream does not depend on the split. With guidance the network
+        sees twice the rows (negative and positive). Every sample's velocity is computed
+        from its own rows alone, so on the CPU the result is bit for bit the one-forward
+        result when each chunk keeps the matrix kernel's row blocking (docs/cost.md,
+        "Forward batch size").
+        """
+        n, b = self.forward_batch_size, x.shape[0]
+        if n is None or b <= n:
+            return self.velocity(x, sigma, cond, guidance_scale)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+        sigma = sigma.expand(b) if sigma.numel() == 1 else sigma
+        parts = [
+            self.velocity(
+                x[s : s + n], sigma[s : s + n], index_cond(cond, slice(s, s + n)), guidance_scale
+            )
+            for s in range(0, b, n)
+        ]
+        return torch.cat(parts)
 
     @abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:

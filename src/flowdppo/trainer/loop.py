@@ -8,6 +8,7 @@ function called in :func:`flowdppo.trainer.update.step_loss`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import signal
@@ -22,7 +23,7 @@ from flowdppo import plugins, schedule
 from flowdppo.config import Config, dump_config, resolve_trust_region, reward_weights
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
-from flowdppo.rewards import get_reward
+from flowdppo.rewards import get_reward, reward_factory
 from flowdppo.tasks import task_for_config
 from flowdppo.trainer import budget, guards, preemption, watchdog
 from flowdppo.trainer import checkpoint as ckpt
@@ -46,6 +47,21 @@ def make_sampler_spec(
             s.num_steps, shift, num_train_timesteps=num_train_timesteps
         )
     return SamplerSpec(cfg.kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+
+
+def reward_options(cfg: Config, name: str) -> dict:
+    """``reward.options.NAME``, with ``model.forward_batch_size`` as the batch of a model
+    reward that takes a ``batch_size`` and was not given one."""
+    options = dict(cfg.reward.options.get(name, {}))
+    n = cfg.model.forward_batch_size
+    if n is not None and "batch_size" not in options:
+        try:
+            takes = "batch_size" in inspect.signature(reward_factory(name)).parameters
+        except (TypeError, ValueError):  # no signature to read
+            takes = False
+        if takes:
+            options["batch_size"] = n
+    return options
 
 
 def lr_factor(cfg: Config, step: int, total: int) -> float:
@@ -92,7 +108,7 @@ class Trainer:
                 f"{reward_names})"
             )
         self.rewards = {
-            name: get_reward(name, **cfg.reward.options.get(name, {})) for name in reward_names
+            name: get_reward(name, **reward_options(cfg, name)) for name in reward_names
         }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
@@ -101,6 +117,7 @@ class Trainer:
                 f"{reward_names}"
             )
         self.model = self.task.build_model(cfg.model.weights)
+        self.model.forward_batch_size = cfg.model.forward_batch_size
         # Trust regions in both forms (per element and nats per step) for this model's
         # latent size; config.yaml and summary.json record both.
         self.cfg = cfg = resolve_trust_region(cfg, self.model.latent_elements())

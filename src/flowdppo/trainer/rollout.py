@@ -131,7 +131,11 @@ class ForwardCounter:
         self.samples[phase] = self.samples.get(phase, 0) + x.shape[0]
         mark(phase)
         fault_point(phase)
-        return model.velocity(x, sigma, cond, guidance_scale)
+        if torch.is_grad_enabled():
+            # A split under gradient keeps every chunk's graph until the backward and saves
+            # nothing: the update splits its minibatch with train.micro_batch instead.
+            return model.velocity(x, sigma, cond, guidance_scale)
+        return model.batched_velocity(x, sigma, cond, guidance_scale)
 
     def as_dict(self) -> dict[str, int]:
         out = {f"forward_calls/{k}": v for k, v in self.calls.items()}
