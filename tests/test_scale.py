@@ -122,3 +122,137 @@ def test_forward_batch_size_is_the_default_reward_batch(toy_overrides):
         cfg_overrides + ["reward.names=[toy_batched]", "reward.options.toy_batched.batch_size=2"],
     )
     assert reward_options(cfg, "toy_batched") == {"batch_size": 2}  # the user's own wins
+
+
+# ---------------------------------------------------------------- text-encoder offload
+def test_offloaded_text_encoders_give_the_same_run_and_visit_the_device_only_to_encode(
+    tiny_pipes, monkeypatch
+):
+    from flowdppo.models.diffusers_adapters import base
+
+    kept = _tiny("sd3", tiny_pipes["sd3"], offload_text_encoders=False)
+    model = _tiny("sd3", tiny_pipes["sd3"], offload_text_encoders=True)
+    # This machine has one device, the CPU: stand a marker in for the offload device to see
+    # where each component is sent, and when.
+    moves: list[tuple[str, str]] = []
+    names = {id(c): n for n, c in model.pipe.components.items()}
+    names[id(model.pipe.vae.encoder)] = "vae.encoder"
+    real_to = torch.nn.Module.to
+
+    def spy(self, *args, **kw):
+        if id(self) in names:
+            moves.append((names[id(self)], "offload" if args[0] is marker else "device"))
+            return self
+        return real_to(self, *args, **kw)
+
+    marker = torch.device("cpu")
+    monkeypatch.setattr(base, "OFFLOAD_DEVICE", marker)
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    spec = _spec(model, guidance=4.5)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    group = torch.arange(2).repeat_interleave(2)
+    ros = []
+    for m in (kept, model):
+        moves.clear()
+        ros.append(
+            rollout(
+                m, prompts, group, spec, [1], torch.Generator().manual_seed(0), ForwardCounter()
+            )
+        )
+        ros.append(
+            rollout(
+                m, prompts, group, spec, [1], torch.Generator().manual_seed(1), ForwardCounter()
+            )
+        )
+    monkeypatch.undo()
+    for a, b in zip(ros[:2], ros[2:]):
+        for key in ("final", "states", "next_states", "log_probs"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert all(torch.equal(a.cond[k], b.cond[k]) for k in a.cond)
+    encoders = sorted(n for n in names.values() if n.startswith("text_encoder"))
+    assert len(encoders) == 3
+    # One visit for the prompts, one for the negative prompt; the second rollout's prompts
+    # come from the cache and move nothing.
+    visit = [(n, "device") for n in encoders] + [(n, "offload") for n in encoders]
+    assert moves == visit + visit
+    assert all(v.device.type == "cpu" for entry in model._cache.values() for v in entry.values())
+
+    # At load: the text encoders never go to the device, the VAE's encoder goes to the
+    # offload device, everything else to the device.
+    loaded: list[tuple[str, str]] = []
+
+    def spy_load(self, *args, **kw):
+        where = "offload" if args and args[0] is marker else "device"
+        loaded.append((type(self).__name__, where))
+        return real_to(self, *args, **kw)
+
+    monkeypatch.setattr(base, "OFFLOAD_DEVICE", marker)
+    monkeypatch.setattr(torch.nn.Module, "to", spy_load)
+    _tiny("sd3", tiny_pipes["sd3"], offload_text_encoders=True)
+    monkeypatch.undo()
+    assert set(loaded) == {
+        ("SD3Transformer2DModel", "device"),
+        ("AutoencoderKL", "device"),
+        ("Encoder", "offload"),
+    }
+
+
+# ---------------------------------------------------------------- reference KL subsampling
+def test_subsampled_reference_kl_is_an_unbiased_estimate_of_the_full_one():
+    import copy
+
+    from conftest import ToyModel
+
+    from flowdppo.trainer.rollout import reference_kl, reference_kl_rows
+
+    model = ToyModel()
+    model.frozen_reference = copy.deepcopy(model.module).requires_grad_(False)
+    with torch.no_grad():  # a policy some way from the reference
+        for p in model.module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    spec = SamplerSpec("flow", torch.linspace(1, 0, 7), 0.7)
+    prompts = ["bright", "dark", "grey", "dark"]
+    batch = [p for p in prompts for _ in range(4)]
+    group = torch.arange(4).repeat_interleave(4)
+    ro = rollout(
+        model, batch, group, spec, [1, 3], torch.Generator().manual_seed(0), ForwardCounter()
+    )
+    full = reference_kl(model, ro, spec, ForwardCounter())
+    counter = ForwardCounter()
+    rows = reference_kl_rows(group, 1, seed=5)
+    sub = reference_kl(model, ro, spec, counter, rows)
+    assert counter.samples == {"ref_kl": 2 * 4}  # one sample per group and step
+    assert torch.equal(group[rows], torch.arange(4))
+    torch.testing.assert_close(sub, full[:, rows], rtol=1e-5, atol=0)
+    # Over many draws the estimate's mean is the full mean (within 4 standard errors), and
+    # every sample is drawn as often as any other.
+    draws = [reference_kl_rows(group, 1, seed=s) for s in range(3000)]
+    estimates = torch.stack([full[:, r].mean() for r in draws]).double()
+    se = estimates.std() / len(estimates) ** 0.5
+    assert full.std(dim=1).max() > 0.2 * full.mean()  # the samples differ: a real test
+    assert abs(estimates.mean() - full.double().mean()) < 4 * se
+    hits = torch.bincount(torch.cat(draws), minlength=16).double()
+    assert hits.min() > 0.85 * hits.mean() and hits.max() < 1.15 * hits.mean()
+
+
+def test_reference_kl_every_and_samples_in_a_run(tmp_path, toy_overrides):
+    rows = _run(
+        tmp_path,
+        toy_overrides + ["train.iterations=4", "log.ref_kl_every=2", "log.ref_kl_samples=1"],
+        "sub",
+    )
+    assert ["kl_ref/mean" in r for r in rows] == [False, True, False, True]
+    assert [r.get("kl_ref/samples") for r in rows] == [None, 2, None, 2]  # one per group
+    # 2 measurements x 2 recorded steps x 2 samples
+    assert rows[-1]["forward_samples/ref_kl"] == 8
+
+
+def test_reference_kl_defaults_are_cheap_for_real_models_only(toy_overrides):
+    from flowdppo.config import ref_kl_plan
+
+    assert ref_kl_plan(load_config(None, toy_overrides)) == (1, None)
+    real = ["task=prompts", "model.kind=sd3"]
+    assert ref_kl_plan(load_config(None, real)) == (10, 1)
+    assert ref_kl_plan(load_config(None, real + ["log.ref_kl_every=1"])) == (1, 1)
+    with pytest.raises(ValueError, match="log.ref_kl_samples"):
+        load_config(None, toy_overrides + ["log.ref_kl_samples=5"])

@@ -421,8 +421,20 @@ class DistributedTrainer(Trainer):
         as_rewards = {name: (lambda _i, _p, r=r: r) for name, r in scored.items()}
         return guards.score(as_rewards, images, prompts, self.cfg.reward.max_invalid_fraction)
 
-    def _reference_kl(self, ro) -> torch.Tensor:
-        return self._gather(reference_kl(self.model, ro, self.spec, self.counter), dim=1)
+    def _reference_kl(self, ro, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None:
+            return self._gather(reference_kl(self.model, ro, self.spec, self.counter), dim=1)
+        # Every process measures its own drawn rows, padded with stand-ins to the largest
+        # count so that all of them run the same forwards (FSDP gathers in each one).
+        size = self.shard.size
+        owners = rows // size
+        counts = [int((owners == p).sum()) for p in range(self.world_size)]
+        width = max(counts)
+        mine = rows[owners == self.rank] - self.shard.start
+        local = torch.cat([mine, mine.new_zeros(width - len(mine))])
+        kl = self._gather(reference_kl(self.model, ro, self.spec, self.counter, local), dim=1)
+        keep = [p * width + j for p in range(self.world_size) for j in range(counts[p])]
+        return kl[:, keep]
 
     def run_iteration(self) -> dict[str, float]:
         metrics = super().run_iteration()

@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 
 from flowdppo import plugins, schedule
-from flowdppo.config import Config, dump_config, resolve_trust_region, reward_weights
+from flowdppo.config import (
+    Config,
+    dump_config,
+    ref_kl_plan,
+    resolve_trust_region,
+    reward_weights,
+)
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward, reward_factory
@@ -29,7 +35,13 @@ from flowdppo.trainer import budget, guards, preemption, watchdog
 from flowdppo.trainer import checkpoint as ckpt
 from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.lock import RunLock
-from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
+from flowdppo.trainer.rollout import (
+    ForwardCounter,
+    SamplerSpec,
+    reference_kl,
+    reference_kl_rows,
+    rollout,
+)
 from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
 from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
 
@@ -395,8 +407,9 @@ class Trainer:
             self.model, prompts, group, self.spec, sde_steps, self.generator, self.counter
         )
 
-    def _reference_kl(self, ro) -> torch.Tensor:
-        return reference_kl(self.model, ro, self.spec, self.counter)
+    def _reference_kl(self, ro, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[K, samples]: the KL at every recorded step of the samples ``rows`` (None: all)."""
+        return reference_kl(self.model, ro, self.spec, self.counter, rows)
 
     def _open_log(self) -> RunLog:
         return RunLog(self.run_dir, self.cfg.log.tensorboard, start_iteration=self.iteration)
@@ -434,11 +447,17 @@ class Trainer:
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
             ).to(ro.final.device)
-        if cfg.log.ref_kl:
+        every, per_group = ref_kl_plan(cfg)
+        if cfg.log.ref_kl and (self.iteration + 1) % every == 0:
             with self._timed("ref_kl", metrics):
-                kl = self._reference_kl(ro)
+                rows = None
+                if per_group is not None:
+                    seed = cfg.train.seed * 1_000_003 + self.iteration
+                    rows = reference_kl_rows(group, per_group, seed)
+                kl = self._reference_kl(ro, rows)
             metrics["kl_ref/mean"] = float(kl.mean())
             metrics["kl_ref/path"] = float(kl.sum(0).mean())
+            metrics["kl_ref/samples"] = kl.shape[1]
         with self._timed("update", metrics):
             self._update(ro, advantages, metrics)
         total = sum(rewards.values()) if len(rewards) > 1 else next(iter(rewards.values()))
