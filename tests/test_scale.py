@@ -256,3 +256,68 @@ def test_reference_kl_defaults_are_cheap_for_real_models_only(toy_overrides):
     assert ref_kl_plan(load_config(None, real + ["log.ref_kl_every=1"])) == (1, 1)
     with pytest.raises(ValueError, match="log.ref_kl_samples"):
         load_config(None, toy_overrides + ["log.ref_kl_samples=5"])
+
+
+# ---------------------------------------------------------------- host syncs
+class _OnDevice(torch.Tensor):
+    """Marks what would live on the GPU (the recorded latents and everything computed from
+    the model's output; torch keeps the subclass through every op) and counts each read of
+    such a value back to the host, which on a GPU waits for all queued work."""
+
+    reads = 0
+
+    def _read(self, name, *args):
+        _OnDevice.reads += 1
+        return getattr(torch.Tensor, name)(self.as_subclass(torch.Tensor), *args)
+
+    def __bool__(self):
+        return self._read("__bool__")
+
+    def __float__(self):
+        return self._read("__float__")
+
+    def __int__(self):
+        return self._read("__int__")
+
+    def item(self):
+        return self._read("item")
+
+    def tolist(self):
+        return self._read("tolist")
+
+    def numpy(self, *args, **kw):
+        return self._read("numpy")
+
+    def cpu(self, *args, **kw):
+        return self._read("cpu")
+
+
+@pytest.mark.parametrize(
+    "extra,optimizer_steps",
+    [([], 2), (["train.inner_epochs=2", "train.minibatch_size=2", "train.grad_accum=2"], 4)],
+    ids=["plain", "accumulated"],
+)
+def test_the_update_reads_the_device_once_per_optimizer_step_and_once_at_the_end(
+    tmp_path, toy_overrides, monkeypatch, extra, optimizer_steps
+):
+    over = toy_overrides + ["sampler.num_sde_steps=3", "train.minibatch_size=4"] + extra
+    trainer = Trainer(load_config(None, over), tmp_path / "run")
+    prompts, group = trainer._draw_prompts()
+    ro = trainer._rollout(prompts, group, [0, 1, 2])
+    for key in ("states", "next_states", "means", "log_probs"):
+        setattr(ro, key, getattr(ro, key).as_subclass(_OnDevice))
+    advantages = torch.randn(ro.batch_size).as_subclass(_OnDevice)
+    velocity = trainer.model.velocity
+    monkeypatch.setattr(
+        trainer.model, "velocity", lambda *a, **k: velocity(*a, **k).as_subclass(_OnDevice)
+    )
+    _OnDevice.reads = 0
+    metrics: dict = {}
+    trainer._update(ro, advantages, metrics)
+    # 3 trained steps x 2 (or 8) minibatches: no read per trained step, one per optimizer
+    # step (the skip decision), one for all the statistics.
+    assert trainer.optimizer_steps == optimizer_steps
+    assert _OnDevice.reads == optimizer_steps + 1
+    assert metrics["grad_norm"] > 0 and 0 <= metrics["masked_fraction"] <= 1
+    assert metrics["first_update_ratio_dev"] < 1e-5
+    trainer._release_run_dir()

@@ -495,7 +495,7 @@ class DistributedTrainer(Trainer):
                     pending = 0
                     pending_loss = torch.zeros((), dtype=torch.float64)
         self._combine_update_stats(calls, metrics)
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics["grad_norm"] = float(torch.stack(grad_norms).mean()) if grad_norms else math.nan
         metrics["train/skipped_steps"] = skipped
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 

@@ -330,8 +330,6 @@ class Trainer:
         acc = StatsAccumulator()
         n_steps = len(ro.sde_steps)
         total_updates = t.iterations * self._updates_per_iteration()
-        grad_norms = []
-        first_dev = None
         pending = 0
         pending_loss = torch.zeros(())
         skipped = 0
@@ -350,10 +348,10 @@ class Trainer:
                     self.counter.backward += 1
                     acc.add(stats)
                     if epoch == 0 and start == 0:
-                        dev = max(
-                            abs(float(stats["ratio_max"]) - 1), abs(float(stats["ratio_min"]) - 1)
+                        dev = torch.maximum(
+                            (stats["ratio_max"] - 1).abs(), (stats["ratio_min"] - 1).abs()
                         )
-                        first_dev = dev if first_dev is None else max(first_dev, dev)
+                        acc.keep("first_update_ratio_dev", dev)
                 pending += 1
                 last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= ro.batch_size
                 if pending == t.grad_accum or last:
@@ -361,13 +359,12 @@ class Trainer:
                     if norm is None:
                         skipped += 1
                     else:
-                        grad_norms.append(norm)
+                        acc.add({"grad_norm": norm})
                     pending = 0
                     pending_loss = torch.zeros(())
         metrics.update(acc.result())
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics.setdefault("grad_norm", math.nan)  # every step was skipped
         metrics["train/skipped_steps"] = skipped
-        metrics["first_update_ratio_dev"] = first_dev
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _updates_per_iteration(self) -> int:
@@ -375,12 +372,16 @@ class Trainer:
         minibatches = math.ceil(self.cfg.samples_per_iteration / t.minibatch_size)
         return t.inner_epochs * math.ceil(minibatches / t.grad_accum)
 
-    def _optimizer_step(self, total_updates: int, loss_sum: torch.Tensor) -> float | None:
-        """Clip and apply the accumulated gradient; None when it was skipped as non-finite."""
+    def _optimizer_step(self, total_updates: int, loss_sum: torch.Tensor) -> torch.Tensor | None:
+        """Clip and apply the accumulated gradient: its norm (a tensor on the device), or None
+        when it was skipped as non-finite."""
         t = self.cfg.train
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if not (torch.isfinite(norm) and torch.isfinite(loss_sum)):
+        # One host read per optimizer step: a skipped step must leave Adam's moments and
+        # step count alone, which the host decides before calling the optimizer.
+        finite = torch.isfinite(norm) & torch.isfinite(loss_sum.to(norm.device))
+        if not bool(finite):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_in_a_row += 1
             if self.skipped_in_a_row > t.max_skipped_steps:
@@ -399,7 +400,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        return float(norm)
+        return norm.detach()
 
     # Hooks that multi-process training (trainer/distributed.py) overrides.
     def _rollout(self, prompts: list[str], group: torch.Tensor, sde_steps: list[int]):
