@@ -192,6 +192,12 @@ class TrainConfig(_Section):
     inner_epochs: int = Field(1, ge=1, description="passes over each rollout")
     minibatch_size: int = Field(32, ge=1, description="samples per gradient step")
     grad_accum: int = Field(1, ge=1, description="minibatches per optimizer step")
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="samples per forward and backward in the update (a minibatch is split "
+        "into micro-batches whose gradients add up to its own); null: the whole minibatch",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -223,6 +229,14 @@ class TrainConfig(_Section):
         gt=0,
         description="multi-process runs: a process that makes no progress this long, or whose "
         "launcher or peers are gone, ends the job (docs/RELIABILITY.md)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the network for rollout, reference KL and update (the "
+        "module is compiled in place: checkpoints, LoRA export and resume see the same names)",
+    )
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend (aot_eager: graph capture only)"
     )
     checkpoint_every_minutes: float | None = Field(
         None,

@@ -95,6 +95,18 @@ class FlowModel(ABC):
     #: With LoRA it stays ``None``: disabling the adapters gives the reference for free.
     frozen_reference: nn.Module | None = None
 
+    def compile(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the network (and a frozen reference copy) in place.
+
+        ``nn.Module.compile`` compiles the module's call and keeps the module itself, so
+        parameter names, state dicts, LoRA adapters and ``reference()`` are unchanged (no
+        ``_orig_mod.`` prefix). Disabling LoRA adapters for the reference is a change the
+        compiled code guards on: it compiles the second variant once and keeps both.
+        """
+        self.module.compile(backend=backend)
+        if self.frozen_reference is not None:
+            self.frozen_reference.compile(backend=backend)
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Answer as the frozen pre-trained model inside this context.

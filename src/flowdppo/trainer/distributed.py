@@ -220,6 +220,12 @@ class DistributedTrainer(Trainer):
         self.world_size = dist.get_world_size()
         self.backend = dist.get_backend()
         check_world_size(cfg, self.world_size)
+        if cfg.train.micro_batch is not None:
+            raise TrainingError(
+                "train.micro_batch is not supported under torchrun yet: each process already "
+                "trains on its share of the minibatch; lower train.minibatch_size instead "
+                "(or set train.micro_batch=null)"
+            )
         n, w = cfg.samples_per_iteration, self.world_size
         self.shard = Shard(self.rank * n // w, n // w, n)
         self.fsdp = cfg.train.distributed == "fsdp"

@@ -146,6 +146,8 @@ class Trainer:
         )
         self.params = self._shard_model(self.params)
         t = cfg.train
+        if t.compile:
+            self.model.compile(t.compile_backend)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
         )
@@ -338,20 +340,31 @@ class Trainer:
             perm = torch.randperm(ro.batch_size, generator=self.generator)
             for start in range(0, ro.batch_size, t.minibatch_size):
                 idx = perm[start : start + t.minibatch_size]
+                # Average over the trained steps and the samples of the optimizer step.
+                scale = 1.0 / (len(idx) * n_steps * t.grad_accum)
                 for i in range(n_steps):
-                    loss, stats = step_loss(
-                        self.model, ro, idx, i, advantages, self.spec, self.objective, self.counter
-                    )
-                    # Average over the trained steps and the samples of the optimizer step.
-                    (loss.mean() / (n_steps * t.grad_accum)).backward()
-                    pending_loss = pending_loss + loss.detach().sum()
-                    self.counter.backward += 1
-                    acc.add(stats)
-                    if epoch == 0 and start == 0:
-                        dev = torch.maximum(
-                            (stats["ratio_max"] - 1).abs(), (stats["ratio_min"] - 1).abs()
+                    # train.micro_batch: one forward and backward per micro-batch; the
+                    # gradients add up to the minibatch's.
+                    for micro in idx.split(t.micro_batch or len(idx)):
+                        loss, stats = step_loss(
+                            self.model,
+                            ro,
+                            micro,
+                            i,
+                            advantages,
+                            self.spec,
+                            self.objective,
+                            self.counter,
                         )
-                        acc.keep("first_update_ratio_dev", dev)
+                        (loss.sum() * scale).backward()
+                        pending_loss = pending_loss + loss.detach().sum()
+                        self.counter.backward += 1
+                        acc.add(stats, weight=len(micro))
+                        if epoch == 0 and start == 0:
+                            dev = torch.maximum(
+                                (stats["ratio_max"] - 1).abs(), (stats["ratio_min"] - 1).abs()
+                            )
+                            acc.keep("first_update_ratio_dev", dev)
                 pending += 1
                 last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= ro.batch_size
                 if pending == t.grad_accum or last:

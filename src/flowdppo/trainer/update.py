@@ -89,16 +89,18 @@ class StatsAccumulator:
         self.counts: dict[str, int] = {}
         self.extremes: dict[str, torch.Tensor] = {}
 
-    def add(self, stats: dict[str, torch.Tensor | float]) -> None:
+    def add(self, stats: dict[str, torch.Tensor | float], weight: int = 1) -> None:
+        """One call's statistics; ``weight``: the samples they are means over (a call over
+        a micro-batch counts for its share of the minibatch)."""
         for key, value in stats.items():
             if key.endswith("_min"):
                 self.keep(key, value, torch.minimum)
             elif key.endswith("_max"):
                 self.keep(key, value, torch.maximum)
             else:
-                v = _scalar(value)
+                v = _scalar(value) * weight
                 self.sums[key] = self.sums[key] + v if key in self.sums else v
-                self.counts[key] = self.counts.get(key, 0) + 1
+                self.counts[key] = self.counts.get(key, 0) + weight
 
     def keep(self, key: str, value: torch.Tensor | float, pick=torch.maximum) -> None:
         """Keep the extreme (``pick``: torch.maximum or torch.minimum) of ``value`` seen."""
