@@ -370,3 +370,29 @@ def test_micro_batches_give_the_minibatch_gradient(tmp_path, toy_overrides):
     a = load_file(tmp_path / "whole" / "ckpt-000002" / "model.safetensors")
     b = load_file(tmp_path / "micro" / "ckpt-000002" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+# ---------------------------------------------------------------- the GPU benchmark
+def test_gpu_throughput_benchmark_runs_at_toy_size(tmp_path):
+    import json
+    import math
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_throughput
+
+    out = tmp_path / "gpu.json"
+    gpu_throughput.main(["--tiny", "--device", "cpu", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["tiny"] and report["matmul_peak_tflops"] > 0
+    assert [r["model"] for r in report["models"]] == list(gpu_throughput.SHAPES)
+    for row in report["models"]:
+        keys = ["rollout_samples_per_s", "update_step_s", "update_tflops", "dppo_vs_grpo_update"]
+        keys += ["update_fraction_of_peak", "peak_memory_gb"]
+        if row["model"] in gpu_throughput.PIPELINES:
+            keys += ["pipeline_samples_per_s", "rollout_vs_pipeline"]
+        for key in keys:
+            assert math.isfinite(row[key]) and row[key] >= 0, (row["model"], key)
+        assert row["update_tflops"] > 0 and row["tokens_per_sample"] > 0
