@@ -169,6 +169,9 @@ def overrides(layout, path, prompts, run_dir, **extra) -> list[str]:
         "sampler.sde_window": "[0.0,1.0]",
         "log.eval_samples_per_prompt": 1,
         "log.checkpoint_every": 1,
+        "log.eval_every": 0,
+        "train.grad_accum": 1,
+        "model.gradient_checkpointing": "false",
         **extra,
     }
     if layout == "hunyuan_video15":
@@ -176,6 +179,14 @@ def overrides(layout, path, prompts, run_dir, **extra) -> list[str]:
         # the per-iteration reference KL is checked on the Wan layouts.
         shrink["log.ref_kl"] = "false"
     return real_training_overrides("wan", path, (prompts, prompts), run_dir, **shrink)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(layout: str, algorithm: str) -> str:
+    """The family's shipped recipe; the overrides above shrink it to the tiny pipeline."""
+    return str(ROOT / "configs" / layout / f"{algorithm}.yaml")
 
 
 def digest(run: Path, it: int) -> str:
@@ -190,7 +201,8 @@ def test_dppo_trains_and_resumes_bit_for_bit(
 
     path = tiny_video_pipes[layout]
     full = tmp_path / "full"
-    assert main(["train", *overrides(layout, path, prompt_file, full), "algorithm=dppo"]) == 0
+    args = overrides(layout, path, prompt_file, full)
+    assert main(["train", recipe(layout, "dppo"), *args]) == 0
     rows = metrics_of(full)
     assert [r["iteration"] for r in rows] == [1, 2]
     assert all(r["first_update_ratio_dev"] < 1e-5 and r["grad_norm"] > 0 for r in rows)
@@ -198,7 +210,7 @@ def test_dppo_trains_and_resumes_bit_for_bit(
         assert rows[0]["kl_ref/mean"] == 0 and rows[1]["kl_ref/mean"] > 0
 
     crashed = tmp_path / "crashed"
-    cfg = load_config(None, [*overrides(layout, path, prompt_file, crashed), "algorithm=dppo"])
+    cfg = load_config(recipe(layout, "dppo"), overrides(layout, path, prompt_file, crashed))
     with crash_after_checkpoint(monkeypatch, 1):
         Trainer(cfg, crashed).train()
     assert main(["train", "--resume", str(crashed)]) == 0
@@ -211,7 +223,8 @@ def test_grpo_trains_and_its_export_loads_into_a_plain_pipeline(
 ):
     path = tiny_video_pipes[layout]
     run, out = tmp_path / "run", tmp_path / "lora"
-    assert main(["train", *overrides(layout, path, prompt_file, run), "algorithm=grpo"]) == 0
+    args = overrides(layout, path, prompt_file, run)
+    assert main(["train", recipe(layout, "grpo"), *args]) == 0
     rows = metrics_of(run)
     assert [r["iteration"] for r in rows] == [1, 2] and all("clip_fraction" in r for r in rows)
     assert main(["export-lora", str(run), str(out)]) == 0
@@ -272,7 +285,6 @@ def test_bad_sizes_end_before_any_weight_is_read(
 
 
 # ---------------------------------------------------------------- the recipes
-ROOT = Path(__file__).resolve().parents[1]
 # The released checkpoints' JSON configs, as far as the size checks read them.
 RELEASED = {
     "wan22_a14b": (
@@ -306,11 +318,11 @@ def test_recipes_fit_the_released_checkpoints(family, algorithm):
     path = ROOT / "configs" / family / f"{algorithm}.yaml"
     assert "NOT a published setting" in path.read_text()
     cfg = load_config(path)
-    assert (cfg.task, cfg.model.kind, cfg.algorithm) == ("prompts", KIND[family], algorithm)
+    assert (cfg.task, cfg.model.kind, cfg.algorithm) == ("prompts", "auto", algorithm)
     index, transformer, vae = RELEASED[family]
     configs = {"pipeline": index, "transformer": transformer, "vae": vae}.__getitem__
     # Raises PipelineInputError naming the key if the checkpoint cannot take the sizes.
-    ADAPTERS[cfg.model.kind].check_inputs(configs, *cfg.model.resolution, cfg.model.frames)
+    ADAPTERS[KIND[family]].check_inputs(configs, *cfg.model.resolution, cfg.model.frames)
     # The per-step trust region is resolved against this model's own latent size.
     assert cfg.objective.dppo_threshold_per_step or cfg.objective.clip_range_per_step
 
