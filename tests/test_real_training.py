@@ -22,6 +22,7 @@ import tiny_pipelines
 from flowdppo.cli import main
 from flowdppo.config import ConfigError, load_config
 from flowdppo.runs import load_run
+from flowdppo.trainer import media
 from flowdppo.trainer.loop import Trainer, metrics_of
 from flowdppo.trainer.rollout import ForwardCounter, sample
 
@@ -78,6 +79,14 @@ def overrides(kind: str, path: Path, files: tuple[Path, Path], run_dir: Path, **
         args["model.frames"] = FRAMES
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
+
+
+def gif_ms(path: Path) -> int:
+    """A GIF's playing time (Pillow merges equal neighbouring frames into a longer one)."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        return sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif))
 
 
 def check_run(run_dir: Path) -> list[dict]:
@@ -142,7 +151,11 @@ def test_wan_trains_on_video_latents(pipes, prompt_files, tmp_path):
     _, _, model, _ = load_run(run)
     assert model.latent_shape(1) == (1, 16, 2, RES // 8, RES // 8)  # 5-D: frames 5 -> 2
     grid = Image.open(run / "grids" / "iter-000002.png")  # videos show their middle frame
-    assert grid.size == (2 * 64, 2 * (64 + 12))  # 2 samples x (train, held-out) prompts
+    # 2 samples x (train, held-out) prompts, a caption over each row, rewards under cells.
+    assert grid.size == (2 * 66 + 2, 2 * (11 + 64 + 11 + 2) + 2)
+    # The videos themselves play as GIF and MP4 (the video extra).
+    assert gif_ms(run / "grids" / "iter-000002.gif") == 5 * 1000 // media.FPS
+    assert (run / "grids" / "iter-000002.mp4").stat().st_size > 0
 
 
 def test_reward_options_reach_the_reward(pipes, prompt_files, tmp_path, monkeypatch):
@@ -256,28 +269,28 @@ def test_config_refuses_inconsistent_model_keys(changes, match):
 
 
 # ---------------------------------------------------------------- trainer pieces
+# Cells plus a 2 px gap around each; each row has its caption line (11 px) over it.
 @pytest.mark.parametrize(
     "shape,size",
     [
-        ((3, 1, 8, 8), (2 * 64, 2 * 76)),  # digits-sized: enlarged to 64 px cells
-        ((2, 3, 96, 160), (2 * 160, 1 * (96 + 12))),  # wide, kept at its own size
-        ((2, 3, 640, 320), (2 * 128, 1 * (256 + 12))),  # tall, shrunk to 256 px
-        ((2, 3, 9, 32, 48), (2 * 64, 1 * (43 + 12))),  # a video: its middle frame
+        ((3, 1, 8, 8), (2 * 66 + 2, 2 * (11 + 64 + 2) + 2)),  # digits-sized: 64 px cells
+        ((2, 3, 96, 160), (2 * 162 + 2, 11 + 96 + 2 + 2)),  # wide, kept at its own size
+        ((2, 3, 640, 320), (2 * 130 + 2, 11 + 256 + 2 + 2)),  # tall, shrunk to 256 px
+        ((2, 3, 9, 32, 48), (2 * 66 + 2, 11 + 43 + 2 + 2)),  # a video: its middle frame
     ],
 )
 def test_sample_grid_takes_any_size_and_videos(tmp_path, shape, size):
     from PIL import Image
 
-    from flowdppo.trainer.runlog import save_grid
-
     images = torch.zeros(shape)
     if len(shape) == 5:
         images[:, :, shape[2] // 2] = 1.0  # only the middle frame is white
-    save_grid(images, ["a"] * shape[0], tmp_path / "g.png", columns=2)
-    grid = Image.open(tmp_path / "g.png").convert("RGB")
+    (page,) = media.write_grid(images, ["a"] * shape[0], tmp_path / "g.png", columns=2)
+    grid = Image.open(page.png).convert("RGB")
     assert grid.size == size
     if len(shape) == 5:
-        assert grid.getpixel((5, 5)) == (255, 255, 255)
+        assert grid.getpixel((5, 20)) == (255, 255, 255)
+        assert gif_ms(page.gif) == shape[2] * 1000 // media.FPS  # every frame
 
 
 def test_lora_targets_follow_peft_suffix_rule():

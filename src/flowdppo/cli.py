@@ -1,4 +1,4 @@
-"""Command line: ``flowdppo train | sample | eval | export-lora | pretrain | compare``."""
+"""Command line: ``flowdppo train | sample | eval | export-lora | pretrain | compare | report``."""
 
 from __future__ import annotations
 
@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    s.add_argument(
+        "--out",
+        default="samples.png",
+        help="output PNG grid (default samples.png; more than 16 rows: -p2.png... pages); "
+        "videos also as .gif and .mp4 beside it",
+    )
 
     e = sub.add_parser(
         "eval", help="reward and KL to the reference on trained and held-out prompts"
@@ -93,7 +98,39 @@ def _parser() -> argparse.ArgumentParser:
         "have none: 15 iterations moved the reward less than the evaluation noise)",
     )
     c.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
+
+    rp = sub.add_parser(
+        "report",
+        help="one self-contained report.html of runs or a compare folder (plots, samples)",
+        epilog=EPILOG_REPORT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rp.add_argument(
+        "paths", nargs="+", metavar="RUN_DIR", help="run directories or one compare folder"
+    )
+    rp.add_argument(
+        "--out",
+        default=None,
+        help="output HTML (default: report.html in the run or compare folder; for several "
+        "runs, in the current folder)",
+    )
     return p
+
+
+EPILOG_REPORT = """examples:
+  flowdppo report runs/dppo-digits-20261124-120000
+  flowdppo report runs/dppo-digits-* runs/grpo-digits-* --out digits.html
+  flowdppo report runs/compare-single_reward_digits-quick-20261124-130000
+Open the file in any browser; it needs no network and no file beside it.
+"""
+
+
+def _report(ns) -> int:
+    from flowdppo.report import write_report
+
+    out = write_report(ns.paths, ns.out)
+    print(f"wrote {out}")
+    return 0
 
 
 EPILOG_COMPARE = """examples:
@@ -203,8 +240,8 @@ def _sample(ns) -> int:
     import torch
 
     from flowdppo.trainer.loop import make_sampler_spec
+    from flowdppo.trainer.media import write_grid
     from flowdppo.trainer.rollout import ForwardCounter, sample
-    from flowdppo.trainer.runlog import save_grid
 
     if ns.run:
         from flowdppo.runs import load_run
@@ -228,8 +265,9 @@ def _sample(ns) -> int:
     batch = [p for p in prompts for _ in range(ns.n)]
     noise = model.initial_noise(len(batch), gen)
     final, _ = sample(model, model.encode(batch), noise, spec, [], gen, ForwardCounter())
-    save_grid(model.decode(final), batch, Path(ns.out), columns=min(ns.n, 8))
-    print(f"wrote {len(batch)} samples to {ns.out}")
+    pages = write_grid(model.decode(final), batch, Path(ns.out), columns=min(ns.n, 8))
+    files = [str(f) for p in pages for f in (p.png, p.gif, p.mp4) if f is not None]
+    print(f"wrote {len(batch)} samples to {', '.join(files)}")
     return 0
 
 
@@ -322,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": _pretrain,
         "export-lora": _export_lora,
         "compare": _compare,
+        "report": _report,
     }
     try:
         return handlers[ns.command](ns)

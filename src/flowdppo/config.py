@@ -304,6 +304,13 @@ class LogConfig(_Section):
     eval_samples_per_prompt: int = Field(16, ge=1)
     ref_kl: bool = Field(True, description="log the KL to the reference model every iteration")
     tensorboard: bool = True
+    grid_rewards: bool = Field(True, description="print each sample's reward under it in grids")
+    wandb: bool = Field(False, description="also log to Weights & Biases (the wandb extra)")
+    wandb_project: str = "flowdppo"
+    wandb_name: str | None = Field(None, description="wandb run name; null: the run's name")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="null: wandb's own (WANDB_MODE, else online); offline: no network"
+    )
 
 
 class Config(_Section):

@@ -158,6 +158,9 @@ class _Null:
     def log(self, *args, **kwargs) -> None:
         pass
 
+    def grid(self, *args, **kwargs) -> None:
+        pass
+
     def update(self, *args, **kwargs) -> None:
         pass
 
@@ -363,15 +366,19 @@ class DistributedTrainer(Trainer):
         if self.fsdp:
             # Every forward of a sharded model is a collective, so every process runs the
             # whole evaluation (same prompts, same seed); only rank 0 writes the grid.
-            return self._on_every_rank(self._evaluate_fsdp, tag, metrics)
+            return self._on_every_rank(self._evaluate_fsdp, tag, log, metrics)
         super_evaluate = super()._evaluate
         result = self._on_rank0(super_evaluate, tag, log, metrics)
         return result if result is not None else {}
 
-    def _evaluate_fsdp(self, tag, metrics):
+    def _evaluate_fsdp(self, tag, log, metrics):
         grid = self.run_dir / "grids" / f"{tag}.png" if self.rank == 0 else None
         with self._timed("eval", metrics if metrics is not None else {}):
-            result = self.evaluator.run(*self.task.eval_split(), grid_path=grid)
+            result = self.evaluator.run(
+                *self.task.eval_split(), grid_path=grid, grid_rewards=self.cfg.log.grid_rewards
+            )
+        if log is not None:
+            log.grid(self.iteration, self.evaluator.grid_pages)
         if metrics is not None:
             metrics.update(result)
         return result

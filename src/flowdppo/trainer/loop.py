@@ -29,7 +29,7 @@ from flowdppo.trainer import checkpoint as ckpt
 from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.lock import RunLock
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
-from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
+from flowdppo.trainer.runlog import Progress, RunLog, import_wandb, open_run_log, read_metrics
 from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
 
 
@@ -100,6 +100,8 @@ class Trainer:
                 f"reward.weights names {sorted(unknown)}, which are not in reward.names "
                 f"{reward_names}"
             )
+        if cfg.log.wandb:
+            import_wandb()  # missing: one error line before the model loads
         self.model = self.task.build_model(cfg.model.weights)
         # Trust regions in both forms (per element and nats per step) for this model's
         # latent size; config.yaml and summary.json record both.
@@ -382,7 +384,7 @@ class Trainer:
         return reference_kl(self.model, ro, self.spec, self.counter)
 
     def _open_log(self) -> RunLog:
-        return RunLog(self.run_dir, self.cfg.log.tensorboard, start_iteration=self.iteration)
+        return open_run_log(self.cfg, self.run_dir, start_iteration=self.iteration)
 
     def _open_progress(self) -> Progress:
         return Progress(self.cfg.train.iterations, self.iteration)
@@ -448,7 +450,10 @@ class Trainer:
             result = self.evaluator.run(
                 *self.task.eval_split(),
                 grid_path=self.run_dir / "grids" / f"{tag}.png",
+                grid_rewards=self.cfg.log.grid_rewards,
             )
+        if log is not None:
+            log.grid(self.iteration, self.evaluator.grid_pages)
         if metrics is not None:
             metrics.update(result)
         return result
@@ -468,7 +473,7 @@ class Trainer:
         try:
             with preemption.StopSignals(self._surviving_checkpoint) as stop:
                 if "before" not in self.summary:
-                    self.summary["before"] = self._evaluate("iter-000000", None, None)
+                    self.summary["before"] = self._evaluate("iter-000000", log, None)
                 while self.iteration < cfg.train.iterations:
                     self._iterate(log, progress, stop)
         finally:

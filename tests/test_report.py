@@ -1,0 +1,103 @@
+"""flowdppo report: one self-contained HTML page, checked as text and in headless Chromium."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import headless_chromium
+import pytest
+from PIL import Image
+
+from flowdppo.cli import main
+from flowdppo.report import write_report
+
+SOURCES = re.compile(r'\b(?:src|href)="([^"]*)"')
+
+
+def _report(tmp_path_factory, toy_run) -> Path:
+    return write_report([toy_run], tmp_path_factory.mktemp("report") / "report.html")
+
+
+@pytest.fixture(scope="module")
+def run_report(tmp_path_factory, toy_run) -> Path:
+    return _report(tmp_path_factory, toy_run)
+
+
+def test_report_of_a_run_embeds_everything(run_report, toy_run):
+    text = run_report.read_text()
+    sources = SOURCES.findall(text)
+    assert sources and all(s.startswith("data:") for s in sources)  # nothing to fetch
+    assert "http://" not in text and "https://" not in text
+    summary = json.loads((toy_run / "summary.json").read_text())
+    after = summary["after"]["eval/train/reward/mean"]
+    kl = summary["after"]["eval/train/kl_ref/mean"] / 1e-3
+    # The verdict at the top names the run, its reward after training and its KL.
+    verdict = re.search(r"<div class=verdict>(.*?)</div>", text).group(1)
+    assert f"{after:.3f}" in verdict and f"{kl:.3g}" in verdict and toy_run.name in verdict
+    # One slider item per evaluation grid on disk, plus the fixed "before" grid.
+    assert text.count("class=eval ") == len(list((toy_run / "grids").glob("iter-*.png"))) == 4
+    assert "config.yaml" in text and "train:" in text
+    assert "Inference cost" not in text  # no inference_cost.json: no section, no error
+
+
+def test_report_of_several_runs_names_the_winner(toy_run, tmp_path):
+    better = tmp_path / "better"
+    shutil.copytree(toy_run, better)
+    summary = json.loads((better / "summary.json").read_text())
+    summary["after"]["eval/train/reward/mean"] += 0.25
+    (better / "summary.json").write_text(json.dumps(summary))
+    rows = [
+        {
+            "model": m,
+            "steps": s,
+            "nfe": s,
+            "reward_mean": r + s / 100,
+            "ms_per_image": s * 0.5,
+            "lora": lora,
+        }
+        for m, r, lora in (("base", 0.4, None), ("trained", 0.5, "merged"))
+        for s in (4, 10, 20)
+    ]
+    (better / "inference_cost.json").write_text(json.dumps({"rows": rows}))
+    out = tmp_path / "both.html"
+    assert main(["report", str(toy_run), str(better), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "<b>Winner: better</b>" in text
+    assert re.search(r'<tr class="winner"><td>★ better', text)
+    assert "Reward-KL frontier" in text and "At matched KL" in text
+    assert "Inference cost" in text and text.count("<td>trained</td>") == 3
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "neither a run directory" in err and err.count("\n") == 1
+
+
+def test_report_loads_in_headless_chromium(run_report, tmp_path):
+    exe = headless_chromium.find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+    with headless_chromium.Browser(exe) as browser:
+        browser.open(run_report)
+        widths = browser.evaluate(headless_chromium.IMAGES_JS)
+        assert len(widths) >= 10 and all(w > 0 for w in widths)  # every image decodes
+        assert browser.evaluate(headless_chromium.VIDEOS_JS) == []  # an image task: no video
+        # The slider shows one evaluation at a time: the last, then the first.
+        shown = (
+            "Array.from(document.querySelectorAll('.eval')).map(e => e.style.display !== 'none')"
+        )
+        assert browser.evaluate(shown) == [False, False, False, True]
+        browser.evaluate(
+            "var s = document.querySelector('.evals input'); s.value = 0;"
+            "s.dispatchEvent(new Event('input')); 0"
+        )
+        assert browser.evaluate(shown) == [True, False, False, False]
+        assert browser.evaluate("document.querySelector('.evlabel').textContent").startswith(
+            "iteration 0"
+        )
+        shot = tmp_path / "report.png"
+        browser.screenshot(shot)
+        assert browser.console_errors() == []
+    assert Image.open(shot).size == (1280, 1000)
