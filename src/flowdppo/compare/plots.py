@@ -54,7 +54,7 @@ def curve(
     return np.array(its), vals.mean(0), vals.std(0, ddof=1) if len(per_run) > 1 else 0 * vals[0]
 
 
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(y) < window:
         return y
     kernel = np.ones(window) / window
@@ -88,7 +88,7 @@ def _styles(exp, groups: list[str]) -> dict[str, Style]:
 def band(ax, x, m, s, label, style, window=1, positive=False):
     if len(x) == 0:
         return
-    m, s = _smooth(m, window), _smooth(np.asarray(s, dtype=float), window)
+    m, s = smooth(m, window), smooth(np.asarray(s, dtype=float), window)
     ax.plot(x, m, label=label, color=style.color, ls=style.ls, lw=1.5)
     low = np.maximum(m - s, m / 10) if positive else m - s  # a log axis has no zero
     ax.fill_between(x, low, m + s, color=style.color, alpha=0.12, lw=0)

@@ -17,18 +17,23 @@ EVAL_TRAIN, EVAL_HELD = plots.EVAL_TRAIN, plots.EVAL_HELD
 EVAL_KL = "eval/train/kl_ref/mean"
 
 
-def data_uri(fig) -> str:
+def data_uri(fig, left: float = 0.9) -> str:
+    """The figure as a PNG data URI; ``left``: the left margin in inches."""
     buf = io.BytesIO()
-    # Fixed margins in inches (an automatic layout would draw every figure twice).
+    # Fixed margins in inches (an automatic layout would draw every figure twice), and
+    # 1.1 inches between neighbours for the y labels of the next axes.
     w, h = fig.get_size_inches()
     rows, cols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    gap_w, gap_h = 1.1, 0.7
+    axes_w = (w - left - 0.15 - (cols - 1) * gap_w) / cols
+    axes_h = (h - 0.8 - (rows - 1) * gap_h) / rows
     fig.subplots_adjust(
-        left=0.8 / w,
+        left=left / w,
         right=1 - 0.15 / w,
         bottom=0.5 / h,
         top=1 - 0.3 / h,
-        wspace=0.95 * cols / (w - 0.95),
-        hspace=0.7 * rows / (h - 0.8),
+        wspace=gap_w / axes_w,
+        hspace=gap_h / axes_h,
     )
     fig.savefig(buf, format="png", dpi=90)
     plots.pyplot().close(fig)
@@ -57,8 +62,9 @@ def _window(ok: dict[str, list[RunResult]]) -> int:
     return max(1, max(len(r.rows) for rs in ok.values() for r in rs) // 20)
 
 
-def _by_wall(ax, rs: list[RunResult], key: str, style, label: str, unit, scale=1.0, ls=None):
-    """One line per run (seeds run for different times) against its wall time."""
+def _by_wall(ax, rs, key: str, style, label: str, unit, scale=1.0, ls=None, window=1):
+    """One line per run (seeds run for different times) against its wall time; ``window``:
+    a moving mean, as against iteration."""
     for i, r in enumerate(rs):
         wall = wall_seconds(r.rows)
         pts = [
@@ -70,6 +76,7 @@ def _by_wall(ax, rs: list[RunResult], key: str, style, label: str, unit, scale=1
             pts.insert(0, (0.0, r.before[key] * scale))
         if pts:
             x, y = zip(*pts)
+            y = plots.smooth(np.array(y), window)
             ax.plot(
                 x, y, color=style.color, ls=ls or style.ls, lw=1.2, label=label if i == 0 else None
             )
@@ -91,12 +98,12 @@ def reward(ok, styles) -> str:
         plots.band(axes[0, 1], *plots.curve(rs, EVAL_TRAIN, with_before=True), f"{g} trained", st)
         held = plots.curve(rs, EVAL_HELD, with_before=True)
         plots.band(axes[0, 1], *held, f"{g} held-out", plots.Style(st.color, ":"))
-        _by_wall(axes[1, 0], rs, "reward/mean", st, g, unit)
+        _by_wall(axes[1, 0], rs, "reward/mean", st, g, unit, window=w)
         _by_wall(axes[1, 1], rs, EVAL_TRAIN, st, f"{g} trained", unit)
         _by_wall(axes[1, 1], rs, EVAL_HELD, st, f"{g} held-out", unit, ls=":")
     axes[0, 0].set(xlabel="iteration", ylabel=f"rollout reward (moving mean of {w})")
     axes[0, 1].set(xlabel="iteration", ylabel="evaluation reward (ODE, fixed noise)")
-    axes[1, 0].set(xlabel=f"wall time ({name})", ylabel="rollout reward")
+    axes[1, 0].set(xlabel=f"wall time ({name})", ylabel=f"rollout reward (moving mean of {w})")
     axes[1, 1].set(xlabel=f"wall time ({name})", ylabel="evaluation reward")
     _legend(axes.flat)
     return data_uri(fig)
@@ -165,8 +172,9 @@ def frontier(ok, styles) -> str:
 def phase_times(ok) -> str:
     fig, ax = plots.pyplot().subplots(1, 1, figsize=(8, 0.45 * len(ok) + 1.6))
     plots.draw_phase_times(ax, ok)
-    _legend([ax])
-    return data_uri(fig)
+    # Above the bars, in one row: inside it would cover the last phase.
+    ax.legend(fontsize=7, ncol=5, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
+    return data_uri(fig, left=0.3 + 0.075 * max(len(g) for g in ok))
 
 
 def inference(runs: dict[str, list[dict]], styles) -> str:

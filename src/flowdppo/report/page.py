@@ -126,25 +126,27 @@ def summary(groups: dict[str, list[ReportRun]]) -> tuple[str, str | None]:
 
 
 def counts_table(groups: dict[str, list[ReportRun]]) -> str:
-    keys = sorted(
-        {k for rs in groups.values() for r in rs for k in r.result.values if k.startswith("count/")}
-    )
-    if not keys:
+    """Forward calls (and samples) per phase and backward calls, one row per group."""
+    stats = {g: aggregate([r.result for r in rs]) for g, rs in groups.items()}
+    keys = {k for st in stats.values() for k in st}
+    phases = [p for p in PHASES if f"count/forward_calls/{p}" in keys]
+    if not phases:
         return ""
-    head = "".join(f"<th>{html.escape(k.removeprefix('count/'))}</th>" for k in keys)
+    head = "".join(f"<th>{p}</th>" for p in phases)
     body = ""
-    for g, rs in groups.items():
-        stats = aggregate([r.result for r in rs])
-        body += (
-            f"<tr><td>{html.escape(g)}</td>"
-            + "".join(f"<td>{format_cell(stats, k, '{:.0f}')}</td>" for k in keys)
-            + "</tr>"
+    for g, st in stats.items():
+        cells = "".join(
+            f"<td>{format_cell(st, f'count/forward_calls/{p}', '{:.0f}')} "
+            f"({format_cell(st, f'count/forward_samples/{p}', '{:.0f}')})</td>"
+            for p in phases
         )
-    phases = ", ".join(PHASES)
+        backward = format_cell(st, "count/backward_calls", "{:.0f}")
+        body += f"<tr><td>{html.escape(g)}</td>{cells}<td>{backward}</td></tr>"
     return (
-        f"<h3>Forward and backward passes</h3><p class=note>Model calls and samples per phase "
-        f"({phases}); equal budgets show equal counts.</p>"
-        f"<div style='overflow-x:auto'><table><tr><th>run</th>{head}</tr>{body}</table></div>"
+        "<h3>Forward and backward passes</h3><p class=note>Model forward calls per phase "
+        "(samples in brackets) and backward calls over the whole run; equal budgets show "
+        "equal counts.</p>"
+        f"<table><tr><th>run</th>{head}<th>backward</th></tr>{body}</table>"
     )
 
 
@@ -190,7 +192,7 @@ def _eval_label(run: ReportRun, ev: Evaluation) -> str:
         if row.get(key) is not None:
             text += f", {name} {row[key]:.3f}"
     if row.get(figures.EVAL_KL) is not None:
-        text += f", KL {row[figures.EVAL_KL] / KL_UNIT:.3g}e-3"
+        text += f", KL {row[figures.EVAL_KL] / KL_UNIT:.3g} × 1e-3"
     return text
 
 
