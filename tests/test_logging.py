@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from flowdppo.trainer import media
-from flowdppo.trainer.runlog import read_metrics
+from flowdppo.trainer.runlog import TensorBoardLogger, WandbLogger, read_metrics
 
 
 def _events(run_dir: Path):
@@ -81,6 +81,15 @@ def test_videos_are_written_as_gif_and_mp4(tmp_path):
     middle = Image.open(page.png)
     gif.seek(2)
     assert np.array_equal(np.asarray(middle.convert("RGB")), np.asarray(gif.convert("RGB")))
+    # TensorBoard gets the still page and the animated GIF.
+    tb = TensorBoardLogger(tmp_path, 0)
+    tb.grid(3, [page])
+    tb.close()
+    acc = _events(tmp_path)
+    (still,) = acc.Images("samples/page1")
+    (video,) = acc.Images("videos/page1")
+    assert still.step == video.step == 3
+    assert video.encoded_image_string == page.gif.read_bytes()
 
 
 def test_sample_writes_the_captioned_grid(tmp_path, capsys):
@@ -154,6 +163,22 @@ def test_wandb_offline_logs_scalars_and_grids(tmp_path, monkeypatch, toy_overrid
     assert history[0]["samples/page1/_type"] == "image-file"
     assert len(list((offline / "files" / "media" / "images").rglob("*.png"))) == 2
     assert os.environ.get("WANDB_MODE") is None  # offline came from the config
+    # A resumed run continues the same wandb run; a video task's pages go as videos.
+    frames = torch.rand(2, 1, 3, 4, 4)
+    pages = media.write_grid(frames, ["bright", "dark"], tmp_path / "v.png", 2, [0.1, 0.2])
+    logger = WandbLogger(cfg, run_dir, start_iteration=1)
+    logger.grid(2, pages)
+    logger.close()
+    logger.wandb.teardown()  # the service writes the offline file; wait for it to stop
+    assert logger.run.id == run_id
+    (resumed,) = (o for o in (tmp_path / "wandb").glob(f"offline-run-*-{run_id}") if o != offline)
+    videos = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+        for rec in _wandb_records(resumed / f"run-{run_id}.wandb")
+        if rec.WhichOneof("record_type") == "history"
+    ]
+    assert [(v["_step"], v["videos/page1/_type"]) for v in videos] == [(2, "video-file")]
+    assert list((resumed / "files" / "media" / "videos").rglob("*.mp4"))
 
 
 def test_wandb_missing_is_one_error_before_work(tmp_path, monkeypatch, toy_overrides, capsys):
