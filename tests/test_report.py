@@ -7,10 +7,12 @@ from pathlib import Path
 
 import headless_chromium
 import pytest
+import torch
 from PIL import Image
 
 from flowdppo.cli import main
 from flowdppo.report import write_report
+from flowdppo.trainer import media
 
 SOURCES = re.compile(r'\b(?:src|href)="([^"]*)"')
 
@@ -41,8 +43,12 @@ def test_report_of_a_run_embeds_everything(run_report, toy_run):
     assert "Inference cost" not in text  # no inference_cost.json: no section, no error
 
 
-def test_report_of_several_runs_names_the_winner(toy_run, tmp_path):
-    better = tmp_path / "better"
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, toy_run) -> tuple[Path, Path]:
+    """The toy run and a copy that ends 0.25 higher, with an inference-cost table and, as a
+    video task would, its last evaluation as a video; the report of both."""
+    tmp = tmp_path_factory.mktemp("two")
+    better = tmp / "better"
     shutil.copytree(toy_run, better)
     summary = json.loads((better / "summary.json").read_text())
     summary["after"]["eval/train/reward/mean"] += 0.25
@@ -60,13 +66,21 @@ def test_report_of_several_runs_names_the_winner(toy_run, tmp_path):
         for s in (4, 10, 20)
     ]
     (better / "inference_cost.json").write_text(json.dumps({"rows": rows}))
-    out = tmp_path / "both.html"
+    frames = torch.rand(6, 1, 4, 2, 2)
+    media.write_grid(frames, ["bright"] * 6, better / "grids" / "iter-000006.png", 3, [0.5] * 6)
+    out = tmp / "both.html"
     assert main(["report", str(toy_run), str(better), "--out", str(out)]) == 0
-    text = out.read_text()
+    return out, better
+
+
+def test_report_of_several_runs_names_the_winner(two_runs):
+    text = two_runs[0].read_text()
     assert "<b>Winner: better</b>" in text
     assert re.search(r'<tr class="winner"><td>★ better', text)
     assert "Reward-KL frontier" in text and "At matched KL" in text
     assert "Inference cost" in text and text.count("<td>trained</td>") == 3
+    has_mp4 = (two_runs[1] / "grids" / "iter-000006.mp4").is_file()
+    assert text.count("<video ") == has_mp4  # the video evaluation plays inline
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
@@ -75,7 +89,7 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     assert err.startswith("error: ") and "neither a run directory" in err and err.count("\n") == 1
 
 
-def test_report_loads_in_headless_chromium(run_report, tmp_path):
+def test_report_loads_in_headless_chromium(run_report, two_runs, tmp_path):
     exe = headless_chromium.find_chromium()
     if exe is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
@@ -99,5 +113,11 @@ def test_report_loads_in_headless_chromium(run_report, tmp_path):
         )
         shot = tmp_path / "report.png"
         browser.screenshot(shot)
+        # Several runs, one of them with a video evaluation: the video decodes too.
+        browser.open(two_runs[0])
+        assert all(w > 0 for w in browser.evaluate(headless_chromium.IMAGES_JS))
+        videos = browser.evaluate(headless_chromium.VIDEOS_JS)
+        assert len(videos) == (two_runs[1] / "grids" / "iter-000006.mp4").is_file()
+        assert all(w > 0 for w in videos)
         assert browser.console_errors() == []
     assert Image.open(shot).size == (1280, 1000)
