@@ -83,10 +83,18 @@ def test_report_of_several_runs_names_the_winner(two_runs):
     assert text.count("<video ") == has_mp4  # the video evaluation plays inline
 
 
-def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
+def test_report_refuses_what_is_not_a_run(tmp_path, capsys, two_runs):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "neither a run directory" in err and err.count("\n") == 1
+    # An inference-cost table of another shape is named, with its row, before any work.
+    bad = tmp_path / "bad"
+    shutil.copytree(two_runs[1], bad)
+    (bad / "inference_cost.json").write_text(json.dumps({"rows": [{"model": "base", "nfe": "4"}]}))
+    assert main(["report", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "inference_cost.json: row 0 needs" in err
+    assert not (bad / "report.html").exists()
 
 
 def test_report_loads_in_headless_chromium(run_report, two_runs, tmp_path):

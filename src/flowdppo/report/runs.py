@@ -66,17 +66,33 @@ def evaluations_of(run_dir: Path) -> list[Evaluation]:
 
 
 def read_inference_cost(run_dir: Path) -> list[dict]:
+    """The rows of ``inference_cost.json``; none without the file; one error line naming
+    the file and the row for a file of another shape."""
     path = run_dir / INFERENCE_COST
     if not path.is_file():
         return []
+    fix = f"rewrite it with flowdppo eval {run_dir} --steps ..., or move it away"
     try:
         rows = json.loads(path.read_text())["rows"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"{path} is not an inference-cost table ({exc}); rewrite it with "
-            f"flowdppo eval {run_dir} --steps ..., or move it away"
-        ) from exc
-    return [r for r in rows if isinstance(r, dict)]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not an inference-cost table ({exc}); {fix}") from exc
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path}: 'rows' must be a list of rows; {fix}")
+    for i, row in enumerate(rows):
+        number = (int, float, type(None))
+        ok = (
+            isinstance(row, dict)
+            and isinstance(row.get("model"), str)
+            and isinstance(row.get("nfe"), int)
+            and isinstance(row.get("reward_mean"), number)
+            and isinstance(row.get("ms_per_image"), number)
+        )
+        if not ok:
+            raise ConfigError(
+                f"{path}: row {i} needs model (text), nfe (an integer), reward_mean and "
+                f"ms_per_image (numbers or null), got {row!r}; {fix}"
+            )
+    return rows
 
 
 def load_run(run_dir: Path, label: str, status: RunStatus | None = None) -> ReportRun:
