@@ -210,6 +210,7 @@ SHRINK = {
     "log.eval_every": 0,
     "log.grid_every": 0,
     "log.checkpoint_every": 1,
+    "log.ref_kl": "false",  # the final evaluation measures the KL to the reference
     "log.tensorboard": "false",
     "data.eval_prompts": 1,
 }
