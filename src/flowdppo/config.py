@@ -140,6 +140,15 @@ class RewardConfig(_Section):
         description="keyword options per reward, {name: {key: value}} (e.g. a model path)",
     )
 
+    @field_validator("names", "plugins", mode="before")
+    @classmethod
+    def _one_or_comma_separated(cls, v: Any) -> Any:
+        # reward.names=digit_prob on a command line is a string, not a one-item list:
+        # read a string as comma-separated names (an import path holds no comma).
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
     @field_validator("weights", mode="before")
     @classmethod
     def _weights(cls, v: Any) -> Any:
@@ -183,6 +192,21 @@ def reward_weights(cfg: RewardConfig, iteration: int) -> dict[str, float]:
         name: w.at(iteration) if isinstance(w, WeightSchedule) else float(w)
         for name, w in cfg.weights.items()
     }
+
+
+class EmaConfig(_Section):
+    """An exponential moving average of the trained weights (docs/method.md, "EMA")."""
+
+    decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="ema <- decay * ema + (1 - decay) * weights; null: no EMA",
+    )
+    every: int = Field(1, ge=1, description="optimizer steps between EMA updates")
+    evaluate: bool = Field(
+        True, description="evaluate the EMA weights during training (false: the raw weights)"
+    )
 
 
 class TrainConfig(_Section):
@@ -230,6 +254,7 @@ class TrainConfig(_Section):
         description="also checkpoint at the first iteration boundary this many minutes after "
         "the last checkpoint; null: only every log.checkpoint_every iterations",
     )
+    ema: EmaConfig = Field(default_factory=EmaConfig)
 
     @field_validator("adam_betas")
     @classmethod
@@ -332,6 +357,15 @@ class LogConfig(_Section):
     tensorboard: bool = True
 
 
+class Continuation(_Section):
+    """One ``flowdppo train --resume RUN train.iterations=N`` that extended a run."""
+
+    at_iteration: int = Field(ge=0, description="the checkpoint the run continued from")
+    iterations_before: int = Field(ge=1)
+    iterations_after: int = Field(ge=1)
+    time: str = Field(description="when, in UTC (ISO 8601)")
+
+
 class Config(_Section):
     name: str | None = Field(None, description="run name; null: ALGORITHM-TASK")
     task: str = "digits"
@@ -345,6 +379,10 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    history: list[Continuation] = Field(
+        default_factory=list,
+        description="written by flowdppo: each continuation of the run past its budget",
+    )
 
     @field_validator("algorithm")
     @classmethod
@@ -703,9 +741,33 @@ def load_config(
     Precedence, lowest first: the defaults, ``base`` (a task's recommended settings), the
     YAML file, the overrides.
     """
+    overrides = list(overrides or [])
     tree = _merge(base or {}, read_yaml(path) if path is not None else {})
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return config_from_dict(tree, source=str(path) if path else "defaults")
+    tree = _merge(tree, parse_overrides(overrides))
+    origin = str(path) if path else "the task's recommended settings" if base else "defaults"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        source = _source_of(err, origin, overrides)
+        raise ConfigError(f"invalid configuration ({source}):\n  {_explain(err)}") from None
+
+
+def _source_of(err: ValidationError, origin: str, overrides: list[str]) -> str:
+    """Where the values behind ``err`` came from: the overrides that set an offending key,
+    else the file (or the defaults); a check across sections names both."""
+    keys = {item: item.partition("=")[0].split(".") for item in overrides}
+    blamed, unblamed = [], False
+    across = any(not e["loc"] for e in err.errors())
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        # An override sets the offending key, a key inside it, or the section holding it.
+        hits = [item for item, key in keys.items() if loc and key[: len(loc)] == loc[: len(key)]]
+        blamed += [h for h in hits if h not in blamed]
+        unblamed = unblamed or not hits
+    if not blamed:
+        return f"{origin} with overrides {', '.join(overrides)}" if across and overrides else origin
+    head = f"override{'s' if len(blamed) > 1 else ''} {', '.join(blamed)}"
+    return f"{head}; {origin}" if unblamed else head
 
 
 def config_from_dict(tree: dict, source: str = "config") -> Config:

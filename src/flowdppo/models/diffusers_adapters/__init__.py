@@ -165,6 +165,9 @@ def build_diffusers_model(
 
     from diffusers import DiffusionPipeline
 
+    from flowdppo.verbosity import quiet_progress_bars
+
+    quiet_progress_bars()  # unless --verbose: no bar per pipeline component
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), **{_dtype_keyword(): torch_dtype})
     except (OSError, ValueError) as exc:
