@@ -8,6 +8,7 @@ function called in :func:`flowdppo.trainer.update.step_loss`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import signal
@@ -24,19 +25,26 @@ from flowdppo.config import (
     Continuation,
     dump_config,
     read_yaml,
+    ref_kl_plan,
     resolve_trust_region,
     reward_weights,
 )
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
-from flowdppo.rewards import get_reward
+from flowdppo.rewards import get_reward, reward_factory
 from flowdppo.tasks import task_for_config
 from flowdppo.trainer import budget, guards, preemption, watchdog
 from flowdppo.trainer import checkpoint as ckpt
 from flowdppo.trainer.ema import WeightAverage
 from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.lock import RunLock
-from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
+from flowdppo.trainer.rollout import (
+    ForwardCounter,
+    SamplerSpec,
+    reference_kl,
+    reference_kl_rows,
+    rollout,
+)
 from flowdppo.trainer.runlog import Progress, RunLog, import_wandb, open_run_log, read_metrics
 from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
 
@@ -54,6 +62,21 @@ def make_sampler_spec(
             s.num_steps, shift, num_train_timesteps=num_train_timesteps
         )
     return SamplerSpec(cfg.kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+
+
+def reward_options(cfg: Config, name: str) -> dict:
+    """``reward.options.NAME``, with ``model.forward_batch_size`` as the batch of a model
+    reward that takes a ``batch_size`` and was not given one."""
+    options = dict(cfg.reward.options.get(name, {}))
+    n = cfg.model.forward_batch_size
+    if n is not None and "batch_size" not in options:
+        try:
+            takes = "batch_size" in inspect.signature(reward_factory(name)).parameters
+        except (TypeError, ValueError):  # no signature to read
+            takes = False
+        if takes:
+            options["batch_size"] = n
+    return options
 
 
 def lr_factor(cfg: Config, step: int, total: int) -> float:
@@ -100,7 +123,7 @@ class Trainer:
                 f"{reward_names})"
             )
         self.rewards = {
-            name: get_reward(name, **cfg.reward.options.get(name, {})) for name in reward_names
+            name: get_reward(name, **reward_options(cfg, name)) for name in reward_names
         }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
@@ -111,6 +134,7 @@ class Trainer:
         if cfg.log.wandb:
             import_wandb()  # missing: one error line before the model loads
         self.model = self.task.build_model(cfg.model.weights)
+        self.model.forward_batch_size = cfg.model.forward_batch_size
         # Trust regions in both forms (per element and nats per step) for this model's
         # latent size; config.yaml and summary.json record both.
         self.cfg = cfg = resolve_trust_region(cfg, self.model.latent_elements())
@@ -127,6 +151,8 @@ class Trainer:
         )
         self.params = self._shard_model(self.params)
         t = cfg.train
+        if t.compile:
+            self.model.compile(t.compile_backend)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
         )
@@ -351,8 +377,6 @@ class Trainer:
         acc = StatsAccumulator()
         n_steps = len(ro.sde_steps)
         total_updates = t.iterations * self._updates_per_iteration()
-        grad_norms = []
-        first_dev = None
         pending = 0
         pending_loss = torch.zeros(())
         skipped = 0
@@ -361,20 +385,31 @@ class Trainer:
             perm = torch.randperm(ro.batch_size, generator=self.generator)
             for start in range(0, ro.batch_size, t.minibatch_size):
                 idx = perm[start : start + t.minibatch_size]
+                # Average over the trained steps and the samples of the optimizer step.
+                scale = 1.0 / (len(idx) * n_steps * t.grad_accum)
                 for i in range(n_steps):
-                    loss, stats = step_loss(
-                        self.model, ro, idx, i, advantages, self.spec, self.objective, self.counter
-                    )
-                    # Average over the trained steps and the samples of the optimizer step.
-                    (loss.mean() / (n_steps * t.grad_accum)).backward()
-                    pending_loss = pending_loss + loss.detach().sum()
-                    self.counter.backward += 1
-                    acc.add(stats)
-                    if epoch == 0 and start == 0:
-                        dev = max(
-                            abs(float(stats["ratio_max"]) - 1), abs(float(stats["ratio_min"]) - 1)
+                    # train.micro_batch: one forward and backward per micro-batch; the
+                    # gradients add up to the minibatch's.
+                    for micro in idx.split(t.micro_batch or len(idx)):
+                        loss, stats = step_loss(
+                            self.model,
+                            ro,
+                            micro,
+                            i,
+                            advantages,
+                            self.spec,
+                            self.objective,
+                            self.counter,
                         )
-                        first_dev = dev if first_dev is None else max(first_dev, dev)
+                        (loss.sum() * scale).backward()
+                        pending_loss = pending_loss + loss.detach().sum()
+                        self.counter.backward += 1
+                        acc.add(stats, weight=len(micro))
+                        if epoch == 0 and start == 0:
+                            dev = torch.maximum(
+                                (stats["ratio_max"] - 1).abs(), (stats["ratio_min"] - 1).abs()
+                            )
+                            acc.keep("first_update_ratio_dev", dev)
                 pending += 1
                 last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= ro.batch_size
                 if pending == t.grad_accum or last:
@@ -382,13 +417,12 @@ class Trainer:
                     if norm is None:
                         skipped += 1
                     else:
-                        grad_norms.append(norm)
+                        acc.add({"grad_norm": norm})
                     pending = 0
                     pending_loss = torch.zeros(())
         metrics.update(acc.result())
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics.setdefault("grad_norm", math.nan)  # every step was skipped
         metrics["train/skipped_steps"] = skipped
-        metrics["first_update_ratio_dev"] = first_dev
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _updates_per_iteration(self) -> int:
@@ -396,12 +430,16 @@ class Trainer:
         minibatches = math.ceil(self.cfg.samples_per_iteration / t.minibatch_size)
         return t.inner_epochs * math.ceil(minibatches / t.grad_accum)
 
-    def _optimizer_step(self, total_updates: int, loss_sum: torch.Tensor) -> float | None:
-        """Clip and apply the accumulated gradient; None when it was skipped as non-finite."""
+    def _optimizer_step(self, total_updates: int, loss_sum: torch.Tensor) -> torch.Tensor | None:
+        """Clip and apply the accumulated gradient: its norm (a tensor on the device), or None
+        when it was skipped as non-finite."""
         t = self.cfg.train
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if not (torch.isfinite(norm) and torch.isfinite(loss_sum)):
+        # One host read per optimizer step: a skipped step must leave Adam's moments and
+        # step count alone, which the host decides before calling the optimizer.
+        finite = torch.isfinite(norm) & torch.isfinite(loss_sum.to(norm.device))
+        if not bool(finite):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_in_a_row += 1
             if self.skipped_in_a_row > t.max_skipped_steps:
@@ -422,7 +460,7 @@ class Trainer:
         self.optimizer_steps += 1
         if self.ema is not None:
             self.ema.update(self.optimizer_steps)
-        return float(norm)
+        return norm.detach()
 
     # Hooks that multi-process training (trainer/distributed.py) overrides.
     def _rollout(self, prompts: list[str], group: torch.Tensor, sde_steps: list[int]):
@@ -430,8 +468,9 @@ class Trainer:
             self.model, prompts, group, self.spec, sde_steps, self.generator, self.counter
         )
 
-    def _reference_kl(self, ro) -> torch.Tensor:
-        return reference_kl(self.model, ro, self.spec, self.counter)
+    def _reference_kl(self, ro, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[K, samples]: the KL at every recorded step of the samples ``rows`` (None: all)."""
+        return reference_kl(self.model, ro, self.spec, self.counter, rows)
 
     def _open_log(self) -> RunLog:
         return open_run_log(self.cfg, self.run_dir, start_iteration=self.iteration)
@@ -469,11 +508,17 @@ class Trainer:
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
             ).to(ro.final.device)
-        if cfg.log.ref_kl:
+        every, per_group = ref_kl_plan(cfg)
+        if cfg.log.ref_kl and (self.iteration + 1) % every == 0:
             with self._timed("ref_kl", metrics):
-                kl = self._reference_kl(ro)
+                rows = None
+                if per_group is not None:
+                    seed = cfg.train.seed * 1_000_003 + self.iteration
+                    rows = reference_kl_rows(group, per_group, seed)
+                kl = self._reference_kl(ro, rows)
             metrics["kl_ref/mean"] = float(kl.mean())
             metrics["kl_ref/path"] = float(kl.sum(0).mean())
+            metrics["kl_ref/samples"] = kl.shape[1]
         with self._timed("update", metrics):
             self._update(ro, advantages, metrics)
         total = sum(rewards.values()) if len(rewards) > 1 else next(iter(rewards.values()))
