@@ -30,7 +30,17 @@ from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.lock import RunLock
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
 from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
-from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
+from flowdppo.trainer.update import (
+    ObjectiveSpec,
+    OldModel,
+    StatsAccumulator,
+    nft_plan,
+    nft_term_loss,
+    step_loss,
+)
+
+#: Checkpoint tensor names of DiffusionNFT's old model (next to the trainable tensors).
+OLD_MODEL_PREFIX = "nft_old_model."
 
 
 def make_sampler_spec(
@@ -45,7 +55,10 @@ def make_sampler_spec(
         sigmas = schedule.sigma_schedule(
             s.num_steps, shift, num_train_timesteps=num_train_timesteps
         )
-    return SamplerSpec(cfg.kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+    # A deterministic training sampler (DiffusionNFT's default) still measures its KL to
+    # the reference with the Flow-SDE kernel, as every other method does.
+    kernel = "flow" if cfg.kernel == "ode" else cfg.kernel
+    return SamplerSpec(kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
 
 
 def lr_factor(cfg: Config, step: int, total: int) -> float:
@@ -131,7 +144,10 @@ class Trainer:
             dppo_mask=o.dppo_mask,
             clip_range_high=o.clip_range_high,
             beta=o.beta,
+            guard_clip_range=o.guard_clip_range,
+            kl_convention=o.kl_convention,
         )
+        self.old_model = OldModel(self.model.module) if cfg.objective_name == "nft" else None
         self.generator = torch.Generator().manual_seed(t.seed)
         self.counter = ForwardCounter()
         self.evaluator = Evaluator(
@@ -207,11 +223,17 @@ class Trainer:
             )
             raise ckpt.CheckpointError(f"cannot resume: {exc}; {hint}") from exc
         current = trainable_state(self.model.module)
+        old = {k: model_state.pop(k) for k in list(model_state) if k.startswith(OLD_MODEL_PREFIX)}
         saved = payload["state"].get("config")
         problem = ckpt.mismatch(path, model_state, current, saved, self.cfg.model_dump(mode="json"))
         if problem:
             raise TrainingError(problem)
         self._load_trainable(model_state, optim_state)
+        if self.old_model is not None:
+            try:
+                self.old_model.load({k.removeprefix(OLD_MODEL_PREFIX): v for k, v in old.items()})
+            except ValueError as exc:
+                raise TrainingError(f"cannot resume {path}: {exc}") from exc
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         st = payload["state"]
@@ -237,6 +259,9 @@ class Trainer:
         }
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         model_state, optim_state = self._trainable_checkpoint_state()
+        if self.old_model is not None:
+            old = self.old_model.state()
+            model_state = {**model_state, **{OLD_MODEL_PREFIX + k: v for k, v in old.items()}}
         ckpt.save_checkpoint(
             self.run_dir,
             self.iteration,
@@ -306,21 +331,52 @@ class Trainer:
         pending = 0
         pending_loss = torch.zeros(())
         skipped = 0
+        plan = None
+        if self.old_model is not None:
+            plan = nft_plan(
+                ro.batch_size,
+                self.spec.num_steps,
+                self.cfg.nft.timestep_fraction,
+                t.inner_epochs,
+                self.generator,
+            )
+            n_steps = plan.terms
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(t.inner_epochs):
             perm = torch.randperm(ro.batch_size, generator=self.generator)
             for start in range(0, ro.batch_size, t.minibatch_size):
                 idx = perm[start : start + t.minibatch_size]
                 for i in range(n_steps):
-                    loss, stats = step_loss(
-                        self.model, ro, idx, i, advantages, self.spec, self.objective, self.counter
-                    )
+                    if plan is None:
+                        loss, stats = step_loss(
+                            self.model,
+                            ro,
+                            idx,
+                            i,
+                            advantages,
+                            self.spec,
+                            self.objective,
+                            self.counter,
+                        )
+                    else:
+                        loss, stats = nft_term_loss(
+                            self.model,
+                            ro,
+                            idx,
+                            plan.steps[epoch, idx, i],
+                            advantages,
+                            self.spec,
+                            self.cfg.nft,
+                            self.old_model,
+                            self.generator,
+                            self.counter,
+                        )
                     # Average over the trained steps and the samples of the optimizer step.
                     (loss.mean() / (n_steps * t.grad_accum)).backward()
                     pending_loss = pending_loss + loss.detach().sum()
                     self.counter.backward += 1
                     acc.add(stats)
-                    if epoch == 0 and start == 0:
+                    if epoch == 0 and start == 0 and "ratio_max" in stats:
                         dev = max(
                             abs(float(stats["ratio_max"]) - 1), abs(float(stats["ratio_min"]) - 1)
                         )
@@ -335,10 +391,15 @@ class Trainer:
                         grad_norms.append(norm)
                     pending = 0
                     pending_loss = torch.zeros(())
+        if self.old_model is not None:
+            decay = self.cfg.nft.decay(self.optimizer_steps)
+            self.old_model.update(self.model.module, decay)
+            metrics["nft/old_decay"] = decay
         metrics.update(acc.result())
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         metrics["train/skipped_steps"] = skipped
-        metrics["first_update_ratio_dev"] = first_dev
+        if first_dev is not None:  # DiffusionNFT has no ratio
+            metrics["first_update_ratio_dev"] = first_dev
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _updates_per_iteration(self) -> int:
@@ -400,6 +461,8 @@ class Trainer:
                 cfg.sampler.sde_window,
                 self.generator,
             )
+            if cfg.kernel == "ode":  # a deterministic sampler: no exploration step
+                sde_steps = []
             ro = self._rollout(prompts, group, sde_steps)
         with self._timed("reward", metrics):
             watchdog.mark("reward")
@@ -417,7 +480,7 @@ class Trainer:
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
             ).to(ro.final.device)
-        if cfg.log.ref_kl:
+        if cfg.log.ref_kl and ro.sde_steps:
             with self._timed("ref_kl", metrics):
                 kl = self._reference_kl(ro)
             metrics["kl_ref/mean"] = float(kl.mean())
