@@ -244,3 +244,40 @@ def test_two_iterations_and_a_bit_exact_resume(tmp_path, toy_overrides, algorith
     assert resumed["after"] == full["after"]
     digest = checkpoint_digests(tmp_path, ("full", "crashed"), 3)
     assert digest[0] == digest[1]
+
+
+def test_an_experiment_shares_its_knobs_and_each_method_keeps_its_own(tmp_path):
+    from flowdppo.compare.experiment import load_experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "objective: {dppo_threshold_per_step: 6.5e-3, clip_range_per_step: 6.5, "
+        "guard_clip_range: 1.0e-5}\n"
+        "nft: {beta: 0.1}\n"
+        "compare: {algorithms: [dppo, grpo, cps, guard, nft, dppo+cps], seeds: 1}\n"
+    )
+    runs = {r.algorithm: r.config for r in load_experiment(path).plan(tmp_path / "out")}
+    assert list(runs) == ["dppo", "grpo", "cps", "guard", "nft", "dppo+cps"]
+    assert runs["dppo"].objective.dppo_threshold_per_step == 6.5e-3
+    assert runs["grpo"].objective.clip_range_per_step == 6.5
+    assert runs["guard"].objective.guard_clip_range == 1e-5
+    assert runs["guard"].objective.clip_range_per_step is None
+    assert runs["nft"].nft.beta == 0.1 and runs["nft"].objective.dppo_threshold_per_step is None
+    assert runs["cps"].sampler.eta == 0.8 and runs["cps"].sampler.score == "cps"
+
+
+def test_cps_defaults_are_the_published_recipes():
+    from flowdppo.config import resolve_trust_region
+
+    def resolved(algorithm):
+        return resolve_trust_region(load_config(None, [f"algorithm={algorithm}"]), 64)
+
+    cps = resolved("cps")  # Flow-GRPO's CPS recipe: eta 0.8, -(x' - mean)^2, clip 1e-5
+    assert (cps.sampler.eta, cps.sampler.score) == (0.8, "cps")
+    assert cps.objective.clip_range_per_step == pytest.approx(65536 * 1e-5)
+    assert cps.objective.clip_range == pytest.approx(65536 * 1e-5 / 64)
+    # The paper's delta = 1e-6 with the CPS kernel, 1e-7 without (both at d = 65,536).
+    assert resolved("dppo+cps").objective.dppo_threshold_per_step == pytest.approx(65536e-6)
+    assert resolved("dppo").objective.dppo_threshold_per_step == pytest.approx(65536e-7)
+    grpo = resolved("grpo")
+    assert (grpo.sampler.eta, grpo.sampler.score) == (0.7, "gaussian")

@@ -177,6 +177,9 @@ OBJECTIVE_OPTION_OWNERS = {
 # "nats" per step like every trust region (docs/method.md, "Conventions" and "Units").
 CPS_RECIPE = {"eta": 0.8, "score": "cps"}
 CPS_CLIP_RANGE_PER_STEP = 65536 * 1e-5
+# The paper's Flow-DPPO threshold with the CPS kernel, delta = 1e-6 for SD3.5-M at 512 px
+# (configs/sd3/dppo_cps.yaml), held in nats per step: the default of dppo+cps.
+DPPO_CPS_THRESHOLD_PER_STEP = 65536 * 1e-6
 
 
 def drop_foreign_options(tree: dict) -> dict:
@@ -660,6 +663,8 @@ def resolve_trust_region(cfg: Config, latent_elements: int) -> Config:
     defaults = dict(TRUST_REGION_KEYS)
     if cfg.kernel == "cps" and cfg.sampler.score == "cps":
         defaults["clip_range"] = CPS_CLIP_RANGE_PER_STEP
+    if cfg.kernel == "cps" and cfg.objective_name == "dppo":
+        defaults["dppo_threshold"] = DPPO_CPS_THRESHOLD_PER_STEP
     for key, default_per_step in defaults.items():
         elem, step = getattr(obj, key), getattr(obj, f"{key}_per_step")
         if elem is None and step is None:
