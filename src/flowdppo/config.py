@@ -492,10 +492,10 @@ class Config(_Section):
         fields = ObjectiveConfig.model_fields
         for key, allowed in OBJECTIVE_OPTION_OWNERS.items():
             if name not in allowed and getattr(o, key) != fields[key].default:
-                users = " or ".join(sorted({a for a, obj in OBJECTIVES.items() if obj in allowed}))
+                users = ", ".join(a for a in OBJECTIVES if OBJECTIVES[a] in allowed)
                 raise ValueError(
-                    f"objective.{key} is an option of {users}, not of algorithm "
-                    f"{self.algorithm!r}: drop it"
+                    f"objective.{key} is an option of {users} (and their OBJECTIVE+KERNEL "
+                    f"forms), not of algorithm {self.algorithm!r}: drop it"
                 )
         nft_set = [
             k for k, f in NftConfig.model_fields.items() if getattr(self.nft, k) != f.default
