@@ -105,12 +105,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tiny_pipes(tmp_path_factory) -> dict:
-    """Tiny random SD3, FLUX and Wan pipelines built offline and saved to disk, once."""
+def build_tiny_pipelines(tmp_path_factory, name: str, builders: dict) -> dict:
+    """Run each builder into its own directory under a fresh temporary ``name``, quietly and
+    on one thread; the paths by builder name."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    import tiny_pipelines
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -118,15 +117,71 @@ def tiny_pipes(tmp_path_factory) -> dict:
     tlog.disable_progress_bar()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("pipes")
+    root = tmp_path_factory.mktemp(name)
     try:
-        return {
-            "sd3": tiny_pipelines.build_sd3(root / "sd3"),
-            "flux": tiny_pipelines.build_flux(root / "flux"),
-            "wan": tiny_pipelines.build_wan(root / "wan"),
-        }
+        return {key: build(root / key) for key, build in builders.items()}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipes(tmp_path_factory) -> dict:
+    """Tiny random SD3, FLUX and Wan pipelines built offline and saved to disk, once."""
+    pytest.importorskip("diffusers")
+    import tiny_pipelines
+
+    builders = {
+        "sd3": tiny_pipelines.build_sd3,
+        "flux": tiny_pipelines.build_flux,
+        "wan": tiny_pipelines.build_wan,
+    }
+    return build_tiny_pipelines(tmp_path_factory, "pipes", builders)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_pipes(tmp_path_factory) -> dict:
+    """Tiny random FLUX.2 ([klein] and [dev]), Qwen-Image and Z-Image pipelines, built
+    offline and saved to disk once (tests/tiny_pipelines_image.py)."""
+    pytest.importorskip("diffusers")
+    import tiny_pipelines_image
+
+    return build_tiny_pipelines(tmp_path_factory, "image-pipes", tiny_pipelines_image.BUILDERS)
+
+
+def assert_sde_replay_gives_ratio_one(model, guidance_scale: float, steps: int = 6) -> None:
+    """With LoRA on and SDE steps, replaying a rollout gives ratio 1 and a finite, nonzero
+    gradient: rollout and replay compute the same velocity."""
+    from flowdppo.models.finetune import apply_finetuning
+    from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout
+    from flowdppo.trainer.update import ObjectiveSpec, step_loss
+
+    apply_finetuning(model, "lora", rank=4, alpha=8, targets=model.default_lora_targets())
+    spec = SamplerSpec("flow", model.sigmas(steps), eta=0.7, guidance_scale=guidance_scale)
+    prompts = [p for p in ("a red cat", "two dogs on grass") for _ in range(2)]
+    group = torch.tensor([0, 0, 1, 1])
+    ro = rollout(
+        model, prompts, group, spec, [0, 2], torch.Generator().manual_seed(0), ForwardCounter()
+    )
+    assert ro.states.shape[:2] == (2, 4) and torch.isfinite(ro.final).all()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for i in range(2):
+        loss, stats = step_loss(
+            model,
+            ro,
+            torch.arange(4),
+            i,
+            adv,
+            spec,
+            ObjectiveSpec("dppo", 1e-4, 1e-4),
+            ForwardCounter(),
+        )
+        assert abs(float(stats["ratio_max"]) - 1) < 1e-6
+        assert abs(float(stats["ratio_min"]) - 1) < 1e-6
+        assert float(stats["kl_max"]) < 1e-10
+        loss.mean().backward()
+    grads = [p.grad for p in model.module.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
 
 
 def serve_on_loopback(handler: type) -> tuple[ThreadingHTTPServer, str]:

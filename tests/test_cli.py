@@ -1,4 +1,10 @@
-"""The command line: argument handling that needs no training run."""
+"""The command line: argument handling, and the commands on one finished toy run."""
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +39,148 @@ def test_unknown_task_is_a_clear_error(capsys):
 def test_resume_takes_no_other_arguments(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(tmp_path), "--task", "shapes"]) == 2
     assert "drop the other arguments" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- with a finished toy run
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory, one_thread):
+    """A finished 2-iteration toy run (LoRA, EMA on) and its summary."""
+    from conftest import TOY
+
+    from flowdppo.config import load_config
+
+    run = tmp_path_factory.mktemp("cli") / "run"
+    summary = Trainer(load_config(None, TOY + ["train.ema.decay=0.5"]), run).train()
+    return run, summary
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["sample", "--task", "toy", "--prompts", "bright", "-n", "0"], "-n must be at least 1"),
+        (["sample", "--task", "toy", "--prompts", "bright", "--steps", "0"], "--steps must be"),
+        (["sample", "--task", "toy", "--prompts", "bright", "--guidance", "0.5"], "--guidance"),
+        (["sample", "--task", "toy", "--prompts", " , "], "--prompts names no prompt"),
+        (["sample", "--task", "toy", "--prompts", "bright", "--out", "DIR"], "is not a file name"),
+        (["eval", "RUN", "-n", "0"], "-n must be at least 1"),
+        (["eval", "RUN", "--steps", "4,0"], "--steps must be at least 1"),
+        (["eval", "RUN", "--steps", "4,x"], "--steps takes step counts"),
+    ],
+)
+def test_sample_and_eval_options_are_one_error_line(toy_run, tmp_path, capsys, argv, match):
+    run, _ = toy_run
+    argv = [str(run) if a == "RUN" else a for a in argv]
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = str(tmp_path)
+    else:
+        argv += ["--out", str(tmp_path / "out.png")]
+    assert cli.main(argv) == 2
+    assert match in _one_error_line(capsys)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
+    run, _ = toy_run
+    assert cli.main(["eval", str(run), "--steps", "2,4", "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "inference cost" in out and "ms/image" in out and "merged" in out
+    rows = json.loads((run / "inference_cost.json").read_text())["rows"]
+    keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora"}
+    assert all(set(r) == keys for r in rows)
+    # The toy model has LoRA: the base, and the trained model unmerged and merged.
+    assert [(r["model"], r["lora"], r["steps"]) for r in rows] == [
+        (m, lora, s)
+        for m, lora in (("base", None), ("trained", "unmerged"), ("trained", "merged"))
+        for s in (2, 4)
+    ]
+    for r in rows:
+        assert r["nfe"] == r["steps"]  # no guidance: one evaluation per step
+        assert 0 <= r["reward_mean"] <= 1 and isinstance(r["ms_per_image"], float)
+    unmerged, merged = rows[2:4], rows[4:6]
+    for a, b in zip(unmerged, merged, strict=True):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-5)
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(toy_run, capsys):
+    run, _ = toy_run
+    before = {p: p.read_bytes() for p in (run / "metrics.jsonl", run / "summary.json")}
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is finished (2 of 2 iterations); nothing to do" in out
+    assert "train.iterations=N with N > 2" in out
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.lr=0.1", "train.lr cannot change on resume; the only key that can is "),
+        ("sampler.num_steps=4", "sampler.num_steps cannot change on resume"),
+        ("train.iterations=1", "less than the run's own budget of 2"),
+        ("train.iterations=x", "override train.iterations=x"),
+    ],
+)
+def test_resume_refuses_every_override_but_a_longer_budget(toy_run, capsys, override, match):
+    run, _ = toy_run
+    config = (run / "config.yaml").read_text()
+    assert cli.main(["train", "--resume", str(run), override]) == 2
+    err = capsys.readouterr().err  # a config error: a head line, then one per bad key
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
+    assert (run / "config.yaml").read_text() == config
+
+
+def test_summary_names_only_the_logs_it_wrote(toy_run, capsys):
+    from flowdppo.config import load_config
+    from flowdppo.runs import run_config
+
+    run, summary = toy_run
+    cli._print_summary(summary, run_config(run))  # log.tensorboard=false
+    logs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("logs:")]
+    assert logs and "tensorboard" not in logs[0] and "metrics.jsonl" in logs[0]
+    cli._print_summary(summary, load_config())
+    assert f"{run}/tensorboard" in capsys.readouterr().out
+
+
+def test_pretrain_never_overwrites_the_installed_assets_by_default(tmp_path, monkeypatch):
+    import flowdppo.tasks.digits as digits
+    from flowdppo.tasks.common import assets_dir
+
+    calls = []
+    monkeypatch.setattr(digits, "pretrain", lambda out, seed: calls.append(Path(out)))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pretrain", "--task", "digits"]) == 0
+    assert cli.main(["pretrain", "--task", "digits", "--out", str(assets_dir())]) == 0
+    assert calls == [Path("pretrained/digits"), assets_dir()]
+
+
+def test_third_party_warnings_and_logs_are_quiet_unless_verbose(monkeypatch):
+    from flowdppo import verbosity
+
+    for key in verbosity._ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)
+    levels = {n: logging.getLogger(n).level for n in verbosity.LIBRARIES}
+    shown = {}
+    try:
+        for flag in (["--verbose"], []):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cli.main(["sample", "--task", "toy", "--prompts", "bright", "-n", "0", *flag])
+                for module in ("transformers.modeling_utils", "flowdppo.cli"):
+                    warnings.warn_explicit("note", FutureWarning, "x.py", 1, module=module)
+            shown[bool(flag)] = sorted(str(w.filename) for w in caught)
+            if flag:
+                assert "TRANSFORMERS_VERBOSITY" not in os.environ
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert logging.getLogger("diffusers").level == logging.ERROR
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        verbosity.set_verbose(True)
+    assert len(shown[True]) == 2 and len(shown[False]) == 1  # only flowdppo's own warning

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from flowdppo.config import Config, ConfigError, load_config, parse_algorithm, parse_overrides
@@ -109,3 +111,21 @@ def test_a_huge_step_count_is_checked_without_listing_every_step():
     assert cfg.sampler.num_steps == 10**20
     with pytest.raises(ConfigError, match="more than the 0 steps in sampler.sde_window"):
         load_config(None, ["sampler.num_steps=3", "sampler.sde_window=[0.7, 0.9]"])
+
+
+def test_reward_names_without_brackets_are_a_list():
+    assert load_config(None, ["reward.names=digit_prob"]).reward.names == ["digit_prob"]
+    both = load_config(None, ["reward.names=digit_prob,digit_smoothness"]).reward
+    assert both.names == ["digit_prob", "digit_smoothness"]
+
+
+def test_an_error_from_an_override_names_the_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"\(override train\.lr=-1\)"):
+        load_config(None, ["train.group_size=4", "train.lr=-1"])
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"\({re.escape(str(path))}\)"):
+        load_config(path, ["train.group_size=4"])
+    # A check across keys names the source and every override that fed it.
+    with pytest.raises(ConfigError, match=r"\(defaults with overrides sampler\.num_sde_steps=40\)"):
+        load_config(None, ["sampler.num_sde_steps=40"])

@@ -19,16 +19,17 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import tiny_pipelines
+from conftest import assert_sde_replay_gives_ratio_one
 
 from flowdppo import schedule
 from flowdppo.models.diffusers_adapters import (
     DEFAULT_LORA_TARGETS,
+    PipelineInputError,
     build_diffusers_model,
     save_lora_for_diffusers,
 )
 from flowdppo.models.finetune import apply_finetuning
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout, sample
-from flowdppo.trainer.update import ObjectiveSpec, step_loss
 
 RES = 32
 SEQ = 16  # max_sequence_length: short text sequences keep the tiny models fast
@@ -132,7 +133,7 @@ def test_flux_without_guidance_embedding_runs_true_cfg(tmp_path):
 def test_wan_unipc_checkpoint_is_sampled_on_the_euler_schedule(paths):
     from diffusers import DiffusionPipeline, UniPCMultistepScheduler
 
-    from flowdppo.models.diffusers_adapters import WanModel
+    from flowdppo.models.diffusers_adapters.wan import WanModel
 
     pipe = DiffusionPipeline.from_pretrained(paths["wan"])
     # What Wan 2.1 checkpoints ship.
@@ -156,34 +157,7 @@ def test_trainer_schedule_equals_pipeline_schedule(paths, kind):
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_sde_replay_gives_ratio_one(paths, kind):
-    model = load(kind, paths[kind])
-    apply_finetuning(model, "lora", rank=4, alpha=8, targets=model.default_lora_targets())
-    spec = SamplerSpec("flow", model.sigmas(6), eta=0.7, guidance_scale=GUIDANCE[kind])
-    prompts = [p for p in PROMPTS for _ in range(2)]
-    group = torch.tensor([0, 0, 1, 1])
-    ro = rollout(
-        model, prompts, group, spec, [0, 2], torch.Generator().manual_seed(0), ForwardCounter()
-    )
-    assert ro.states.shape[:2] == (2, 4) and torch.isfinite(ro.final).all()
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    for i in range(2):
-        loss, stats = step_loss(
-            model,
-            ro,
-            torch.arange(4),
-            i,
-            adv,
-            spec,
-            ObjectiveSpec("dppo", 1e-4, 1e-4),
-            ForwardCounter(),
-        )
-        assert abs(float(stats["ratio_max"]) - 1) < 1e-6
-        assert abs(float(stats["ratio_min"]) - 1) < 1e-6
-        assert float(stats["kl_max"]) < 1e-10
-        loss.mean().backward()
-    grads = [p.grad for p in model.module.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+    assert_sde_replay_gives_ratio_one(load(kind, paths[kind]), GUIDANCE[kind])
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -295,7 +269,7 @@ def test_bf16_model_keeps_float32_latents(paths):
 
 # ---------------------------------------------------------------- errors
 def test_errors_name_the_path_and_the_fix(paths, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(PipelineInputError, match="does not exist"):
         build_diffusers_model("sd3", str(tmp_path / "nope"), resolution=RES)
     with pytest.raises(ValueError, match="no model_index.json"):
         build_diffusers_model("sd3", str(tmp_path), resolution=RES)
@@ -307,9 +281,9 @@ def test_errors_name_the_path_and_the_fix(paths, tmp_path):
         build_diffusers_model("sd3", str(paths["sd3"]), resolution=RES, dtype="fp8")
     with pytest.raises(ValueError, match="frames is for video models"):
         build_diffusers_model("sd3", str(paths["sd3"]), resolution=RES, frames=5)
-    with pytest.raises(ValueError, match="multiple of 4"):
+    with pytest.raises(PipelineInputError, match="height 30 is not a multiple of 4.*use e.g. 32"):
         load("sd3", paths["sd3"], resolution=30)
-    with pytest.raises(ValueError, match="frames 6 must be 1 \\+ a multiple of 4"):
+    with pytest.raises(PipelineInputError, match="6 frames is not 1 \\+ a multiple of 4.*e.g. 5"):
         build_diffusers_model("wan", str(paths["wan"]), resolution=RES, frames=6, device="cpu")
 
 

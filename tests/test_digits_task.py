@@ -178,3 +178,19 @@ def test_clear_error_on_missing_or_corrupt_weights(tmp_path):
         digits.load_base_model(truncated)
     with pytest.raises(ValueError, match="classifier.*flowdppo pretrain"):
         digits.load_classifier(corrupt)
+
+
+def test_digit_prob_takes_a_classifier_file(tmp_path):
+    import shutil
+
+    from flowdppo.tasks.common import assets_dir
+
+    copy = tmp_path / "digits_classifier.safetensors"
+    shutil.copy(assets_dir() / "digits_classifier.safetensors", copy)
+    images = torch.rand(2, 1, 8, 8)
+    shipped = get_reward("digit_prob")(images, ["three", "seven"])
+    assert torch.equal(
+        get_reward("digit_prob", classifier=str(copy))(images, ["three", "seven"]), shipped
+    )
+    with pytest.raises(Exception, match="missing.safetensors"):
+        get_reward("digit_prob", classifier=str(tmp_path / "missing.safetensors"))

@@ -1,7 +1,7 @@
 """Kill a real training process with SIGKILL at chosen points, resume it, and compare.
 
 Each run is ``python -m flowdppo train`` in a subprocess on the digits task (tiny budget,
-one thread, full fine-tuning). ``FLOWDPPO_FAULT=POINT:N`` (see
+one thread, full fine-tuning, an EMA of the weights). ``FLOWDPPO_FAULT=POINT:N`` (see
 ``flowdppo.trainer.faults``) makes the process kill itself at the N-th pass of a named
 point, so every kill lands at the same place on every machine. One run is killed five
 times in a row (mid-rollout, mid-update, with a checkpoint half written, while old
@@ -29,6 +29,7 @@ CONFIG = [
     "train.group_size=4",
     "train.minibatch_size=4",
     "train.lr_schedule=cosine",
+    "train.ema.decay=0.9",
     "sampler.num_steps=6",
     "sampler.num_sde_steps=2",
     "log.eval_samples_per_prompt=2",
@@ -132,6 +133,7 @@ def test_sigkill_at_five_points_then_resume_is_bit_exact(tmp_path):
         a = ckpt.verify_checkpoint(run / name)
         b = ckpt.verify_checkpoint(ref / name)
         assert a["sha256"] == b["sha256"] and a["optimizer"] == b["optimizer"]
+        assert "ema.safetensors" in a["sha256"]  # the EMA too
     summaries = [json.loads((r / "summary.json").read_text()) for r in (run, ref)]
     for key in ("before", "after", "counts", "iterations"):
         assert summaries[0][key] == summaries[1][key]

@@ -241,8 +241,9 @@ def test_missing_inputs_name_the_key(pipes, prompt_files, tmp_path, capsys):
     [
         (["model.kind=sd3"], "set task=prompts"),
         (["task=prompts"], "task 'prompts' needs a diffusers model"),
-        (["model.path=/x"], "model.path is for diffusers models"),
-        (["task=prompts", "model.kind=flux", "model.frames=5"], "model.frames is for video"),
+        (["model.path=/x"], "model.kind 'auto' trains on prompts from text files"),
+        (["model.kind=task", "model.path=/x"], "model.path is for diffusers models"),
+        (["task=prompts", "model.kind=sd3", "model.adapter=m:A"], "model.adapter chooses"),
         (["task=prompts", "model.kind=sd3", "model.weights=w.safetensors"], "model.weights"),
         (["data.train_prompts=p.txt"], "read by task 'prompts' only"),
         (["model.device=gpu"], "model.device"),

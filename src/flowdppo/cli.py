@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ EPILOG_TRAIN = """examples:
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
   flowdppo train configs/digits/nft.yaml          # DiffusionNFT (also guard: GRPO-Guard)
   flowdppo train --resume runs/dppo-digits-20261124-120000
+  flowdppo train --resume runs/dppo-digits-20261124-120000 train.iterations=400   # train further
+  flowdppo train train.ema.decay=0.99             # evaluate, sample and export an EMA of the weights
   flowdppo train configs/sd3/dppo.yaml model.path=/models/sd35m data.train_prompts=prompts.txt
 """
 
@@ -25,9 +28,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS, "
         "GRPO-Guard, DiffusionNFT.",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the warnings, logs and progress bars of transformers, diffusers and peft",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser(
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    t = add(
         "train",
         help="train a policy (no arguments: the default Flow-DPPO digits run)",
         epilog=EPILOG_TRAIN,
@@ -46,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         "plus that budget, under any CONFIG and overrides",
     )
 
-    s = sub.add_parser("sample", help="sample images from a trained run or a task's base model")
+    s = add("sample", help="sample images from a trained run or a task's base model")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
     src.add_argument("--task", help="a built-in task's base model (e.g. digits)")
@@ -56,27 +68,44 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None, help="guidance scale")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    s.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS)
 
-    e = sub.add_parser(
-        "eval", help="reward and KL to the reference on trained and held-out prompts"
+    e = add(
+        "eval",
+        help="reward and KL to the reference on trained and held-out prompts; with --steps, "
+        "reward and time per image of the base and trained models at each step count",
     )
     e.add_argument("run", metavar="RUN_DIR")
     e.add_argument("-n", type=int, default=None, help="samples per prompt (default: the run's)")
     e.add_argument("--out", default=None, help="write the metrics as JSON here")
+    e.add_argument(
+        "--steps",
+        default=None,
+        metavar="N[,N...]",
+        help="sampling step counts, e.g. 4,10,20,40: reward against NFE and milliseconds per "
+        "image of the base and trained models, written to RUN_DIR/inference_cost.json",
+    )
+    e.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS)
 
-    x = sub.add_parser(
+    x = add(
         "export-lora",
         help="write a diffusers run's LoRA where pipeline.load_lora_weights(OUT_DIR) reads it",
     )
     x.add_argument("run", metavar="RUN_DIR", help="a training run of a diffusers model")
     x.add_argument("out", metavar="OUT_DIR", help="output directory")
+    x.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS)
 
-    r = sub.add_parser("pretrain", help="pretrain a built-in task's base model and reward model")
+    r = add("pretrain", help="pretrain a built-in task's base model and reward model")
     r.add_argument("--task", default="digits")
-    r.add_argument("--out", default=None, help="output folder (default: the package's assets)")
+    r.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default pretrained/TASK here; the installed package's assets are "
+        "replaced only when --out names their folder)",
+    )
     r.add_argument("--seed", type=int, default=0)
 
-    c = sub.add_parser(
+    c = add(
         "compare",
         help="run several algorithms x seeds on one task and budget; tables and plots",
         epilog=EPILOG_COMPARE,
@@ -97,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
     return p
 
+
+RAW_WEIGHTS = "use the trained weights themselves, not their EMA (runs with train.ema)"
 
 EPILOG_COMPARE = """examples:
   flowdppo compare configs/experiments/single_reward_digits.yaml --quick --jobs 2
@@ -131,14 +162,16 @@ def _train(ns) -> int:
     if multi:
         Trainer = distributed.DistributedTrainer  # noqa: N806
     if ns.resume:
-        from flowdppo.config import ConfigError, config_from_dict, read_yaml
+        from flowdppo.config import ConfigError
+        from flowdppo.runs import resume_config
 
-        if ns.args or ns.task:
-            raise ConfigError("--resume takes the run's own config; drop the other arguments")
+        if ns.task or (ns.args and "=" not in ns.args[0]):
+            raise ConfigError(
+                "--resume takes the run's own config; drop the other arguments (the one "
+                "override it takes is train.iterations=N, to continue a run further)"
+            )
         run_dir = Path(ns.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-        cfg = config_from_dict(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+        cfg = resume_config(run_dir, ns.args)
         trainer = Trainer(cfg, run_dir, resume=True)
     else:
         path = None
@@ -158,6 +191,18 @@ def _train(ns) -> int:
             run_dir = Path(distributed.broadcast_text(str(run_dir)))
         trainer = Trainer(cfg, run_dir)
     rank0 = getattr(trainer, "rank", 0) == 0
+    if trainer.finished:
+        trainer.train()  # returns at once, releasing the run
+        if rank0:
+            print(
+                f"flowdppo: {run_dir} is finished ({trainer.iteration} of "
+                f"{trainer.cfg.train.iterations} iterations); nothing to do. Its results: "
+                f"{run_dir / 'summary.json'}; to train it further: flowdppo train --resume "
+                f"{run_dir} train.iterations=N with N > {trainer.cfg.train.iterations}",
+                flush=True,
+            )
+        distributed.finish_distributed()
+        return 0
     if rank0:
         from flowdppo.config import describe_trust_region
 
@@ -176,12 +221,12 @@ def _train(ns) -> int:
         distributed.finish_distributed()
         return EXIT_PREEMPTED
     if rank0:
-        _print_summary(summary)
+        _print_summary(summary, trainer.cfg)
     distributed.finish_distributed()
     return 0
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict, cfg) -> None:
     before, after = summary["before"], summary["after"]
     print("\nreward (ODE samples, fixed noise)      before -> after")
     for key in sorted(after):
@@ -195,10 +240,39 @@ def _print_summary(summary: dict) -> None:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_per_phase_s"].items())
     print(f"time per phase: {times}")
     run = summary["run_dir"]
+    logs = [f"{run}/metrics.jsonl"] + ([f"{run}/tensorboard"] if cfg.log.tensorboard else [])
     print(
-        f"logs: {run}/metrics.jsonl, {run}/tensorboard; grids: {run}/grids/; "
-        f"checkpoints: {run}/ckpt-*; summary: {run}/summary.json"
+        f"logs: {', '.join(logs)}; grids: {run}/grids/; checkpoints: {run}/ckpt-*; "
+        f"summary: {run}/summary.json"
     )
+
+
+def _check_at_least(option: str, value, low: float, what: str) -> None:
+    """One plain error for a sampling option out of range (before any model loads)."""
+    if value is not None and not (math.isfinite(value) and value >= low):
+        raise ValueError(f"{option} must be at least {low:g} ({what}), got {value!r}")
+
+
+def _check_sampling_options(ns) -> None:
+    _check_at_least("-n", ns.n, 1, "samples per prompt")
+    steps = ns.steps if isinstance(ns.steps, list) else [ns.steps]
+    for n in steps:
+        _check_at_least("--steps", n, 1, "sampling steps")
+    _check_at_least("--guidance", getattr(ns, "guidance", None), 1, "1: no guidance")
+
+
+def _step_counts(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts:
+        raise ValueError(
+            f"--steps takes step counts separated by commas (e.g. 4,10,20,40), got {text!r}"
+        )
+    return counts
 
 
 def _sample(ns) -> int:
@@ -208,10 +282,18 @@ def _sample(ns) -> int:
     from flowdppo.trainer.rollout import ForwardCounter, sample
     from flowdppo.trainer.runlog import save_grid
 
+    _check_sampling_options(ns)
+    prompts = [p.strip() for p in ns.prompts.split(",") if p.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts names no prompt ({ns.prompts!r}); e.g. --prompts three,seven")
+    if Path(ns.out).is_dir() or not Path(ns.out).suffix:
+        raise ValueError(
+            f"--out {ns.out!r} is not a file name with an extension (e.g. samples.png)"
+        )
     if ns.run:
         from flowdppo.runs import load_run
 
-        cfg, task, model, _ = load_run(ns.run)
+        cfg, task, model, _ = load_run(ns.run, raw_weights=ns.raw_weights)
     else:
         from flowdppo.config import Config
         from flowdppo.tasks import get_task
@@ -224,7 +306,6 @@ def _sample(ns) -> int:
         cfg.sampler.num_sde_steps = 1
     if ns.guidance is not None:
         cfg.sampler.guidance_scale = ns.guidance
-    prompts = [p.strip() for p in ns.prompts.split(",") if p.strip()]
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     gen = torch.Generator().manual_seed(ns.seed)
     batch = [p for p in prompts for _ in range(ns.n)]
@@ -241,7 +322,9 @@ def _eval(ns) -> int:
     from flowdppo.runs import load_run
     from flowdppo.trainer.loop import make_sampler_spec
 
-    cfg, task, model, iteration = load_run(ns.run)
+    ns.steps = _step_counts(ns.steps)
+    _check_sampling_options(ns)
+    cfg, task, model, iteration = load_run(ns.run, raw_weights=ns.raw_weights)
     rewards = {
         n: get_reward(n, **cfg.reward.options.get(n, {}))
         for n in (cfg.reward.names or task.default_rewards)
@@ -257,6 +340,17 @@ def _eval(ns) -> int:
         seed=cfg.train.seed + 1,
         concurrent=cfg.reward.concurrent,
     )
+    if ns.steps:
+        from flowdppo.inference_cost import format_table, measure
+
+        rows = measure(cfg, model, ev, task.eval_split(), ns.steps)
+        text = json.dumps({"rows": rows}, indent=1)
+        (Path(ns.run) / "inference_cost.json").write_text(text)
+        print(format_table(rows, iteration))
+        print(f"wrote {Path(ns.run) / 'inference_cost.json'}")
+        if ns.out:
+            Path(ns.out).write_text(text)
+        return 0
     metrics = ev.run(*task.eval_split())
     metrics["iteration"] = iteration
     text = json.dumps(metrics, indent=1)
@@ -276,7 +370,7 @@ def _export_lora(ns) -> int:
     if cfg.model.kind == "task":
         raise SystemExit(
             f"error: {run_dir} trained task {cfg.task!r}'s built-in model; export-lora takes a "
-            "run of a diffusers model (model.kind sd3, flux or wan)"
+            "run of a diffusers model (task prompts, model.path set)"
         )
     if cfg.model.finetune != "lora":
         raise SystemExit(
@@ -286,7 +380,7 @@ def _export_lora(ns) -> int:
     from flowdppo.models.diffusers_adapters import save_lora_for_diffusers
     from flowdppo.runs import load_run
 
-    _, _, model, iteration = load_run(run_dir)
+    _, _, model, iteration = load_run(run_dir, raw_weights=ns.raw_weights)
     out = save_lora_for_diffusers(model, ns.out)
     print(
         f"wrote the LoRA of {run_dir} (iteration {iteration}) to {out}; load it with "
@@ -302,7 +396,13 @@ def _pretrain(ns) -> int:
     pretrain = task.extra.get("pretrain")
     if pretrain is None:
         raise SystemExit(f"error: task {ns.task!r} has no pretraining routine")
-    pretrain(ns.out, ns.seed)
+    # The installed package's assets are the shipped weights every run of the task loads:
+    # they are replaced only when --out names their folder.
+    out = Path(ns.out if ns.out is not None else f"pretrained/{ns.task}")
+    pretrain(out, ns.seed)
+    base = out / f"{ns.task}_base.safetensors"
+    use = f"; train on the base model with model.weights={base}" if base.is_file() else ""
+    print(f"wrote task {ns.task!r}'s pretrained weights to {out}/{use}")
     return 0
 
 
@@ -310,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     from flowdppo.config import ConfigError
     from flowdppo.trainer.checkpoint import CheckpointError
     from flowdppo.trainer.loop import TrainingError
+    from flowdppo.verbosity import set_verbose
 
     parser = _parser()
     ns, extra = parser.parse_known_args(argv)
+    set_verbose(ns.verbose)
     if extra and ns.command == "compare" and all("=" in x and x[0] != "-" for x in extra):
         ns.overrides += extra  # key=value given after the options
     elif extra:

@@ -256,6 +256,15 @@ class RewardConfig(_Section):
         description="keyword options per reward, {name: {key: value}} (e.g. a model path)",
     )
 
+    @field_validator("names", "plugins", mode="before")
+    @classmethod
+    def _one_or_comma_separated(cls, v: Any) -> Any:
+        # reward.names=digit_prob on a command line is a string, not a one-item list:
+        # read a string as comma-separated names (an import path holds no comma).
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
     @field_validator("weights", mode="before")
     @classmethod
     def _weights(cls, v: Any) -> Any:
@@ -299,6 +308,21 @@ def reward_weights(cfg: RewardConfig, iteration: int) -> dict[str, float]:
         name: w.at(iteration) if isinstance(w, WeightSchedule) else float(w)
         for name, w in cfg.weights.items()
     }
+
+
+class EmaConfig(_Section):
+    """An exponential moving average of the trained weights (docs/method.md, "EMA")."""
+
+    decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="ema <- decay * ema + (1 - decay) * weights; null: no EMA",
+    )
+    every: int = Field(1, ge=1, description="optimizer steps between EMA updates")
+    evaluate: bool = Field(
+        True, description="evaluate the EMA weights during training (false: the raw weights)"
+    )
 
 
 class TrainConfig(_Section):
@@ -346,6 +370,7 @@ class TrainConfig(_Section):
         description="also checkpoint at the first iteration boundary this many minutes after "
         "the last checkpoint; null: only every log.checkpoint_every iterations",
     )
+    ema: EmaConfig = Field(default_factory=EmaConfig)
 
     @field_validator("adam_betas")
     @classmethod
@@ -355,8 +380,10 @@ class TrainConfig(_Section):
         return v
 
 
-MODEL_KINDS = ("task", "sd3", "flux", "wan")
-DIFFUSERS_KINDS = ("sd3", "flux", "wan")
+#: ``auto`` and the adapter modules of ``flowdppo.models.diffusers_adapters`` (kept in step
+#: with its ADAPTER_MODULES; a test checks).
+DIFFUSERS_KINDS = ("auto", "sd3", "flux", "wan", "flux2", "qwen_image", "z_image")
+MODEL_KINDS = ("task", *DIFFUSERS_KINDS)
 
 
 class ModelConfig(_Section):
@@ -366,14 +393,22 @@ class ModelConfig(_Section):
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] | None = Field(None, description="null: the task's default")
     # A diffusers pipeline instead of the task's own model (docs/real-models.md).
-    kind: Literal["task", "sd3", "flux", "wan"] = Field(
-        "task", description="task: the task's built-in model; sd3, flux, wan: a diffusers pipeline"
+    kind: str | None = Field(
+        None,
+        description="task: the task's built-in model; auto: the diffusers adapter that takes "
+        "model.path's pipeline class; or one adapter by name (sd3, flux, wan, flux2, "
+        "qwen_image, z_image); null: auto when model.path is set, else task",
     )
-    path: str | None = Field(None, description="diffusers pipeline directory (or hub id)")
+    path: str | None = Field(None, description="local diffusers pipeline directory")
+    adapter: str | None = Field(
+        None, description="a user adapter class by import path, package.module:Class"
+    )
     resolution: int | tuple[int, int] | None = Field(
-        None, description="pixels, int or [height, width]; null: 512 (wan: [480, 832])"
+        None, description="pixels, int or [height, width]; null: the adapter's default"
     )
-    frames: int | None = Field(None, ge=1, description="video frames (wan only); null: 81")
+    frames: int | None = Field(
+        None, ge=1, description="video frames (video models only); null: the adapter's default"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
     max_sequence_length: int | None = Field(
@@ -381,6 +416,22 @@ class ModelConfig(_Section):
     )
     negative_prompt: str = Field("", description="the negative prompt of guidance")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available)")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        if v is not None and v not in MODEL_KINDS:
+            near = difflib.get_close_matches(str(v), MODEL_KINDS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"must be one of {', '.join(MODEL_KINDS)}, got {v!r}{hint}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_kind(self):
+        if self.kind is None:
+            # Not through validate_assignment: it would run this validator again.
+            object.__setattr__(self, "kind", "auto" if self.path or self.adapter else "task")
+        return self
 
     @field_validator("resolution")
     @classmethod
@@ -422,6 +473,15 @@ class LogConfig(_Section):
     tensorboard: bool = True
 
 
+class Continuation(_Section):
+    """One ``flowdppo train --resume RUN train.iterations=N`` that extended a run."""
+
+    at_iteration: int = Field(ge=0, description="the checkpoint the run continued from")
+    iterations_before: int = Field(ge=1)
+    iterations_after: int = Field(ge=1)
+    time: str = Field(description="when, in UTC (ISO 8601)")
+
+
 class Config(_Section):
     name: str | None = Field(None, description="run name; null: ALGORITHM-TASK")
     task: str = "digits"
@@ -437,6 +497,10 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    history: list[Continuation] = Field(
+        default_factory=list,
+        description="written by flowdppo: each continuation of the run past its budget",
+    )
 
     @field_validator("algorithm")
     @classmethod
@@ -551,11 +615,12 @@ class Config(_Section):
         else:
             if self.task == "prompts":
                 raise ValueError(
-                    "task 'prompts' needs a diffusers model: set model.kind to one of "
-                    f"{', '.join(DIFFUSERS_KINDS)} and model.path to its directory"
+                    "task 'prompts' needs a diffusers model: set model.path to its directory "
+                    f"(model.kind auto, or one of {', '.join(DIFFUSERS_KINDS[1:])})"
                 )
             pipeline_keys = (
                 "path",
+                "adapter",
                 "resolution",
                 "frames",
                 "dtype",
@@ -571,9 +636,10 @@ class Config(_Section):
                     f"model.{set_keys[0]} is for diffusers models; set model.kind to one of "
                     f"{', '.join(DIFFUSERS_KINDS)} or drop it"
                 )
-        if m.frames is not None and m.kind != "wan":
+        if m.adapter is not None and m.kind != "auto":
             raise ValueError(
-                f"model.frames is for video models (model.kind wan); {m.kind} makes images"
+                f"model.adapter chooses the adapter itself: set model.kind=auto (or leave it "
+                f"unset), not {m.kind!r}"
             )
         if self.task != "prompts":
             for key, field in DataConfig.model_fields.items():
@@ -854,9 +920,33 @@ def load_config(
     Precedence, lowest first: the defaults, ``base`` (a task's recommended settings), the
     YAML file, the overrides.
     """
+    overrides = list(overrides or [])
     tree = _merge(base or {}, read_yaml(path) if path is not None else {})
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return config_from_dict(tree, source=str(path) if path else "defaults")
+    tree = _merge(tree, parse_overrides(overrides))
+    origin = str(path) if path else "the task's recommended settings" if base else "defaults"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        source = _source_of(err, origin, overrides)
+        raise ConfigError(f"invalid configuration ({source}):\n  {_explain(err)}") from None
+
+
+def _source_of(err: ValidationError, origin: str, overrides: list[str]) -> str:
+    """Where the values behind ``err`` came from: the overrides that set an offending key,
+    else the file (or the defaults); a check across sections names both."""
+    keys = {item: item.partition("=")[0].split(".") for item in overrides}
+    blamed, unblamed = [], False
+    across = any(not e["loc"] for e in err.errors())
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        # An override sets the offending key, a key inside it, or the section holding it.
+        hits = [item for item, key in keys.items() if loc and key[: len(loc)] == loc[: len(key)]]
+        blamed += [h for h in hits if h not in blamed]
+        unblamed = unblamed or not hits
+    if not blamed:
+        return f"{origin} with overrides {', '.join(overrides)}" if across and overrides else origin
+    head = f"override{'s' if len(blamed) > 1 else ''} {', '.join(blamed)}"
+    return f"{head}; {origin}" if unblamed else head
 
 
 def config_from_dict(tree: dict, source: str = "config") -> Config:

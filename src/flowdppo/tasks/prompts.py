@@ -1,4 +1,4 @@
-"""The "prompts" task: a diffusers model (SD3, FLUX, Wan) trained on prompts from text files.
+"""The "prompts" task: a diffusers model trained on prompts from text files.
 
 Unlike the built-in tasks, this one is made from the run's config rather than looked up by
 name: ``model.kind`` and ``model.path`` say which pipeline to load, ``data.train_prompts``
@@ -6,7 +6,8 @@ and ``data.heldout_prompts`` are text files with one prompt per line, and the re
 whatever ``reward.names`` lists (there is no default reward for arbitrary prompts).
 
 Everything a user can get wrong (no model path, a missing or empty prompt file, a
-directory that holds another pipeline) is reported here, before any weight is read.
+directory that holds another pipeline or a pipeline class no adapter takes, a resolution or
+frame count the pipeline cannot take) is reported here, before any weight is read.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from pathlib import Path
 
 from flowdppo.config import DIFFUSERS_KINDS, Config, ConfigError
 from flowdppo.tasks import Task
-
-#: The resolution used when ``model.resolution`` is null: the models' usual RL setting.
-DEFAULT_RESOLUTION = {"sd3": 512, "flux": 512, "wan": (480, 832)}
 
 
 def read_prompts(path: str, key: str) -> list[str]:
@@ -40,7 +38,11 @@ def read_prompts(path: str, key: str) -> list[str]:
 
 def prompts_task(cfg: Config) -> Task:
     """The task for a run with ``task: prompts``; checks every input before loading."""
-    from flowdppo.models.diffusers_adapters import build_diffusers_model, check_pipeline_path
+    from flowdppo.models.diffusers_adapters import (
+        PipelineInputError,
+        build_diffusers_model,
+        check_pipeline,
+    )
 
     m, d = cfg.model, cfg.data
     if m.kind not in DIFFUSERS_KINDS:  # the config validator already refuses this
@@ -63,25 +65,30 @@ def prompts_task(cfg: Config) -> Task:
     train = read_prompts(d.train_prompts, "data.train_prompts")
     heldout = read_prompts(d.heldout_prompts, "data.heldout_prompts") if d.heldout_prompts else []
     try:
-        check_pipeline_path(m.kind, m.path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.path: {exc}") from exc
+        adapter, resolution = check_pipeline(
+            m.kind, m.path, resolution=m.resolution, frames=m.frames, adapter=m.adapter
+        )
+    except PipelineInputError as exc:
+        message = str(exc)
+        raise ConfigError(
+            message if message.startswith(exc.key) else f"{exc.key}: {message}"
+        ) from exc
 
-    resolution = m.resolution if m.resolution is not None else DEFAULT_RESOLUTION[m.kind]
     task = Task(
         name="prompts",
         build_model=lambda weights: None,  # replaced below
         default_rewards=[],
         train_prompts=train,
         heldout_prompts=heldout,
-        description=f"{m.kind} pipeline at {m.path} on {len(train)} prompts",
+        description=f"{adapter.__name__} on the pipeline at {m.path}, {len(train)} prompts",
         extra={"eval_prompts": d.eval_prompts},
     )
 
     def build(weights: str | None):
         model = build_diffusers_model(
-            m.kind,
+            "auto",  # the adapter checked above
             m.path,
+            adapter=adapter,
             resolution=resolution,
             frames=m.frames,
             dtype=m.dtype,

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, verified on load, the last K kept.
 
 A checkpoint is a directory ``ckpt-<iteration>`` holding ``model.safetensors`` (trainable
-tensors), ``optimizer.safetensors`` (optimizer tensors and RNG states) and ``state.json``
+tensors), ``optimizer.safetensors`` (optimizer tensors and RNG states), with EMA on
+``ema.safetensors`` (the moving average of the trainable tensors), and ``state.json``
 (everything else, plus a SHA-256 of each tensor file). It is written under a temporary
 name, flushed and fsynced, then renamed; only then does the ``latest`` pointer move, itself
 by an atomic rename. A kill at any point leaves the previous checkpoint intact. Nothing is
@@ -31,6 +32,7 @@ from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.watchdog import mark
 
 LATEST = "latest"
+EMA_FILE = "ema.safetensors"
 _NAME = re.compile(r"ckpt-\d{6,}")
 #: Keys every checkpoint's state.json holds.
 PAYLOAD_KEYS = ("iteration", "optimizer", "state", "sha256")
@@ -110,6 +112,7 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor],
     state: dict,
     keep: int,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``ckpt-<iteration>`` atomically, move ``latest`` to it, prune old ones."""
     run_dir = Path(run_dir)
@@ -120,7 +123,7 @@ def save_checkpoint(
         mark("checkpoint")
         _clear_leftovers(run_dir)
         tmp.mkdir(parents=True)
-        _write_files(tmp, model_state, optimizer, rng, state, iteration)
+        _write_files(tmp, model_state, optimizer, rng, state, iteration, ema)
         if final.exists():  # a checkpoint of this iteration from a run that was killed later
             _discard(final)
         os.replace(tmp, final)
@@ -152,6 +155,7 @@ def _write_files(
     rng: dict[str, torch.Tensor],
     state: dict,
     iteration: int,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
     # An optimizer, or its state dict (under FSDP assembled from every process's shards).
     optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -160,6 +164,9 @@ def _write_files(
     save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     files = ["model.safetensors", "optimizer.safetensors"]
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, tmp / EMA_FILE)
+        files.append(EMA_FILE)
     for f in files:
         with open(tmp / f, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -278,7 +285,8 @@ def verify_checkpoint(path: Path) -> dict:
             f"checkpoint {path}: state.json lacks {missing or ['sha256']}; it was not written "
             "by flowdppo or has been edited"
         )
-    for name in ("model.safetensors", "optimizer.safetensors"):
+    names = ("model.safetensors", "optimizer.safetensors")
+    for name in names + tuple(sorted(set(payload["sha256"]) - set(names))):
         digest = payload["sha256"].get(name)
         f = path / name
         if digest is None or not f.is_file() or _sha256(f) != digest:
@@ -309,3 +317,15 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, di
     except (OSError, SafetensorError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} could not be read ({exc})") from exc
     return payload, model, optim, rng
+
+
+def load_ema(path: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA tensors of a checkpoint that :func:`load_checkpoint` verified; None when the
+    run kept no EMA."""
+    f = Path(path) / EMA_FILE
+    if not f.is_file():
+        return None
+    try:
+        return load_file(f)
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint {path} could not be read ({exc})") from exc

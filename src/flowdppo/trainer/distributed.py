@@ -229,6 +229,11 @@ class DistributedTrainer(Trainer):
         n, w = cfg.samples_per_iteration, self.world_size
         self.shard = Shard(self.rank * n // w, n // w, n)
         self.fsdp = cfg.train.distributed == "fsdp"
+        if self.fsdp and cfg.train.ema.decay is not None:
+            raise TrainingError(
+                "train.ema is not available with train.distributed=fsdp (the average would "
+                "be sharded too); use ddp or drop train.ema.decay"
+            )
         self._gathered: tuple[dict, dict] | None = None
         super().__init__(cfg, run_dir, resume=resume)
         if self.fsdp:
@@ -332,6 +337,10 @@ class DistributedTrainer(Trainer):
     def _start_run_dir(self) -> None:
         super_start = super()._start_run_dir
         self._on_rank0(super_start)
+
+    def _record_continuation(self, iteration: int) -> None:
+        super_record = super()._record_continuation
+        self._on_rank0(super_record, iteration)
 
     def _claim_run_dir(self) -> None:
         super_claim = super()._claim_run_dir

@@ -13,19 +13,27 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from flowdppo import plugins, schedule
-from flowdppo.config import Config, dump_config, resolve_trust_region, reward_weights
+from flowdppo.config import (
+    Config,
+    Continuation,
+    dump_config,
+    read_yaml,
+    resolve_trust_region,
+    reward_weights,
+)
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
 from flowdppo.rewards import get_reward
 from flowdppo.tasks import task_for_config
 from flowdppo.trainer import budget, guards, preemption, watchdog
 from flowdppo.trainer import checkpoint as ckpt
+from flowdppo.trainer.ema import WeightAverage
 from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.lock import RunLock
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
@@ -133,6 +141,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
         )
+        self.ema = (
+            WeightAverage(self.model.module, t.ema.decay, t.ema.every)
+            if t.ema.decay is not None
+            else None
+        )
         self.spec = make_sampler_spec(
             cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None), self.model
         )
@@ -234,6 +247,11 @@ class Trainer:
                 self.old_model.load({k.removeprefix(OLD_MODEL_PREFIX): v for k, v in old.items()})
             except ValueError as exc:
                 raise TrainingError(f"cannot resume {path}: {exc}") from exc
+        if self.ema is not None:
+            average = ckpt.load_ema(path)
+            if average is None:
+                raise TrainingError(f"checkpoint {path} holds no EMA, but train.ema is on")
+            self.ema.load(average)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         st = payload["state"]
@@ -244,6 +262,35 @@ class Trainer:
         self.counter.calls, self.counter.samples = st["forward_calls"], st["forward_samples"]
         self.counter.backward = st["backward_calls"]
         self.skipped_in_a_row = st.get("skipped_in_a_row", 0)
+        self._record_continuation(payload["iteration"])
+
+    def _record_continuation(self, iteration: int) -> None:
+        """A run continued past its budget (``--resume RUN train.iterations=N``): its
+        config.yaml gets the new budget and the continuation's entry in ``history``."""
+        path = self.run_dir / "config.yaml"
+        own = read_yaml(path).get("train", {}).get("iterations")
+        if isinstance(own, int) and own != self.cfg.train.iterations:
+            entry = Continuation(
+                at_iteration=iteration,
+                iterations_before=own,
+                iterations_after=self.cfg.train.iterations,
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+            self.cfg = self.cfg.model_copy(update={"history": [*self.cfg.history, entry]})
+            ckpt.write_text_atomic(path, dump_config(self.cfg))
+            t = self.cfg.train
+            lr = ""
+            if t.lr_schedule != "constant":
+                total = t.iterations * self._updates_per_iteration()
+                factor = lr_factor(self.cfg, self.optimizer_steps, total)
+                lr = (
+                    f"; the {t.lr_schedule} lr schedule now spans {t.iterations} iterations, "
+                    f"so the lr resumes at {factor:.3g} x train.lr (docs/method.md)"
+                )
+            self._notice(
+                f"flowdppo: continuing {self.run_dir} from iteration {iteration} to "
+                f"{t.iterations} (recorded in {path}){lr}"
+            )
 
     def _checkpoint(self) -> None:
         state = {
@@ -270,6 +317,7 @@ class Trainer:
             rng,
             state,
             keep=self.cfg.log.keep_checkpoints,
+            ema=self.ema.average if self.ema is not None else None,
         )
 
     # Hooks that sharded training (FSDP in trainer/distributed.py) overrides.
@@ -431,6 +479,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update(self.optimizer_steps)
         return float(norm)
 
     # Hooks that multi-process training (trainer/distributed.py) overrides.
@@ -506,8 +556,15 @@ class Trainer:
         return metrics
 
     # ---------------------------------------------------------------- the run
+    def _evaluated_weights(self):
+        """A context holding the weights evaluations measure: the EMA when it is on."""
+        if self.ema is not None and self.cfg.train.ema.evaluate:
+            return self.ema.applied()
+        return nullcontext()
+
     def _evaluate(self, tag: str, log: RunLog | None, metrics: dict | None) -> dict:
-        with self._timed("eval", metrics if metrics is not None else {}):
+        timed = self._timed("eval", metrics if metrics is not None else {})
+        with timed, self._evaluated_weights():
             result = self.evaluator.run(
                 *self.task.eval_split(),
                 grid_path=self.run_dir / "grids" / f"{tag}.png",
@@ -516,8 +573,19 @@ class Trainer:
             metrics.update(result)
         return result
 
+    @property
+    def finished(self) -> bool:
+        """Resumed at the end of its budget with its summary written: nothing left to do."""
+        return (
+            self.iteration >= self.cfg.train.iterations
+            and (self.run_dir / "summary.json").is_file()
+        )
+
     def train(self) -> dict:
+        """Train to the end of the budget; a finished run returns its summary unchanged."""
         try:
+            if self.finished:
+                return json.loads((self.run_dir / "summary.json").read_text())
             self._train()
             return self._write_summary()
         finally:

@@ -1,15 +1,20 @@
-"""What the SD3, FLUX and Wan adapters share: loading, prompt cache, guidance, noise, decoding.
+"""What every diffusers adapter shares: checks, prompt cache, guidance, noise, decoding.
 
 A subclass says how to call its transformer (:meth:`_forward`), how to encode a batch of
-prompts (:meth:`_encode_batch`), its latent shape and how latents become VAE input. The
-trainer keeps latents in float32; they are cast to the model's dtype only at the
-transformer's input, and the velocity comes back as float32.
+prompts (:meth:`_encode_batch`), its latent shape and how latents become VAE input, and
+which resolutions (and frame counts) its pipeline takes (:meth:`check_inputs`, answered from
+the directory's JSON configs before any weight is read). The trainer keeps latents in
+float32; they are cast to the model's dtype only at the transformer's input, and the
+velocity comes back as float32. docs/adding-a-model.md walks through writing one.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +38,69 @@ JOINT_ATTENTION_LORA_TARGETS = (
 )
 
 
+class PipelineInputError(ValueError):
+    """A setting the pipeline at ``model.path`` cannot take; ``key`` names the config key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+#: ``configs(component)`` answers a component's config as a dict (``"pipeline"``: the
+#: model_index.json); read from a directory's JSON files or from a loaded pipeline.
+ComponentConfigs = Callable[[str], dict]
+
+
+def directory_configs(path: str | Path) -> ComponentConfigs:
+    """The configs of a pipeline directory, read from its JSON files (no weights)."""
+    root = Path(path)
+
+    def read(component: str) -> dict:
+        if component == "pipeline":
+            file = root / "model_index.json"
+        elif component == "scheduler":
+            file = root / component / "scheduler_config.json"
+        else:
+            file = root / component / "config.json"
+        if not file.is_file():
+            raise PipelineInputError(
+                "model.path",
+                f"{str(path)!r} has no {file.relative_to(root)}: the pipeline directory is "
+                "incomplete; download it again",
+            )
+        try:
+            return json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PipelineInputError("model.path", f"{file} is not valid JSON: {exc}") from exc
+
+    return read
+
+
+def pipeline_configs(pipe: Any) -> ComponentConfigs:
+    """The same configs answered by a loaded pipeline."""
+
+    def read(component: str) -> dict:
+        if component == "pipeline":
+            return dict(pipe.config)
+        return dict(getattr(pipe, component).config)
+
+    return read
+
+
+def nearest_multiple(value: int, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
+
+
+def require_multiple(key: str, what: str, value: int, multiple: int, why: str) -> None:
+    """Raise a :class:`PipelineInputError` naming ``key`` unless ``multiple`` divides ``value``."""
+    if value % multiple:
+        raise PipelineInputError(
+            key,
+            f"{key}: {what} {value} is not a multiple of {multiple} ({why}); use e.g. "
+            f"{nearest_multiple(value, multiple)}",
+        )
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -53,6 +121,20 @@ def calculate_shift(
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+def pad_text(conds: list[Cond]) -> Cond:
+    """Concatenate condition batches whose ``prompt_embeds`` / ``prompt_mask`` differ in
+    length, padding the shorter ones with masked zeros."""
+    n = max(c["prompt_embeds"].shape[1] for c in conds)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        extra = n - t.shape[1]
+        if not extra:
+            return t
+        return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
+
+    return {k: torch.cat([pad(c[k]) for c in conds]) for k in conds[0]}
+
+
 class DiffusersFlowModel(FlowModel):
     """A diffusers pipeline seen as a :class:`FlowModel`; ``module`` is its transformer.
 
@@ -70,6 +152,10 @@ class DiffusersFlowModel(FlowModel):
     batched_cfg: bool = True
     #: diffusers' transformers take ``timestep = sigma * num_train_timesteps``.
     num_train_timesteps: int | None = 1000
+    #: ``model.resolution`` when it is null: pixels, int or (height, width).
+    default_resolution: ClassVar[int | tuple[int, int]] = 512
+    #: ``model.frames`` when it is null; None: an image model, which takes no frames.
+    default_frames: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -94,7 +180,9 @@ class DiffusersFlowModel(FlowModel):
         self.cache_size = cache_size
         self.decode_batch_size = decode_batch_size
         self.transformer_config = pipe.transformer.config
-        self._check_resolution()  # before any weight moves to the device
+        # Before any weight moves to the device (build_diffusers_model ran the same check on
+        # the directory's JSON files before loading).
+        self.check_inputs(pipeline_configs(pipe), self.height, self.width, self._frames())
         # Everything but the transformer is frozen and in eval mode; the trainer decides
         # what of the transformer trains (LoRA adapters or all of it).
         for name, component in pipe.components.items():
@@ -113,8 +201,32 @@ class DiffusersFlowModel(FlowModel):
     # ------------------------------------------------------------------ subclass hooks
     default_max_sequence_length: ClassVar[int] = 512
 
-    def _check_resolution(self) -> None:
-        """Raise a ValueError naming the constraint when the resolution cannot be used."""
+    @classmethod
+    def check_inputs(
+        cls, configs: ComponentConfigs, height: int, width: int, frames: int | None
+    ) -> None:
+        """Raise a :class:`PipelineInputError` naming the config key (``model.resolution``,
+        ``model.frames``, ``model.path``) and a valid nearby value when the pipeline cannot take
+        these settings. Answered from ``configs`` alone (the JSON files), so it runs before any
+        weight is read. The default: an image model whose sides must be multiples of
+        :meth:`pixel_multiple`."""
+        if frames is not None:
+            raise PipelineInputError(
+                "model.frames",
+                f"model.frames is for video models; a {configs('pipeline').get('_class_name')} "
+                "generates images: drop model.frames",
+            )
+        multiple, why = cls.pixel_multiple(configs)
+        require_multiple("model.resolution", "height", height, multiple, why)
+        require_multiple("model.resolution", "width", width, multiple, why)
+
+    @classmethod
+    def pixel_multiple(cls, configs: ComponentConfigs) -> tuple[int, str]:
+        """The number both image sides must be a multiple of, and why (for the error)."""
+        raise NotImplementedError
+
+    def _frames(self) -> int | None:
+        return None
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
@@ -161,6 +273,10 @@ class DiffusersFlowModel(FlowModel):
     def image_seq_len(self) -> int:
         raise NotImplementedError
 
+    def schedule_mu(self, num_steps: int) -> float:
+        """The ``mu`` the pipeline passes to ``set_timesteps`` for ``num_steps`` steps."""
+        return self.mu
+
     def _pipeline_base_sigmas(self, num_steps: int) -> Any:
         """The ``sigmas`` the pipeline passes to ``set_timesteps`` (None: the default)."""
         return None
@@ -182,7 +298,9 @@ class DiffusersFlowModel(FlowModel):
                 "shift": self.shift,
             }
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        kwargs = {"mu": self.mu} if scheduler.config.use_dynamic_shifting else {}
+        kwargs = (
+            {"mu": self.schedule_mu(num_steps)} if scheduler.config.use_dynamic_shifting else {}
+        )
         scheduler.set_timesteps(num_steps, sigmas=self._pipeline_base_sigmas(num_steps), **kwargs)
         return scheduler.sigmas.float().cpu()
 
@@ -197,7 +315,7 @@ class DiffusersFlowModel(FlowModel):
                 self._cache[p] = {
                     k: v[i : i + 1].to(self.dtype, copy=True) for k, v in encoded.items()
                 }
-        out = cat_cond([self._cache[p] for p in prompts])
+        out = self._collate([self._cache[p] for p in prompts])
         for p in prompts:
             self._cache.move_to_end(p)
         while len(self._cache) > self.cache_size:
@@ -227,10 +345,18 @@ class DiffusersFlowModel(FlowModel):
         # Negative and positive rows in one forward; combined in float32, where the
         # difference of two close predictions loses nothing (bf16 would).
         neg = {k: v.expand(b, *v.shape[1:]) for k, v in self.negative_cond().items()}
-        both = cat_cond([neg, cond])
+        both = self._collate([neg, cond])
         out = self._forward(torch.cat([h, h]), torch.cat([sigma, sigma]), both, guidance_scale)
         uncond, text = out.float().chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+        return self._guide(uncond, text, guidance_scale)
+
+    def _guide(self, uncond: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance with weight ``scale`` (1: the text prediction)."""
+        return uncond + scale * (text - uncond)
+
+    def _collate(self, conds: list[Cond]) -> Cond:
+        """Condition batches concatenated along the batch (padded text: see qwen_image)."""
+        return cat_cond(conds)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,10 +384,3 @@ class DiffusersFlowModel(FlowModel):
     # ------------------------------------------------------------------ helpers
     def _vae_dtype(self) -> torch.dtype:
         return self.pipe.vae.dtype
-
-    def _require_multiple(self, what: str, value: int, multiple: int) -> None:
-        if value % multiple:
-            raise ValueError(
-                f"{type(self).__name__}: {what} {value} must be a multiple of {multiple} "
-                f"for this pipeline; choose e.g. {max(multiple, value // multiple * multiple)}"
-            )

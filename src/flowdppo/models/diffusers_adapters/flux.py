@@ -22,6 +22,7 @@ import torch
 from flowdppo.models.base import Cond
 from flowdppo.models.diffusers_adapters.base import (
     JOINT_ATTENTION_LORA_TARGETS,
+    ComponentConfigs,
     DiffusersFlowModel,
 )
 
@@ -44,33 +45,19 @@ def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
-class FluxModel(DiffusersFlowModel):
-    pipeline_classes = ("FluxPipeline",)
-    lora_target_suffixes = FLUX_LORA_TARGETS
-    default_max_sequence_length = 512
-    num_train_timesteps = None  # see the module docstring: the linear spacing, shift exp(mu)
+#: The pipeline classes (``model_index.json``'s ``_class_name``) this adapter takes.
+PIPELINE_CLASSES = ("FluxPipeline",)
 
-    def __init__(self, pipe, **kwargs):
-        super().__init__(pipe, **kwargs)
-        # Distilled guidance replaces classifier-free guidance where the model has it.
-        self.batched_cfg = not self.transformer_config.guidance_embeds
-        h, w = self._latent_hw()
-        self._img_ids = self._image_ids(h // 2, w // 2)
+
+class PackedLatentModel(DiffusersFlowModel):
+    """A pipeline whose sampling state is the VAE latent packed into 2x2-patch tokens,
+    [B, (h/2)(w/2), 4C], on the ``linspace(1, 1/N, N)`` schedule (FLUX.1, Qwen-Image)."""
+
+    num_train_timesteps = None  # see the module docstring: the linear spacing, shift exp(mu)
 
     def _latent_hw(self) -> tuple[int, int]:
         f = self.pipe.vae_scale_factor * 2  # the VAE's factor, times 2 for packing
         return 2 * (self.height // f), 2 * (self.width // f)
-
-    def _check_resolution(self) -> None:
-        multiple = self.pipe.vae_scale_factor * 2
-        self._require_multiple("height", self.height, multiple)
-        self._require_multiple("width", self.width, multiple)
-
-    def _image_ids(self, h: int, w: int) -> torch.Tensor:
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] += torch.arange(h)[:, None]
-        ids[..., 2] += torch.arange(w)[None, :]
-        return ids.reshape(h * w, 3).to(self.device, self.dtype)
 
     @property
     def latent_channels(self) -> int:
@@ -85,7 +72,7 @@ class FluxModel(DiffusersFlowModel):
         return self.latent_shape(1)[1]
 
     def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        # The pipeline draws the unpacked latent and packs it: same draw order here.
+        # The pipeline draws the unpacked latent in one call and packs it: so do we.
         h, w = self._latent_hw()
         shape = (n, self.latent_channels, h, w)
         return pack_latents(
@@ -94,6 +81,34 @@ class FluxModel(DiffusersFlowModel):
 
     def _pipeline_base_sigmas(self, num_steps: int) -> np.ndarray:
         return np.linspace(1.0, 1.0 / num_steps, num_steps)  # exactly the pipeline's
+
+    def _unpacked(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed float32 latents back to the VAE's [B, C, h, w]."""
+        return unpack_latents(x.float(), *self._latent_hw())
+
+
+class FluxModel(PackedLatentModel):
+    pipeline_classes = PIPELINE_CLASSES
+    lora_target_suffixes = FLUX_LORA_TARGETS
+    default_max_sequence_length = 512
+
+    def __init__(self, pipe, **kwargs):
+        super().__init__(pipe, **kwargs)
+        # Distilled guidance replaces classifier-free guidance where the model has it.
+        self.batched_cfg = not self.transformer_config.guidance_embeds
+        h, w = self._latent_hw()
+        self._img_ids = self._image_ids(h // 2, w // 2)
+
+    @classmethod
+    def pixel_multiple(cls, configs: ComponentConfigs) -> tuple[int, str]:
+        vae = 2 ** (len(configs("vae")["block_out_channels"]) - 1)
+        return 2 * vae, f"the VAE's {vae}x downsampling times FLUX's 2x2 packing"
+
+    def _image_ids(self, h: int, w: int) -> torch.Tensor:
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        return ids.reshape(h * w, 3).to(self.device, self.dtype)
 
     def _encode_batch(self, prompts: list[str]) -> Cond:
         embeds, pooled, _ = self.pipe.encode_prompt(
@@ -126,7 +141,8 @@ class FluxModel(DiffusersFlowModel):
 
     def _decode_chunk(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        h, w = self._latent_hw()
-        z = unpack_latents(x.float(), h, w)
-        z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        z = self._unpacked(x) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+
+ADAPTER = FluxModel

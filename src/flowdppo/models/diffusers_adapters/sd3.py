@@ -11,6 +11,7 @@ import torch
 from flowdppo.models.base import Cond
 from flowdppo.models.diffusers_adapters.base import (
     JOINT_ATTENTION_LORA_TARGETS,
+    ComponentConfigs,
     DiffusersFlowModel,
 )
 
@@ -18,15 +19,20 @@ from flowdppo.models.diffusers_adapters.base import (
 SD3_LORA_TARGETS = JOINT_ATTENTION_LORA_TARGETS
 
 
+#: The pipeline classes (``model_index.json``'s ``_class_name``) this adapter takes.
+PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+
+
 class SD3Model(DiffusersFlowModel):
-    pipeline_classes = ("StableDiffusion3Pipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = SD3_LORA_TARGETS
     default_max_sequence_length = 256  # the pipeline's default for the T5 encoder
 
-    def _check_resolution(self) -> None:
-        multiple = self.pipe.vae_scale_factor * self.transformer_config.patch_size
-        self._require_multiple("height", self.height, multiple)
-        self._require_multiple("width", self.width, multiple)
+    @classmethod
+    def pixel_multiple(cls, configs: ComponentConfigs) -> tuple[int, str]:
+        vae = 2 ** (len(configs("vae")["block_out_channels"]) - 1)
+        patch = configs("transformer").get("patch_size", 2)
+        return vae * patch, f"the VAE's {vae}x downsampling times the {patch}x{patch} patches"
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         f = self.pipe.vae_scale_factor
@@ -64,3 +70,6 @@ class SD3Model(DiffusersFlowModel):
         vae = self.pipe.vae
         z = x.float() / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+
+ADAPTER = SD3Model

@@ -19,16 +19,27 @@ from __future__ import annotations
 import torch
 
 from flowdppo.models.base import Cond
-from flowdppo.models.diffusers_adapters.base import DiffusersFlowModel
+from flowdppo.models.diffusers_adapters.base import (
+    ComponentConfigs,
+    DiffusersFlowModel,
+    PipelineInputError,
+    require_multiple,
+)
 
 #: Self- and cross-attention projections of every block.
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+#: The pipeline classes (``model_index.json``'s ``_class_name``) this adapter takes.
+PIPELINE_CLASSES = ("WanPipeline",)
+
+
 class WanModel(DiffusersFlowModel):
-    pipeline_classes = ("WanPipeline",)
+    pipeline_classes = PIPELINE_CLASSES
     lora_target_suffixes = WAN_LORA_TARGETS
     default_max_sequence_length = 512
+    default_resolution = (480, 832)
+    default_frames = 81
 
     def __init__(self, pipe, *, frames: int = 81, **kwargs):
         if getattr(pipe, "transformer_2", None) is not None or pipe.config.get(
@@ -41,15 +52,27 @@ class WanModel(DiffusersFlowModel):
         self.frames = frames
         super().__init__(pipe, **kwargs)
 
-    def _check_resolution(self) -> None:
-        spatial = self.pipe.vae_scale_factor_spatial * self.transformer_config.patch_size[1]
-        self._require_multiple("height", self.height, spatial)
-        self._require_multiple("width", self.width, spatial)
-        temporal = self.pipe.vae_scale_factor_temporal
-        if self.frames < 1 or (self.frames - 1) % temporal:
-            raise ValueError(
-                f"WanModel: frames {self.frames} must be 1 + a multiple of {temporal} "
-                f"(e.g. {(max(self.frames, 1) - 1) // temporal * temporal + 1})"
+    def _frames(self) -> int | None:
+        return self.frames
+
+    @classmethod
+    def check_inputs(
+        cls, configs: ComponentConfigs, height: int, width: int, frames: int | None
+    ) -> None:
+        vae = configs("vae")
+        downsample = list(vae.get("temperal_downsample", [False, True, True]))
+        spatial = 2 ** len(downsample) * configs("transformer")["patch_size"][1]
+        why = "the VAE's spatial downsampling times the transformer's patch"
+        require_multiple("model.resolution", "height", height, spatial, why)
+        require_multiple("model.resolution", "width", width, spatial, why)
+        temporal = 2 ** sum(downsample)
+        frames = cls.default_frames if frames is None else frames
+        if frames < 1 or (frames - 1) % temporal:
+            near = max(0, round((frames - 1) / temporal)) * temporal + 1
+            raise PipelineInputError(
+                "model.frames",
+                f"model.frames: {frames} frames is not 1 + a multiple of {temporal} (the VAE "
+                f"compresses {temporal} frames into one); use e.g. {near}",
             )
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
@@ -89,3 +112,6 @@ class WanModel(DiffusersFlowModel):
         std = torch.tensor(vae.config.latents_std, device=x.device).view(shape)
         z = x.float() * std + mean
         return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+
+ADAPTER = WanModel

@@ -83,8 +83,10 @@ def digit_smoothness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 @register_reward("digit_prob")
-def _make_digit_prob() -> Reward:
-    return make_digit_prob(load_classifier())
+def _make_digit_prob(classifier: str | None = None) -> Reward:
+    """``classifier``: a classifier file written by ``flowdppo pretrain`` (default: the
+    shipped one)."""
+    return make_digit_prob(load_classifier(classifier))
 
 
 @register_reward("digit_smoothness")

@@ -1,0 +1,116 @@
+"""What a model costs to run and what it gives at each inference budget
+(``flowdppo eval RUN --steps 4,10,20,40``).
+
+For the base model and the trained one (with LoRA: adapters applied on the fly, and merged
+into the weights), at each sampling step count: the mean reward of deterministic ODE
+samples on the evaluation prompts (fixed noise, as in evaluation) and the wall-clock
+milliseconds per image of sampling and decoding on this machine, after one untimed
+warm-up batch. NFE counts velocity evaluations per image: one per step, two with
+classifier-free guidance. Rows go to ``RUN/inference_cost.json`` as
+``{"rows": [{"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora"}]}``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from flowdppo.config import Config
+from flowdppo.evaluate import Evaluator
+from flowdppo.models.base import FlowModel
+from flowdppo.trainer.guards import call_rewards
+from flowdppo.trainer.loop import make_sampler_spec
+from flowdppo.trainer.rollout import ForwardCounter, sample
+
+
+@contextmanager
+def _variant(model: FlowModel, name: str, lora: str | None) -> Iterator[None]:
+    if name == "base":
+        with model.reference():
+            yield
+    elif lora == "merged":
+        model.module.merge_adapter()
+        try:
+            yield
+        finally:
+            model.module.unmerge_adapter()
+    else:
+        yield
+
+
+def _variants(model: FlowModel) -> list[tuple[str, str | None]]:
+    if callable(getattr(model.module, "merge_adapter", None)):  # a peft LoRA model
+        return [("base", None), ("trained", "unmerged"), ("trained", "merged")]
+    return [("base", None), ("trained", None)]
+
+
+@torch.no_grad()
+def _run(
+    model: FlowModel, ev: Evaluator, cfg: Config, prompts: list[str], steps: int
+) -> tuple[float, float]:
+    """(mean reward, seconds) of ODE samples with ``steps`` steps, n per prompt."""
+    sampler = cfg.sampler.model_copy(update={"num_steps": steps})
+    spec = make_sampler_spec(
+        cfg.model_copy(update={"sampler": sampler}),
+        model.shift,
+        getattr(model, "num_train_timesteps", None),
+        model,
+    )
+    batch = [p for p in prompts for _ in range(ev.n)]
+    gen = torch.Generator().manual_seed(ev.seed)
+    start = time.perf_counter()
+    noise = model.initial_noise(len(batch), gen)
+    final, _ = sample(model, model.encode(batch), noise, spec, [], gen, ForwardCounter())
+    images = model.decode(final)
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)
+    seconds = time.perf_counter() - start
+    scored = call_rewards(ev.rewards, images, batch, concurrent=ev.concurrent)
+    total = torch.as_tensor(sum(scored.values()))
+    return float(total[torch.isfinite(total)].mean()), seconds
+
+
+def measure(
+    cfg: Config,
+    model: FlowModel,
+    ev: Evaluator,
+    split: tuple[list[str], list[str]],
+    step_counts: list[int],
+) -> list[dict]:
+    prompts = list(split[0]) + list(split[1])
+    guided = cfg.sampler.guidance_scale > 1
+    rows = []
+    for name, lora in _variants(model):
+        with _variant(model, name, lora):
+            _run(model, ev, cfg, prompts[:1], min(step_counts))  # warm-up, untimed
+            for steps in step_counts:
+                reward, seconds = _run(model, ev, cfg, prompts, steps)
+                rows.append(
+                    {
+                        "model": name,
+                        "steps": steps,
+                        "nfe": steps * (2 if guided else 1),
+                        "reward_mean": reward,
+                        "ms_per_image": 1000 * seconds / (len(prompts) * ev.n),
+                        "lora": lora,
+                    }
+                )
+    return rows
+
+
+def format_table(rows: list[dict], iteration: int) -> str:
+    lines = [
+        f"inference cost (ODE samples; reward: mean over the trained and held-out evaluation "
+        f"prompts; trained = checkpoint of iteration {iteration}; times measured on this "
+        "machine)",
+        f"  {'model':<8} {'lora':<9} {'steps':>5} {'NFE':>5} {'reward':>8} {'ms/image':>9}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['model']:<8} {r['lora'] or '-':<9} {r['steps']:>5} {r['nfe']:>5} "
+            f"{r['reward_mean']:>8.4f} {r['ms_per_image']:>9.2f}"
+        )
+    return "\n".join(lines)

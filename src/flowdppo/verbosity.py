@@ -1,0 +1,55 @@
+"""Quiet third-party libraries unless the user asked for ``--verbose``.
+
+Loading a diffusers pipeline prints a progress bar per component and transformers warns
+about things a user of this package cannot change (advisory notes, deprecations inside
+the libraries). The command line calls :func:`set_verbose` before any of them is imported;
+the variables it sets are what those libraries read at import, and a library already
+imported is switched through its own API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+LIBRARIES = ("transformers", "diffusers", "peft", "huggingface_hub", "accelerate")
+_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+_verbose = True
+
+
+def verbose() -> bool:
+    return _verbose
+
+
+def set_verbose(on: bool) -> None:
+    """``on``: the libraries as they are. Off: their warnings, info logs and progress bars
+    are silenced (errors still show); a variable the user set stays as set."""
+    global _verbose
+    _verbose = on
+    if on:
+        return
+    for key, value in _ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    for name in LIBRARIES:
+        warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """Switch off the progress bars of the libraries imported so far (unless verbose);
+    called again where a pipeline is about to load."""
+    if _verbose:
+        return
+    for name in ("diffusers", "transformers"):
+        if f"{name}.utils.logging" in sys.modules:
+            lib = sys.modules[f"{name}.utils.logging"]
+            lib.disable_progress_bar()
+            lib.set_verbosity_error()
