@@ -48,6 +48,9 @@ TINY = [
     "sampler.num_steps=4",
     "sampler.num_sde_steps=2",
     "log.eval_samples_per_prompt=1",
+    # The reference KL on 2 random samples of each group: the second group spans both
+    # processes, so their shares of the draw differ and are padded to one count.
+    "log.ref_kl_samples=2",
     "log.eval_every=0",
     "log.checkpoint_every=2",
     "log.tensorboard=false",

@@ -73,6 +73,11 @@ def overrides(kind: str, path: Path, files: tuple[Path, Path], run_dir: Path, **
         "sampler.num_sde_steps": 1,
         "log.eval_samples_per_prompt": 2,
         "log.tensorboard": "false",
+        # Every iteration (a diffusers model's default is every 10) on the whole batch
+        # (its default is one sample per group): the first KL is then exactly 0, the
+        # reference forward seeing the rollout's rows (a 1-row forward rounds differently).
+        "log.ref_kl_every": 1,
+        "log.ref_kl_samples": 2,
         "log.run_dir": str(run_dir),
     }
     if kind == "wan":

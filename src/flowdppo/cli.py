@@ -320,13 +320,13 @@ def _eval(ns) -> int:
     from flowdppo.evaluate import Evaluator
     from flowdppo.rewards import get_reward
     from flowdppo.runs import load_run
-    from flowdppo.trainer.loop import make_sampler_spec
+    from flowdppo.trainer.loop import make_sampler_spec, reward_options
 
     ns.steps = _step_counts(ns.steps)
     _check_sampling_options(ns)
     cfg, task, model, iteration = load_run(ns.run, raw_weights=ns.raw_weights)
     rewards = {
-        n: get_reward(n, **cfg.reward.options.get(n, {}))
+        n: get_reward(n, **reward_options(cfg, n))
         for n in (cfg.reward.names or task.default_rewards)
     }
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)

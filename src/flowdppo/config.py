@@ -332,6 +332,12 @@ class TrainConfig(_Section):
     inner_epochs: int = Field(1, ge=1, description="passes over each rollout")
     minibatch_size: int = Field(32, ge=1, description="samples per gradient step")
     grad_accum: int = Field(1, ge=1, description="minibatches per optimizer step")
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="samples per forward and backward in the update (a minibatch is split "
+        "into micro-batches whose gradients add up to its own); null: the whole minibatch",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -363,6 +369,14 @@ class TrainConfig(_Section):
         gt=0,
         description="multi-process runs: a process that makes no progress this long, or whose "
         "launcher or peers are gone, ends the job (docs/RELIABILITY.md)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the network for rollout, reference KL and update (the "
+        "module is compiled in place: checkpoints, LoRA export and resume see the same names)",
+    )
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend (aot_eager: graph capture only)"
     )
     checkpoint_every_minutes: float | None = Field(
         None,
@@ -416,6 +430,17 @@ class ModelConfig(_Section):
     )
     negative_prompt: str = Field("", description="the negative prompt of guidance")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    offload_text_encoders: bool = Field(
+        True,
+        description="keep the text encoders (and the unused VAE encoder) in CPU memory and the "
+        "prompt cache on the CPU; the encoders visit the device only to encode new prompts",
+    )
+    forward_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="samples per model forward in rollout, reference KL and evaluation, and "
+        "the default batch of model rewards; null: the whole batch in one forward",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -469,7 +494,20 @@ class LogConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(10, ge=0, description="iterations between evaluations (0: end only)")
     eval_samples_per_prompt: int = Field(16, ge=1)
-    ref_kl: bool = Field(True, description="log the KL to the reference model every iteration")
+    ref_kl: bool = Field(True, description="log the KL to the reference model during training")
+    ref_kl_every: int | None = Field(
+        None,
+        ge=1,
+        description="measure it every N iterations; null: 1 for built-in tasks, 10 for "
+        "diffusers models",
+    )
+    ref_kl_samples: int | None = Field(
+        None,
+        ge=1,
+        description="samples per group it is measured on, drawn at random (an unbiased "
+        "estimate of the batch's KL); null: the whole group for built-in tasks, 1 for "
+        "diffusers models",
+    )
     tensorboard: bool = True
 
 
@@ -544,6 +582,12 @@ class Config(_Section):
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
         check_trust_region_forms(self.objective, s.log_prob_reduce)
         self._check_algorithm_options()
+        if self.log.ref_kl_samples is not None and self.log.ref_kl_samples > self.train.group_size:
+            raise ValueError(
+                f"log.ref_kl_samples ({self.log.ref_kl_samples}) is more than the "
+                f"train.group_size ({self.train.group_size}) samples of a group: lower it, or "
+                "set it to null for the whole group"
+            )
         if self.objective_name == "clip" and s.log_prob_reduce == "sum":
             self._check_summed_clip_window()
         self._check_model_and_data()
@@ -628,6 +672,7 @@ class Config(_Section):
                 "max_sequence_length",
                 "negative_prompt",
                 "device",
+                "offload_text_encoders",
             )
             fields = ModelConfig.model_fields
             set_keys = [k for k in pipeline_keys if getattr(m, k) != fields[k].default]
@@ -664,6 +709,21 @@ class Config(_Section):
     @property
     def samples_per_iteration(self) -> int:
         return self.train.prompts_per_iteration * self.train.group_size
+
+
+def ref_kl_plan(cfg: Config) -> tuple[int, int | None]:
+    """(every how many iterations the reference KL is measured, samples per group or None
+    for all). Unset, a diffusers model measures one sample per group every 10 iterations,
+    so that it costs about a thousandth of the rollout and update's forwards
+    (docs/cost.md); a built-in task's model is cheap and measures everything."""
+    real = cfg.model.kind in DIFFUSERS_KINDS
+    every = cfg.log.ref_kl_every or (10 if real else 1)
+    samples = (
+        cfg.log.ref_kl_samples if cfg.log.ref_kl_samples is not None else (1 if real else None)
+    )
+    if samples is not None and samples >= cfg.train.group_size:
+        samples = None
+    return every, samples
 
 
 def sde_window_bounds(num_steps: int, window: tuple[float, float]) -> tuple[int, int]:

@@ -71,7 +71,7 @@ class Evaluator:
         )
         group = torch.arange(len(prompts)).repeat_interleave(self.n)
         ro = rollout(self.model, batch, group, self.spec, steps, gen, self.counter, cond, "eval")
-        kl = reference_kl(self.model, ro, self.spec, self.counter)
+        kl = reference_kl(self.model, ro, self.spec, self.counter, phase="eval")
         out[f"eval/{tag}/kl_ref/mean"] = float(kl.mean())
         out[f"eval/{tag}/kl_ref/path"] = float(kl.sum(0).mean())
         # Only the grid's samples are kept, on the CPU: decoded videos of a real model are

@@ -33,10 +33,14 @@ class StepOutput:
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
-    """A float or per-sample tensor as float32 shaped [B, 1, ..., 1] (or a 0-d tensor)."""
-    t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    """A float or per-sample tensor as float32 shaped [B, 1, ..., 1] (or a 0-d tensor).
+
+    A single value stays a 0-d CPU tensor (torch treats it as a scalar next to a GPU
+    tensor), so checking it and computing the step's std never wait on the GPU."""
+    t = torch.as_tensor(value, dtype=torch.float32)
     if t.dim() == 0:
-        return t
+        return t.cpu()
+    t = t.to(like.device)
     if t.dim() == 1 and t.shape[0] in (1, like.shape[0]):
         return t.view(-1, *([1] * (like.dim() - 1)))
     if t.dim() == like.dim() and all(s == 1 for s in t.shape[1:]):
@@ -130,13 +134,19 @@ def _reduce(t: torch.Tensor, reduce: str) -> torch.Tensor:
     return t.mean(dim=dims) if reduce == "mean" else t.sum(dim=dims)
 
 
+def _std(std: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    # One value stays on the CPU (see _per_sample); per-sample stds go to the device.
+    t = torch.as_tensor(std, dtype=torch.float32)
+    return t.cpu() if t.dim() == 0 else t.to(like.device)
+
+
 def gaussian_log_prob(
     x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float, reduce: str = "mean"
 ) -> torch.Tensor:
     """Per-sample log-density of ``x`` under N(mean, std^2 I), reduced over all but dim 0."""
     if x.shape != mean.shape:
         raise ValueError(f"x shape {tuple(x.shape)} does not match mean {tuple(mean.shape)}")
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    std = _std(std, mean)
     if bool((std <= 0).any()):
         raise ValueError("std must be > 0 for a log-prob (the ODE kernel has none)")
     x, mean = x.float(), mean.float()
@@ -153,7 +163,7 @@ def gaussian_kl(
     """
     if mean_p.shape != mean_q.shape:
         raise ValueError(f"mean shapes differ: {tuple(mean_p.shape)} vs {tuple(mean_q.shape)}")
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean_p.device)
+    std = _std(std, mean_p)
     if bool((std <= 0).any()):
         raise ValueError("std must be > 0 for a KL between Gaussians")
     elem = (mean_p.float() - mean_q.float()) ** 2 / (2 * std**2)

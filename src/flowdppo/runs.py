@@ -84,6 +84,7 @@ def load_run(run_dir: str | Path, raw_weights: bool = False) -> tuple[Config, Ta
     load_user_code(cfg.reward)  # the run's own plugins may define its task or model
     task = task_for_config(cfg)
     model = task.build_model(cfg.model.weights)
+    model.forward_batch_size = cfg.model.forward_batch_size
     apply_finetuning(
         model,
         cfg.model.finetune,

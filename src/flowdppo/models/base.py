@@ -39,6 +39,9 @@ class FlowModel(ABC):
     module: nn.Module
     #: Time shift applied to the sigma schedule (SD3 uses 3.0).
     shift: float = 1.0
+    #: Samples per model forward outside the update (rollout, reference KL, evaluation);
+    #: None: the whole batch in one forward. See :meth:`batched_velocity`.
+    forward_batch_size: int | None = None
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> Cond:
@@ -59,6 +62,31 @@ class FlowModel(ABC):
     ) -> torch.Tensor:
         """Predict the velocity ``v = eps - x0`` at noise level ``sigma`` (shape [B])."""
 
+    def batched_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """:meth:`velocity` in forwards of at most ``forward_batch_size`` samples.
+
+        Only the network call is split; the caller draws the step's noise for the whole
+        batch, so the random stream does not depend on the split. With guidance the network
+        sees twice the rows (negative and positive). Every sample's velocity is computed
+        from its own rows alone, so on the CPU the result is bit for bit the one-forward
+        result when each chunk keeps the matrix kernel's row blocking (docs/cost.md,
+        "Forward batch size").
+        """
+        n, b = self.forward_batch_size, x.shape[0]
+        if n is None or b <= n:
+            return self.velocity(x, sigma, cond, guidance_scale)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+        sigma = sigma.expand(b) if sigma.numel() == 1 else sigma
+        parts = [
+            self.velocity(
+                x[s : s + n], sigma[s : s + n], index_cond(cond, slice(s, s + n)), guidance_scale
+            )
+            for s in range(0, b, n)
+        ]
+        return torch.cat(parts)
+
     @abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Map final latents to images in [0, 1], shape [B, C, H, W]."""
@@ -66,6 +94,18 @@ class FlowModel(ABC):
     #: Frozen copy of the pre-trained network, used as the reference under full fine-tuning.
     #: With LoRA it stays ``None``: disabling the adapters gives the reference for free.
     frozen_reference: nn.Module | None = None
+
+    def compile(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the network (and a frozen reference copy) in place.
+
+        ``nn.Module.compile`` compiles the module's call and keeps the module itself, so
+        parameter names, state dicts, LoRA adapters and ``reference()`` are unchanged (no
+        ``_orig_mod.`` prefix). Disabling LoRA adapters for the reference is a change the
+        compiled code guards on: it compiles the second variant once and keeps both.
+        """
+        self.module.compile(backend=backend)
+        if self.frozen_reference is not None:
+            self.frozen_reference.compile(backend=backend)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -96,6 +96,7 @@ def prompts_task(cfg: Config) -> Task:
             device=None if m.device == "auto" else m.device,
             max_sequence_length=m.max_sequence_length,
             negative_prompt=m.negative_prompt,
+            offload_text_encoders=m.offload_text_encoders,
         )
         # Full module names of the attention projections: unambiguous for peft, and they
         # exist in this network by construction (the last SD3 block has no text output).

@@ -226,6 +226,12 @@ class DistributedTrainer(Trainer):
         self.world_size = dist.get_world_size()
         self.backend = dist.get_backend()
         check_world_size(cfg, self.world_size)
+        if cfg.train.micro_batch is not None:
+            raise TrainingError(
+                "train.micro_batch is not supported under torchrun yet: each process already "
+                "trains on its share of the minibatch; lower train.minibatch_size instead "
+                "(or set train.micro_batch=null)"
+            )
         n, w = cfg.samples_per_iteration, self.world_size
         self.shard = Shard(self.rank * n // w, n // w, n)
         self.fsdp = cfg.train.distributed == "fsdp"
@@ -436,8 +442,20 @@ class DistributedTrainer(Trainer):
         as_rewards = {name: (lambda _i, _p, r=r: r) for name, r in scored.items()}
         return guards.score(as_rewards, images, prompts, self.cfg.reward.max_invalid_fraction)
 
-    def _reference_kl(self, ro) -> torch.Tensor:
-        return self._gather(reference_kl(self.model, ro, self.spec, self.counter), dim=1)
+    def _reference_kl(self, ro, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None:
+            return self._gather(reference_kl(self.model, ro, self.spec, self.counter), dim=1)
+        # Every process measures its own drawn rows, padded with stand-ins to the largest
+        # count so that all of them run the same forwards (FSDP gathers in each one).
+        size = self.shard.size
+        owners = rows // size
+        counts = [int((owners == p).sum()) for p in range(self.world_size)]
+        width = max(counts)
+        mine = rows[owners == self.rank] - self.shard.start
+        local = torch.cat([mine, mine.new_zeros(width - len(mine))])
+        kl = self._gather(reference_kl(self.model, ro, self.spec, self.counter, local), dim=1)
+        keep = [p * width + j for p in range(self.world_size) for j in range(counts[p])]
+        return kl[:, keep]
 
     def run_iteration(self) -> dict[str, float]:
         metrics = super().run_iteration()
@@ -498,7 +516,7 @@ class DistributedTrainer(Trainer):
                     pending = 0
                     pending_loss = torch.zeros((), dtype=torch.float64)
         self._combine_update_stats(calls, metrics)
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics["grad_norm"] = float(torch.stack(grad_norms).mean()) if grad_norms else math.nan
         metrics["train/skipped_steps"] = skipped
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 

@@ -8,6 +8,7 @@ function called in :func:`flowdppo.trainer.update.step_loss`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import signal
@@ -24,19 +25,26 @@ from flowdppo.config import (
     Continuation,
     dump_config,
     read_yaml,
+    ref_kl_plan,
     resolve_trust_region,
     reward_weights,
 )
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.finetune import apply_finetuning, trainable_state
-from flowdppo.rewards import get_reward
+from flowdppo.rewards import get_reward, reward_factory
 from flowdppo.tasks import task_for_config
 from flowdppo.trainer import budget, guards, preemption, watchdog
 from flowdppo.trainer import checkpoint as ckpt
 from flowdppo.trainer.ema import WeightAverage
 from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.lock import RunLock
-from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout
+from flowdppo.trainer.rollout import (
+    ForwardCounter,
+    SamplerSpec,
+    reference_kl,
+    reference_kl_rows,
+    rollout,
+)
 from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
 from flowdppo.trainer.update import (
     ObjectiveSpec,
@@ -67,6 +75,21 @@ def make_sampler_spec(
     # the reference with the Flow-SDE kernel, as every other method does.
     kernel = "flow" if cfg.kernel == "ode" else cfg.kernel
     return SamplerSpec(kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+
+
+def reward_options(cfg: Config, name: str) -> dict:
+    """``reward.options.NAME``, with ``model.forward_batch_size`` as the batch of a model
+    reward that takes a ``batch_size`` and was not given one."""
+    options = dict(cfg.reward.options.get(name, {}))
+    n = cfg.model.forward_batch_size
+    if n is not None and "batch_size" not in options:
+        try:
+            takes = "batch_size" in inspect.signature(reward_factory(name)).parameters
+        except (TypeError, ValueError):  # no signature to read
+            takes = False
+        if takes:
+            options["batch_size"] = n
+    return options
 
 
 def lr_factor(cfg: Config, step: int, total: int) -> float:
@@ -113,7 +136,7 @@ class Trainer:
                 f"{reward_names})"
             )
         self.rewards = {
-            name: get_reward(name, **cfg.reward.options.get(name, {})) for name in reward_names
+            name: get_reward(name, **reward_options(cfg, name)) for name in reward_names
         }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
@@ -122,6 +145,7 @@ class Trainer:
                 f"{reward_names}"
             )
         self.model = self.task.build_model(cfg.model.weights)
+        self.model.forward_batch_size = cfg.model.forward_batch_size
         # Trust regions in both forms (per element and nats per step) for this model's
         # latent size; config.yaml and summary.json record both.
         self.cfg = cfg = resolve_trust_region(cfg, self.model.latent_elements())
@@ -138,6 +162,8 @@ class Trainer:
         )
         self.params = self._shard_model(self.params)
         t = cfg.train
+        if t.compile:
+            self.model.compile(t.compile_backend)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay
         )
@@ -374,8 +400,6 @@ class Trainer:
         acc = StatsAccumulator()
         n_steps = len(ro.sde_steps)
         total_updates = t.iterations * self._updates_per_iteration()
-        grad_norms = []
-        first_dev = None
         pending = 0
         pending_loss = torch.zeros(())
         skipped = 0
@@ -394,41 +418,46 @@ class Trainer:
             perm = torch.randperm(ro.batch_size, generator=self.generator)
             for start in range(0, ro.batch_size, t.minibatch_size):
                 idx = perm[start : start + t.minibatch_size]
+                # Average over the trained steps and the samples of the optimizer step.
+                scale = 1.0 / (len(idx) * n_steps * t.grad_accum)
                 for i in range(n_steps):
-                    if plan is None:
-                        loss, stats = step_loss(
-                            self.model,
-                            ro,
-                            idx,
-                            i,
-                            advantages,
-                            self.spec,
-                            self.objective,
-                            self.counter,
-                        )
-                    else:
-                        loss, stats = nft_term_loss(
-                            self.model,
-                            ro,
-                            idx,
-                            plan.steps[epoch, idx, i],
-                            advantages,
-                            self.spec,
-                            self.cfg.nft,
-                            self.old_model,
-                            self.generator,
-                            self.counter,
-                        )
-                    # Average over the trained steps and the samples of the optimizer step.
-                    (loss.mean() / (n_steps * t.grad_accum)).backward()
-                    pending_loss = pending_loss + loss.detach().sum()
-                    self.counter.backward += 1
-                    acc.add(stats)
-                    if epoch == 0 and start == 0 and "ratio_max" in stats:
-                        dev = max(
-                            abs(float(stats["ratio_max"]) - 1), abs(float(stats["ratio_min"]) - 1)
-                        )
-                        first_dev = dev if first_dev is None else max(first_dev, dev)
+                    # train.micro_batch: one forward and backward per micro-batch; the
+                    # gradients add up to the minibatch's.
+                    for micro in idx.split(t.micro_batch or len(idx)):
+                        if plan is None:
+                            loss, stats = step_loss(
+                                self.model,
+                                ro,
+                                micro,
+                                i,
+                                advantages,
+                                self.spec,
+                                self.objective,
+                                self.counter,
+                            )
+                        else:
+                            loss, stats = nft_term_loss(
+                                self.model,
+                                ro,
+                                micro,
+                                plan.steps[epoch, micro, i],
+                                advantages,
+                                self.spec,
+                                self.cfg.nft,
+                                self.old_model,
+                                self.generator,
+                                self.counter,
+                            )
+                        (loss.sum() * scale).backward()
+                        pending_loss = pending_loss + loss.detach().sum()
+                        self.counter.backward += 1
+                        acc.add(stats, weight=len(micro))
+                        if epoch == 0 and start == 0 and "ratio_max" in stats:
+                            # DiffusionNFT has no ratio.
+                            dev = torch.maximum(
+                                (stats["ratio_max"] - 1).abs(), (stats["ratio_min"] - 1).abs()
+                            )
+                            acc.keep("first_update_ratio_dev", dev)
                 pending += 1
                 last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= ro.batch_size
                 if pending == t.grad_accum or last:
@@ -436,7 +465,7 @@ class Trainer:
                     if norm is None:
                         skipped += 1
                     else:
-                        grad_norms.append(norm)
+                        acc.add({"grad_norm": norm})
                     pending = 0
                     pending_loss = torch.zeros(())
         if self.old_model is not None:
@@ -444,10 +473,8 @@ class Trainer:
             self.old_model.update(self.model.module, decay)
             metrics["nft/old_decay"] = decay
         metrics.update(acc.result())
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics.setdefault("grad_norm", math.nan)  # every step was skipped
         metrics["train/skipped_steps"] = skipped
-        if first_dev is not None:  # DiffusionNFT has no ratio
-            metrics["first_update_ratio_dev"] = first_dev
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _updates_per_iteration(self) -> int:
@@ -455,12 +482,16 @@ class Trainer:
         minibatches = math.ceil(self.cfg.samples_per_iteration / t.minibatch_size)
         return t.inner_epochs * math.ceil(minibatches / t.grad_accum)
 
-    def _optimizer_step(self, total_updates: int, loss_sum: torch.Tensor) -> float | None:
-        """Clip and apply the accumulated gradient; None when it was skipped as non-finite."""
+    def _optimizer_step(self, total_updates: int, loss_sum: torch.Tensor) -> torch.Tensor | None:
+        """Clip and apply the accumulated gradient: its norm (a tensor on the device), or None
+        when it was skipped as non-finite."""
         t = self.cfg.train
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if not (torch.isfinite(norm) and torch.isfinite(loss_sum)):
+        # One host read per optimizer step: a skipped step must leave Adam's moments and
+        # step count alone, which the host decides before calling the optimizer.
+        finite = torch.isfinite(norm) & torch.isfinite(loss_sum.to(norm.device))
+        if not bool(finite):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_in_a_row += 1
             if self.skipped_in_a_row > t.max_skipped_steps:
@@ -481,7 +512,7 @@ class Trainer:
         self.optimizer_steps += 1
         if self.ema is not None:
             self.ema.update(self.optimizer_steps)
-        return float(norm)
+        return norm.detach()
 
     # Hooks that multi-process training (trainer/distributed.py) overrides.
     def _rollout(self, prompts: list[str], group: torch.Tensor, sde_steps: list[int]):
@@ -489,8 +520,9 @@ class Trainer:
             self.model, prompts, group, self.spec, sde_steps, self.generator, self.counter
         )
 
-    def _reference_kl(self, ro) -> torch.Tensor:
-        return reference_kl(self.model, ro, self.spec, self.counter)
+    def _reference_kl(self, ro, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[K, samples]: the KL at every recorded step of the samples ``rows`` (None: all)."""
+        return reference_kl(self.model, ro, self.spec, self.counter, rows)
 
     def _open_log(self) -> RunLog:
         return RunLog(self.run_dir, self.cfg.log.tensorboard, start_iteration=self.iteration)
@@ -530,11 +562,17 @@ class Trainer:
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
             ).to(ro.final.device)
-        if cfg.log.ref_kl and ro.sde_steps:
+        every, per_group = ref_kl_plan(cfg)
+        if cfg.log.ref_kl and ro.sde_steps and (self.iteration + 1) % every == 0:
             with self._timed("ref_kl", metrics):
-                kl = self._reference_kl(ro)
+                rows = None
+                if per_group is not None:
+                    seed = cfg.train.seed * 1_000_003 + self.iteration
+                    rows = reference_kl_rows(group, per_group, seed)
+                kl = self._reference_kl(ro, rows)
             metrics["kl_ref/mean"] = float(kl.mean())
             metrics["kl_ref/path"] = float(kl.sum(0).mean())
+            metrics["kl_ref/samples"] = kl.shape[1]
         with self._timed("update", metrics):
             self._update(ro, advantages, metrics)
         total = sum(rewards.values()) if len(rewards) > 1 else next(iter(rewards.values()))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from flowdppo import kernels
-from flowdppo.models.base import Cond, FlowModel
+from flowdppo.models.base import Cond, FlowModel, index_cond
 from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.watchdog import mark
 
@@ -131,7 +131,11 @@ class ForwardCounter:
         self.samples[phase] = self.samples.get(phase, 0) + x.shape[0]
         mark(phase)
         fault_point(phase)
-        return model.velocity(x, sigma, cond, guidance_scale)
+        if torch.is_grad_enabled():
+            # A split under gradient keeps every chunk's graph until the backward and saves
+            # nothing: the update splits its minibatch with train.micro_batch instead.
+            return model.velocity(x, sigma, cond, guidance_scale)
+        return model.batched_velocity(x, sigma, cond, guidance_scale)
 
     def as_dict(self) -> dict[str, int]:
         out = {f"forward_calls/{k}": v for k, v in self.calls.items()}
@@ -211,16 +215,41 @@ def rollout(
 
 @torch.no_grad()
 def reference_kl(
-    model: FlowModel, ro: Rollout, spec: SamplerSpec, counter: ForwardCounter
+    model: FlowModel,
+    ro: Rollout,
+    spec: SamplerSpec,
+    counter: ForwardCounter,
+    rows: torch.Tensor | None = None,
+    phase: str = "ref_kl",
 ) -> torch.Tensor:
     """Exact per-step KL between the policy that sampled ``ro`` and the reference model,
-    at every recorded SDE step of the rollout's own trajectories: [K, B]."""
+    at every recorded SDE step of the rollout's own trajectories: [K, B], or [K, len(rows)]
+    for the samples ``rows`` only. The forwards are counted under ``phase``."""
+    cond = ro.cond if rows is None else index_cond(ro.cond, rows)
     out = []
     with model.reference():
         for i, k in enumerate(ro.sde_steps):
-            x = ro.states[i]
+            x = ro.states[i] if rows is None else ro.states[i, rows]
+            means = ro.means[i] if rows is None else ro.means[i, rows]
             sigma = spec.sigmas[k].expand(x.shape[0])
-            v_ref = counter.velocity(model, "ref_kl", x, sigma, ro.cond, spec.guidance_scale)
+            v_ref = counter.velocity(model, phase, x, sigma, cond, spec.guidance_scale)
             mean_ref, std = spec.transition(k, v_ref, x)
-            out.append(kernels.gaussian_kl(ro.means[i], mean_ref, std, spec.reduce))
+            out.append(kernels.gaussian_kl(means, mean_ref, std, spec.reduce))
     return torch.stack(out)
+
+
+def reference_kl_rows(group: torch.Tensor, per_group: int, seed: int) -> torch.Tensor:
+    """``per_group`` samples of every group, drawn uniformly without replacement (sorted).
+
+    Every group has the same size, so each sample is drawn with the same probability and
+    the mean KL over the drawn samples is an unbiased estimate of the batch's mean KL
+    (stratified by group: its variance is at most that of as many samples drawn from the
+    whole batch). The draw has its own generator, seeded per iteration: the training
+    stream is the same with any setting, and a resumed run draws the same rows.
+    """
+    keys = torch.rand(len(group), generator=torch.Generator().manual_seed(seed))
+    picked = []
+    for g in torch.unique(group):
+        members = (group == g).nonzero().flatten()
+        picked.append(members[keys[members].argsort()[:per_group]])
+    return torch.cat(picked).sort().values

@@ -219,25 +219,46 @@ def nft_term_loss(
 
 
 class StatsAccumulator:
-    """Averages per-call statistics over an update phase; keeps min / max where named."""
+    """Averages per-call statistics over an update phase; keeps min / max where named.
+
+    The running sums stay tensors on the device they come from: adding a call's statistics
+    never waits for the GPU, and :meth:`result` reads them all back in one transfer.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.extremes: dict[str, float] = {}
+        self.extremes: dict[str, torch.Tensor] = {}
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
+    def add(self, stats: dict[str, torch.Tensor | float], weight: int = 1) -> None:
+        """One call's statistics; ``weight``: the samples they are means over (a call over
+        a micro-batch counts for its share of the minibatch)."""
         for key, value in stats.items():
-            v = float(value)
             if key.endswith("_min"):
-                self.extremes[key] = min(self.extremes.get(key, v), v)
+                self.keep(key, value, torch.minimum)
             elif key.endswith("_max"):
-                self.extremes[key] = max(self.extremes.get(key, v), v)
+                self.keep(key, value, torch.maximum)
             else:
-                self.sums[key] = self.sums.get(key, 0.0) + v
-                self.counts[key] = self.counts.get(key, 0) + 1
+                v = _scalar(value) * weight
+                self.sums[key] = self.sums[key] + v if key in self.sums else v
+                self.counts[key] = self.counts.get(key, 0) + weight
+
+    def keep(self, key: str, value: torch.Tensor | float, pick=torch.maximum) -> None:
+        """Keep the extreme (``pick``: torch.maximum or torch.minimum) of ``value`` seen."""
+        v = _scalar(value)
+        self.extremes[key] = pick(self.extremes[key], v) if key in self.extremes else v
 
     def result(self) -> dict[str, float]:
-        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        out.update(self.extremes)
-        return out
+        keys = list(self.sums) + list(self.extremes)
+        if not keys:
+            return {}
+        values = [self.sums[k] / self.counts[k] for k in self.sums] + list(self.extremes.values())
+        device = values[0].device
+        # The phase's one host read.
+        return dict(zip(keys, torch.stack([v.to(device) for v in values]).tolist()))
+
+
+def _scalar(value: torch.Tensor | float) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).double()
+    return torch.tensor(float(value), dtype=torch.float64)

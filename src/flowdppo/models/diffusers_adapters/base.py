@@ -10,10 +10,11 @@ velocity comes back as float32. docs/adding-a-model.md walks through writing one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,9 @@ import torch
 from torch import nn
 
 from flowdppo.models.base import Cond, FlowModel, cat_cond
+
+#: Where offloaded components wait (model.offload_text_encoders).
+OFFLOAD_DEVICE = torch.device("cpu")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,8 +143,14 @@ class DiffusersFlowModel(FlowModel):
     """A diffusers pipeline seen as a :class:`FlowModel`; ``module`` is its transformer.
 
     ``resolution`` is an int (square) or ``(height, width)`` in pixels. Prompt encodings are
-    cached per prompt (least recently used first out, ``cache_size`` entries) on the
-    model's device, so the text encoders run once per distinct prompt.
+    cached per prompt (least recently used first out, ``cache_size`` entries), so the text
+    encoders run once per distinct prompt.
+
+    ``offload_text_encoders``: the text encoders (and the VAE's encoder, which sampling never
+    uses) live in CPU memory; the text encoders visit the model's device only while they
+    encode prompts the cache lacks. The cache then lives on the CPU too (pinned when CUDA
+    is available) and each batch's rows are copied to the device as it is drawn. Off:
+    everything on the device, the cache included.
     """
 
     #: The pipeline class names this adapter accepts (``model_index.json``'s ``_class_name``).
@@ -168,6 +178,7 @@ class DiffusersFlowModel(FlowModel):
         gradient_checkpointing: bool = False,
         cache_size: int = 1024,
         decode_batch_size: int = 8,
+        offload_text_encoders: bool = True,
     ):
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
@@ -188,7 +199,12 @@ class DiffusersFlowModel(FlowModel):
         for name, component in pipe.components.items():
             if isinstance(component, nn.Module) and name != "transformer":
                 component.requires_grad_(False).eval()
-        pipe.to(self.device)
+        self.offload_text_encoders = offload_text_encoders
+        for name, component in pipe.components.items():
+            if isinstance(component, nn.Module) and not self._offloaded(name):
+                component.to(self.device)
+        if offload_text_encoders and isinstance(getattr(pipe.vae, "encoder", None), nn.Module):
+            pipe.vae.encoder.to(OFFLOAD_DEVICE)
         self.dtype = pipe.transformer.dtype
         if gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
@@ -197,6 +213,40 @@ class DiffusersFlowModel(FlowModel):
         self._lora_targets = self._match_lora_targets(pipe.transformer)
         self._cache: OrderedDict[str, Cond] = OrderedDict()
         self._negative: Cond | None = None
+
+    # ------------------------------------------------------------------ offload
+    def _offloaded(self, component: str) -> bool:
+        return self.offload_text_encoders and component.startswith("text_encoder")
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [
+            c
+            for name, c in self.pipe.components.items()
+            if name.startswith("text_encoder") and isinstance(c, nn.Module)
+        ]
+
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the model's device for the block (offloaded: and back)."""
+        if not self.offload_text_encoders:
+            yield
+            return
+        for encoder in self.text_encoders():
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder in self.text_encoders():
+                encoder.to(OFFLOAD_DEVICE)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _cache_entry(self, row: torch.Tensor) -> torch.Tensor:
+        # A copy, not a view: an evicted entry must free its memory.
+        if not self.offload_text_encoders:
+            return row.to(self.dtype, copy=True)
+        row = row.to(OFFLOAD_DEVICE, self.dtype, copy=True)
+        return row.pin_memory() if torch.cuda.is_available() else row
 
     # ------------------------------------------------------------------ subclass hooks
     default_max_sequence_length: ClassVar[int] = 512
@@ -309,13 +359,12 @@ class DiffusersFlowModel(FlowModel):
     def encode(self, prompts: list[str]) -> Cond:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            encoded = self._encode_batch(missing)
+            with self._text_encoders_on_device():
+                encoded = self._encode_batch(missing)
             for i, p in enumerate(missing):
-                # A copy, not a view: an evicted entry must free its memory.
-                self._cache[p] = {
-                    k: v[i : i + 1].to(self.dtype, copy=True) for k, v in encoded.items()
-                }
+                self._cache[p] = {k: self._cache_entry(v[i : i + 1]) for k, v in encoded.items()}
         out = self._collate([self._cache[p] for p in prompts])
+        out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
         for p in prompts:
             self._cache.move_to_end(p)
         while len(self._cache) > self.cache_size:
@@ -326,7 +375,8 @@ class DiffusersFlowModel(FlowModel):
     def negative_cond(self) -> Cond:
         """The negative prompt's encoding (one row), for classifier-free guidance."""
         if self._negative is None:
-            enc = self._encode_batch([self.negative_prompt])
+            with self._text_encoders_on_device():
+                enc = self._encode_batch([self.negative_prompt])
             self._negative = {k: v.to(self.dtype) for k, v in enc.items()}
         return self._negative
 
