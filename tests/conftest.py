@@ -240,3 +240,33 @@ def toy_run(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return run_dir
+
+
+class CrashAfterCheckpoint(Exception):
+    """Raised by :func:`crash_after_checkpoint` right after a checkpoint is written."""
+
+
+def crash_after_checkpoint(monkeypatch, make_trainer, iteration: int) -> None:
+    """Train ``make_trainer()`` until it has written the checkpoint of ``iteration``, then
+    stop it there as a crash would."""
+    from flowdppo.trainer.loop import Trainer
+
+    original = Trainer._checkpoint
+
+    def crash(self):
+        original(self)
+        if self.iteration == iteration:
+            raise CrashAfterCheckpoint
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash)
+    with pytest.raises(CrashAfterCheckpoint):
+        make_trainer().train()
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+
+
+def checkpoint_digests(root, runs, iteration: int) -> list[str]:
+    """The checksums of each run's checkpoint of ``iteration`` (equal: bit-identical)."""
+    import json
+
+    name = f"ckpt-{iteration:06d}"
+    return [json.loads((root / r / name / "state.json").read_text())["sha256"] for r in runs]

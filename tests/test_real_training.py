@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import tiny_pipelines
+from conftest import checkpoint_digests, crash_after_checkpoint
 
 from flowdppo.cli import main
 from flowdppo.config import ConfigError, load_config
@@ -326,7 +327,7 @@ def test_lora_targets_follow_peft_suffix_rule():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["dppo", "dppo_cps", "grpo", "cps"])
+@pytest.mark.parametrize("name", ["dppo", "dppo_cps", "grpo", "cps", "guard", "nft"])
 def test_sd3_recipes_hold_the_papers_setting(name):
     cfg = load_config(ROOT / "configs" / "sd3" / f"{name}.yaml")
     m, s, t = cfg.model, cfg.sampler, cfg.train
@@ -338,7 +339,8 @@ def test_sd3_recipes_hold_the_papers_setting(name):
         64.0,
     )
     assert (t.lr, m.resolution, t.group_size) == (3e-4, 512, 16)
-    assert (s.num_steps, s.num_sde_steps, s.sde_window, s.eta) == (10, 3, (0.0, 0.5), 0.7)
+    eta = 0.8 if name == "cps" else 0.7  # Flow-GRPO's CPS recipe samples at noise level 0.8
+    assert (s.num_steps, s.num_sde_steps, s.sde_window, s.eta) == (10, 3, (0.0, 0.5), eta)
     assert s.guidance_scale == 1.0 and s.shift is None  # the model's own schedule
     assert cfg.algorithm == {"dppo_cps": "dppo+cps"}.get(name, name)
 
@@ -413,3 +415,24 @@ def test_resume_of_a_real_model_run_equals_an_uninterrupted_one(
         for r in ("full", "crashed")
     ]
     assert digest[0] == digest[1]  # bit-identical LoRA and optimizer state
+
+
+@pytest.mark.parametrize("algorithm", ["guard", "nft"])
+def test_guard_and_nft_train_sd3_and_resume_bit_exact(
+    pipes, prompt_files, tmp_path, monkeypatch, algorithm
+):
+    def run(name):
+        args = overrides("sd3", pipes["sd3"], prompt_files, tmp_path / name)
+        return load_config(None, [*args, f"algorithm={algorithm}", "log.checkpoint_every=1"])
+
+    Trainer(run("full"), tmp_path / "full").train()
+    rows = metrics_of(tmp_path / "full")
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
+    if algorithm == "nft":
+        # One noise level per sample (int(0.99 x 2) of the 2 steps), at one forward of the
+        # old model and one of the policy: the old model's are counted apart.
+        assert rows[-1]["forward_samples/update_old"] == rows[-1]["forward_samples/update"]
+    crash_after_checkpoint(monkeypatch, lambda: Trainer(run("crashed"), tmp_path / "crashed"), 1)
+    assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    digest = checkpoint_digests(tmp_path, ("full", "crashed"), 2)
+    assert digest[0] == digest[1]  # the policy, the optimizer and (nft) the old model

@@ -14,6 +14,7 @@ EPILOG_TRAIN = """examples:
   flowdppo train --task shapes                    # Flow-DPPO on the compositional shapes task
   flowdppo train configs/digits/grpo.yaml         # a recipe
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
+  flowdppo train configs/digits/nft.yaml          # DiffusionNFT (also guard: GRPO-Guard)
   flowdppo train --resume runs/dppo-digits-20261124-120000
   flowdppo train --resume runs/dppo-digits-20261124-120000 train.iterations=400   # train further
   flowdppo train train.ema.decay=0.99             # evaluate, sample and export an EMA of the weights
@@ -24,7 +25,8 @@ EPILOG_TRAIN = """examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowdppo",
-        description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS.",
+        description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS, "
+        "GRPO-Guard, DiffusionNFT.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

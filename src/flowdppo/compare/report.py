@@ -174,7 +174,11 @@ def _budget(exp: Experiment, results: list[RunResult]) -> str:
 
 
 def _trust_regions(results: list[RunResult]) -> str:
-    tr = next((r.trust_region for r in results if r.ok and r.trust_region), None)
+    # GRPO-Guard and DiffusionNFT runs record no per-element / per-step pair.
+    tr = next(
+        (r.trust_region for r in results if r.ok and (r.trust_region or {}).get("clip_range")),
+        None,
+    )
     if tr is None:
         return "trust regions: see each run's config.yaml"
     text = (

@@ -218,6 +218,12 @@ class DistributedTrainer(Trainer):
     """:class:`Trainer` for one process of a ``torchrun`` / ``accelerate launch`` job."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+        if cfg.objective_name == "nft":
+            # Checked before any collective: every process refuses alike.
+            raise TrainingError(
+                "algorithm nft trains in one process (its update is not sharded yet): run it "
+                "without torchrun / accelerate launch"
+            )
         init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
