@@ -202,3 +202,81 @@ def serve_on_loopback(handler: type) -> tuple[ThreadingHTTPServer, str]:
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     host, port = httpd.server_address[:2]
     return httpd, f"http://{host}:{port}"
+
+
+class _Killed(BaseException):
+    """Stands in for a kill in the middle of an iteration (not caught as an Exception)."""
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """A tiny run with TensorBoard, killed twice and resumed twice, as a user would see it.
+
+    6 iterations, a checkpoint every 3, an evaluation every 2 (grids at 0, 2, 4, 6). The
+    first kill comes in iteration 5 (iterations 1-4 logged, the checkpoint at 3), the
+    second in iteration 6 of the resumed run (4 and 5 logged again); the third attempt
+    finishes from the checkpoint at 3.
+    """
+    from flowdppo.config import load_config
+    from flowdppo.trainer.loop import Trainer
+
+    run_dir = tmp_path_factory.mktemp("toy-run") / "run"
+    args = TOY + [
+        "log.tensorboard=true",
+        "train.iterations=6",
+        "log.checkpoint_every=3",
+        "log.eval_every=2",
+        f"log.run_dir={run_dir}",
+    ]
+    cfg = load_config(None, args)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kill_at in (5, 6, None):
+            trainer = Trainer(cfg, run_dir, resume=run_dir.is_dir())
+            if kill_at is not None:
+                real = trainer.run_iteration
+
+                def run_iteration(real=real, kill_at=kill_at, trainer=trainer):
+                    if trainer.iteration + 1 == kill_at:
+                        raise _Killed
+                    return real()
+
+                trainer.run_iteration = run_iteration
+            try:
+                trainer.train()
+            except _Killed:
+                assert kill_at is not None
+    finally:
+        torch.set_num_threads(before)
+    return run_dir
+
+
+class CrashAfterCheckpoint(Exception):
+    """Raised by :func:`crash_after_checkpoint` right after a checkpoint is written."""
+
+
+def crash_after_checkpoint(monkeypatch, make_trainer, iteration: int) -> None:
+    """Train ``make_trainer()`` until it has written the checkpoint of ``iteration``, then
+    stop it there as a crash would."""
+    from flowdppo.trainer.loop import Trainer
+
+    original = Trainer._checkpoint
+
+    def crash(self):
+        original(self)
+        if self.iteration == iteration:
+            raise CrashAfterCheckpoint
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash)
+    with pytest.raises(CrashAfterCheckpoint):
+        make_trainer().train()
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+
+
+def checkpoint_digests(root, runs, iteration: int) -> list[str]:
+    """The checksums of each run's checkpoint of ``iteration`` (equal: bit-identical)."""
+    import json
+
+    name = f"ckpt-{iteration:06d}"
+    return [json.loads((root / r / name / "state.json").read_text())["sha256"] for r in runs]

@@ -1,6 +1,7 @@
 """The compare machinery on the toy task: tables, plots, seeds, failures, bad input."""
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,13 @@ def test_compare_writes_tables_and_plots_and_honours_seeds(tmp_path, toy_overrid
         groups = {g["group"]: g for g in csv.DictReader(f)}
     gains = [float(r["gain"]) for r in rows if r["group"] == "dppo"]
     assert float(groups["dppo"]["gain"]) == pytest.approx(sum(gains) / 2, rel=1e-4)
+    # flowdppo report of the folder: one row per group with its seeds, the winner named.
+    assert cli_main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    winner = max(groups, key=lambda g: float(groups[g]["train_after"]))
+    assert f"<b>Winner: {winner}</b>" in page
+    for g in ("dppo", "grpo"):
+        assert re.search(rf"<td>(★ )?{g}</td><td>{g}</td><td>2/2</td>", page)
 
 
 def test_same_seed_reproduces_in_process_and_forked(tmp_path, toy_overrides):

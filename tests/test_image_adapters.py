@@ -162,6 +162,18 @@ def test_z_image_encoding_leaves_the_callers_prompts_alone(tiny_image_pipes):
     assert prompts == PROMPTS
 
 
+def test_step_distilled_flux2_klein_ignores_guidance_as_its_pipeline(tmp_path):
+    import tiny_pipelines_image
+
+    path = tiny_pipelines_image.build_flux2_klein(tmp_path / "distilled", is_distilled=True)
+    model = load({"distilled": path}, "distilled")
+    assert not model.batched_cfg
+    ours = ode_sample(model, 4.0, steps=2, seed=1)
+    assert torch.equal(ours, ode_sample(model, 1.0, steps=2, seed=1))
+    theirs = pipeline_final_latents(model.pipe, "flux2", 4.0, steps=2, seed=1)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
 def test_flux2_schedule_depends_on_steps_as_the_pipeline(tiny_image_pipes):
     model = load(tiny_image_pipes, "flux2")
     for steps in (2, 10, 28):
@@ -210,6 +222,7 @@ SHRINK = {
     "log.eval_every": 0,
     "log.grid_every": 0,
     "log.checkpoint_every": 1,
+    "log.ref_kl": "false",  # the final evaluation measures the KL to the reference
     "log.tensorboard": "false",
     "data.eval_prompts": 1,
 }

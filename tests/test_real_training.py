@@ -18,10 +18,12 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import tiny_pipelines
+from conftest import checkpoint_digests, crash_after_checkpoint
 
 from flowdppo.cli import main
 from flowdppo.config import ConfigError, load_config
 from flowdppo.runs import load_run
+from flowdppo.trainer import media
 from flowdppo.trainer.loop import Trainer, metrics_of
 from flowdppo.trainer.rollout import ForwardCounter, sample
 
@@ -83,6 +85,14 @@ def overrides(kind: str, path: Path, files: tuple[Path, Path], run_dir: Path, **
         args["model.frames"] = FRAMES
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
+
+
+def gif_ms(path: Path) -> int:
+    """A GIF's playing time (Pillow merges equal neighbouring frames into a longer one)."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        return sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif))
 
 
 def check_run(run_dir: Path) -> list[dict]:
@@ -147,7 +157,11 @@ def test_wan_trains_on_video_latents(pipes, prompt_files, tmp_path):
     _, _, model, _ = load_run(run)
     assert model.latent_shape(1) == (1, 16, 2, RES // 8, RES // 8)  # 5-D: frames 5 -> 2
     grid = Image.open(run / "grids" / "iter-000002.png")  # videos show their middle frame
-    assert grid.size == (2 * 64, 2 * (64 + 12))  # 2 samples x (train, held-out) prompts
+    # 2 samples x (train, held-out) prompts, a caption over each row, rewards under cells.
+    assert grid.size == (2 * 66 + 2, 2 * (11 + 64 + 11 + 2) + 2)
+    # The videos themselves play as GIF and MP4 (the video extra).
+    assert gif_ms(run / "grids" / "iter-000002.gif") == 5 * 1000 // media.FPS
+    assert (run / "grids" / "iter-000002.mp4").stat().st_size > 0
 
 
 def test_reward_options_reach_the_reward(pipes, prompt_files, tmp_path, monkeypatch):
@@ -262,28 +276,28 @@ def test_config_refuses_inconsistent_model_keys(changes, match):
 
 
 # ---------------------------------------------------------------- trainer pieces
+# Cells plus a 2 px gap around each; each row has its caption line (11 px) over it.
 @pytest.mark.parametrize(
     "shape,size",
     [
-        ((3, 1, 8, 8), (2 * 64, 2 * 76)),  # digits-sized: enlarged to 64 px cells
-        ((2, 3, 96, 160), (2 * 160, 1 * (96 + 12))),  # wide, kept at its own size
-        ((2, 3, 640, 320), (2 * 128, 1 * (256 + 12))),  # tall, shrunk to 256 px
-        ((2, 3, 9, 32, 48), (2 * 64, 1 * (43 + 12))),  # a video: its middle frame
+        ((3, 1, 8, 8), (2 * 66 + 2, 2 * (11 + 64 + 2) + 2)),  # digits-sized: 64 px cells
+        ((2, 3, 96, 160), (2 * 162 + 2, 11 + 96 + 2 + 2)),  # wide, kept at its own size
+        ((2, 3, 640, 320), (2 * 130 + 2, 11 + 256 + 2 + 2)),  # tall, shrunk to 256 px
+        ((2, 3, 9, 32, 48), (2 * 66 + 2, 11 + 43 + 2 + 2)),  # a video: its middle frame
     ],
 )
 def test_sample_grid_takes_any_size_and_videos(tmp_path, shape, size):
     from PIL import Image
 
-    from flowdppo.trainer.runlog import save_grid
-
     images = torch.zeros(shape)
     if len(shape) == 5:
         images[:, :, shape[2] // 2] = 1.0  # only the middle frame is white
-    save_grid(images, ["a"] * shape[0], tmp_path / "g.png", columns=2)
-    grid = Image.open(tmp_path / "g.png").convert("RGB")
+    (page,) = media.write_grid(images, ["a"] * shape[0], tmp_path / "g.png", columns=2)
+    grid = Image.open(page.png).convert("RGB")
     assert grid.size == size
     if len(shape) == 5:
-        assert grid.getpixel((5, 5)) == (255, 255, 255)
+        assert grid.getpixel((5, 20)) == (255, 255, 255)
+        assert gif_ms(page.gif) == shape[2] * 1000 // media.FPS  # every frame
 
 
 def test_lora_targets_follow_peft_suffix_rule():
@@ -313,7 +327,7 @@ def test_lora_targets_follow_peft_suffix_rule():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["dppo", "dppo_cps", "grpo", "cps"])
+@pytest.mark.parametrize("name", ["dppo", "dppo_cps", "grpo", "cps", "guard", "nft"])
 def test_sd3_recipes_hold_the_papers_setting(name):
     cfg = load_config(ROOT / "configs" / "sd3" / f"{name}.yaml")
     m, s, t = cfg.model, cfg.sampler, cfg.train
@@ -325,7 +339,8 @@ def test_sd3_recipes_hold_the_papers_setting(name):
         64.0,
     )
     assert (t.lr, m.resolution, t.group_size) == (3e-4, 512, 16)
-    assert (s.num_steps, s.num_sde_steps, s.sde_window, s.eta) == (10, 3, (0.0, 0.5), 0.7)
+    eta = 0.8 if name == "cps" else 0.7  # Flow-GRPO's CPS recipe samples at noise level 0.8
+    assert (s.num_steps, s.num_sde_steps, s.sde_window, s.eta) == (10, 3, (0.0, 0.5), eta)
     assert s.guidance_scale == 1.0 and s.shift is None  # the model's own schedule
     assert cfg.algorithm == {"dppo_cps": "dppo+cps"}.get(name, name)
 
@@ -400,3 +415,24 @@ def test_resume_of_a_real_model_run_equals_an_uninterrupted_one(
         for r in ("full", "crashed")
     ]
     assert digest[0] == digest[1]  # bit-identical LoRA and optimizer state
+
+
+@pytest.mark.parametrize("algorithm", ["guard", "nft"])
+def test_guard_and_nft_train_sd3_and_resume_bit_exact(
+    pipes, prompt_files, tmp_path, monkeypatch, algorithm
+):
+    def run(name):
+        args = overrides("sd3", pipes["sd3"], prompt_files, tmp_path / name)
+        return load_config(None, [*args, f"algorithm={algorithm}", "log.checkpoint_every=1"])
+
+    Trainer(run("full"), tmp_path / "full").train()
+    rows = metrics_of(tmp_path / "full")
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
+    if algorithm == "nft":
+        # One noise level per sample (int(0.99 x 2) of the 2 steps), at one forward of the
+        # old model and one of the policy: the old model's are counted apart.
+        assert rows[-1]["forward_samples/update_old"] == rows[-1]["forward_samples/update"]
+    crash_after_checkpoint(monkeypatch, lambda: Trainer(run("crashed"), tmp_path / "crashed"), 1)
+    assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    digest = checkpoint_digests(tmp_path, ("full", "crashed"), 2)
+    assert digest[0] == digest[1]  # the policy, the optimizer and (nft) the old model

@@ -1,4 +1,4 @@
-"""Command line: ``flowdppo train | sample | eval | export-lora | pretrain | compare``."""
+"""Command line: ``flowdppo train | sample | eval | export-lora | pretrain | compare | report``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ EPILOG_TRAIN = """examples:
   flowdppo train --task shapes                    # Flow-DPPO on the compositional shapes task
   flowdppo train configs/digits/grpo.yaml         # a recipe
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
+  flowdppo train configs/digits/nft.yaml          # DiffusionNFT (also guard: GRPO-Guard)
   flowdppo train --resume runs/dppo-digits-20261124-120000
   flowdppo train --resume runs/dppo-digits-20261124-120000 train.iterations=400   # train further
   flowdppo train train.ema.decay=0.99             # evaluate, sample and export an EMA of the weights
@@ -24,7 +25,8 @@ EPILOG_TRAIN = """examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowdppo",
-        description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS.",
+        description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS, "
+        "GRPO-Guard, DiffusionNFT.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -65,7 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    s.add_argument(
+        "--out",
+        default="samples.png",
+        help="output PNG grid (default samples.png; more than 16 rows: -p2.png... pages); "
+        "videos also as .gif and .mp4 beside it",
+    )
     s.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS)
 
     e = add(
@@ -122,10 +129,42 @@ def _parser() -> argparse.ArgumentParser:
         "have none: 15 iterations moved the reward less than the evaluation noise)",
     )
     c.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
+
+    rp = add(
+        "report",
+        help="one self-contained report.html of runs or a compare folder (plots, samples)",
+        epilog=EPILOG_REPORT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rp.add_argument(
+        "paths", nargs="+", metavar="RUN_DIR", help="run directories or one compare folder"
+    )
+    rp.add_argument(
+        "--out",
+        default=None,
+        help="output HTML (default: report.html in the run or compare folder; for several "
+        "runs, in the current folder)",
+    )
     return p
 
 
 RAW_WEIGHTS = "use the trained weights themselves, not their EMA (runs with train.ema)"
+
+EPILOG_REPORT = """examples:
+  flowdppo report runs/dppo-digits-20261124-120000
+  flowdppo report runs/dppo-digits-* runs/grpo-digits-* --out digits.html
+  flowdppo report runs/compare-single_reward_digits-quick-20261124-130000
+Open the file in any browser; it needs no network and no file beside it.
+"""
+
+
+def _report(ns) -> int:
+    from flowdppo.report import write_report
+
+    out = write_report(ns.paths, ns.out)
+    print(f"wrote {out}")
+    return 0
+
 
 EPILOG_COMPARE = """examples:
   flowdppo compare configs/experiments/single_reward_digits.yaml --quick --jobs 2
@@ -239,10 +278,12 @@ def _print_summary(summary: dict, cfg) -> None:
     print(f"time per phase: {times}")
     run = summary["run_dir"]
     logs = [f"{run}/metrics.jsonl"] + ([f"{run}/tensorboard"] if cfg.log.tensorboard else [])
+    logs += [f"wandb ({cfg.log.wandb_project})"] if cfg.log.wandb else []
     print(
         f"logs: {', '.join(logs)}; grids: {run}/grids/; checkpoints: {run}/ckpt-*; "
         f"summary: {run}/summary.json"
     )
+    print(f"see it in a browser: flowdppo report {run}")
 
 
 def _check_at_least(option: str, value, low: float, what: str) -> None:
@@ -277,8 +318,8 @@ def _sample(ns) -> int:
     import torch
 
     from flowdppo.trainer.loop import make_sampler_spec
+    from flowdppo.trainer.media import write_grid
     from flowdppo.trainer.rollout import ForwardCounter, sample
-    from flowdppo.trainer.runlog import save_grid
 
     _check_sampling_options(ns)
     prompts = [p.strip() for p in ns.prompts.split(",") if p.strip()]
@@ -309,8 +350,9 @@ def _sample(ns) -> int:
     batch = [p for p in prompts for _ in range(ns.n)]
     noise = model.initial_noise(len(batch), gen)
     final, _ = sample(model, model.encode(batch), noise, spec, [], gen, ForwardCounter())
-    save_grid(model.decode(final), batch, Path(ns.out), columns=min(ns.n, 8))
-    print(f"wrote {len(batch)} samples to {ns.out}")
+    pages = write_grid(model.decode(final), batch, Path(ns.out), columns=min(ns.n, 8))
+    files = [str(f) for p in pages for f in (p.png, p.gif, p.mp4) if f is not None]
+    print(f"wrote {len(batch)} samples to {', '.join(files)}")
     return 0
 
 
@@ -424,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": _pretrain,
         "export-lora": _export_lora,
         "compare": _compare,
+        "report": _report,
     }
     try:
         return handlers[ns.command](ns)

@@ -15,9 +15,29 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-OBJECTIVES = {"dppo": "dppo", "grpo": "clip", "clip": "clip", "cps": "clip", "dance": "clip"}
-KERNEL_OF_PRESET = {"dppo": "flow", "grpo": "flow", "clip": "flow", "cps": "cps", "dance": "dance"}
+OBJECTIVES = {
+    "dppo": "dppo",
+    "grpo": "clip",
+    "clip": "clip",
+    "cps": "clip",
+    "dance": "clip",
+    "guard": "guard",
+    "nft": "nft",
+}
+KERNEL_OF_PRESET = {
+    "dppo": "flow",
+    "grpo": "flow",
+    "clip": "flow",
+    "cps": "cps",
+    "dance": "dance",
+    "guard": "flow",
+    # DiffusionNFT's public recipe samples deterministically (config/nft.py of NVlabs/
+    # DiffusionNFT: sample.deterministic = True); nft+flow explores with Flow-SDE steps.
+    "nft": "ode",
+}
 KERNELS = ("flow", "cps", "dance")
+#: The six methods of the paper's comparison table.
+PAPER_ALGORITHMS = ("dppo", "grpo", "cps", "guard", "nft", "dppo+cps")
 
 
 class ConfigError(ValueError):
@@ -86,6 +106,102 @@ class ObjectiveConfig(_Section):
         "fills it in from the model and checks it on resume",
     )
     beta: float = Field(0.0, ge=0, description="weight of the exact KL to the reference model")
+    # GRPO-Guard's clip range on its normalised log-ratio std * (log r + D) (element-mean,
+    # docs/method.md). 2e-6 is the clip ratio of the public GRPO-Guard recipe in verl-omni
+    # (docs/algo/grpo_guard.md: diffusion_loss.clip_ratio=2e-6); the paper's own code is
+    # not released.
+    guard_clip_range: float = Field(
+        2e-6, gt=0, description="guard: clip range of the normalised ratio (element mean)"
+    )
+    kl_convention: Literal["exact", "official"] = Field(
+        "exact",
+        description="exact: the exact per-step KL; official: the official Flow-DPPO code's "
+        "(sigma clamped at 0.99 in its std, bf16 old means, the Flow-SDE std with any kernel)",
+    )
+
+
+class NftConfig(_Section):
+    """DiffusionNFT's knobs, at the values of its public SD3.5-M recipe (NVlabs/DiffusionNFT,
+    config/base.py and config/nft.py; scripts/train_nft_sd3.py for the update rule)."""
+
+    # config/nft.py: config.beta = 1.0 (the GenEval and PickScore recipes; 0.1 for OCR).
+    beta: float = Field(1.0, gt=0, description="mixing coefficient of the implicit policies")
+    # config/base.py: train.adv_clip_max = 5; the weight is clip(A, -5, 5) / 10 + 1/2.
+    adv_clip: float = Field(
+        5.0, gt=0, description="advantages clipped to +-adv_clip, then mapped onto [0, 1]"
+    )
+    # config/base.py: train.timestep_fraction = 0.99: int(0.99 N) of the sampler's N noise
+    # levels, drawn per sample and inner epoch.
+    timestep_fraction: float = Field(
+        0.99, gt=0, le=1, description="fraction of the sampler's noise levels trained on"
+    )
+    # scripts/train_nft_sd3.py, return_decay with config.decay_type = 1 (GenEval, PickScore):
+    # after every iteration old <- d * old + (1 - d) * new, d = min(rate * (step - start),
+    # max) from optimizer step `start` on (0 before).
+    decay_start: int = Field(0, ge=0, description="optimizer steps before the old model lags")
+    decay_rate: float = Field(0.001, ge=0, description="old-model decay gained per optimizer step")
+    decay_max: float = Field(0.5, ge=0, lt=1, description="largest old-model decay")
+    # config/base.py: train.beta = 0.0001, on mean((v - v_ref)^2).
+    ref_beta: float = Field(
+        1e-4, ge=0, description="weight of the velocity distance to the reference model"
+    )
+    # scripts/train_nft_sd3.py: the adaptive weight's floor, clip(min=0.00001).
+    adaptive_floor: float = Field(1e-5, gt=0, description="floor of the adaptive x0 weight")
+    # scripts/train_nft_sd3.py: policy_loss = (...) * config.train.adv_clip_max.
+    loss_scale: float = Field(5.0, gt=0, description="constant factor on the policy loss")
+
+    def decay(self, optimizer_steps: int) -> float:
+        """The old model's decay after ``optimizer_steps`` optimizer steps."""
+        if optimizer_steps < self.decay_start:
+            return 0.0
+        return min(self.decay_rate * (optimizer_steps - self.decay_start), self.decay_max)
+
+
+# The objectives that read each objective option; any other objective refuses it (set to
+# a value other than its default). The Flow-DPPO and ratio-clipping trust regions are
+# resolved and recorded for both of those objectives, so one experiment config drives both.
+_TRUST = ("dppo", "clip")
+OBJECTIVE_OPTION_OWNERS = {
+    "dppo_threshold": _TRUST,
+    "dppo_threshold_per_step": _TRUST,
+    "dppo_mask": ("dppo",),
+    "clip_range": _TRUST,
+    "clip_range_per_step": _TRUST,
+    "clip_range_high": _TRUST,
+    "clip_range_high_per_step": _TRUST,
+    "latent_elements": _TRUST,
+    "beta": ("dppo", "clip", "guard"),
+    "guard_clip_range": ("guard",),
+    "kl_convention": ("dppo", "clip", "guard"),
+}
+
+
+# Flow-GRPO's published CPS recipe (config/grpo.py, the SD3.5-M CPS configs): noise level
+# 0.8, the unnormalised score -(x' - mean)^2 and clip range 1e-5 on it, at 512 px
+# (d = 65,536): the defaults of ratio clipping with the CPS kernel, the clip range held in
+# "nats" per step like every trust region (docs/method.md, "Conventions" and "Units").
+CPS_RECIPE = {"eta": 0.8, "score": "cps"}
+CPS_CLIP_RANGE_PER_STEP = 65536 * 1e-5
+# The paper's Flow-DPPO threshold with the CPS kernel, delta = 1e-6 for SD3.5-M at 512 px
+# (configs/sd3/dppo_cps.yaml), held in nats per step: the default of dppo+cps.
+DPPO_CPS_THRESHOLD_PER_STEP = 65536 * 1e-6
+
+
+def drop_foreign_options(tree: dict) -> dict:
+    """``tree`` without the objective options its algorithm does not read (an experiment's
+    shared settings hold every method's knobs; each run keeps its own)."""
+    objective = parse_algorithm(str(tree.get("algorithm", "dppo")))[0]
+    section = tree.get("objective")
+    out = dict(tree)
+    if isinstance(section, dict):
+        out["objective"] = {
+            k: v
+            for k, v in section.items()
+            if k not in OBJECTIVE_OPTION_OWNERS or objective in OBJECTIVE_OPTION_OWNERS[k]
+        }
+    if objective != "nft":
+        out.pop("nft", None)
+    return out
 
 
 # Trust-region keys whose value has a per-element and a per-step form, with the per-step
@@ -407,6 +523,13 @@ class LogConfig(_Section):
         "diffusers models",
     )
     tensorboard: bool = True
+    grid_rewards: bool = Field(True, description="print each sample's reward under it in grids")
+    wandb: bool = Field(False, description="also log to Weights & Biases (the wandb extra)")
+    wandb_project: str = "flowdppo"
+    wandb_name: str | None = Field(None, description="wandb run name; null: the run's name")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="null: wandb's own (WANDB_MODE, else online); offline: no network"
+    )
 
 
 class Continuation(_Section):
@@ -422,10 +545,12 @@ class Config(_Section):
     name: str | None = Field(None, description="run name; null: ALGORITHM-TASK")
     task: str = "digits"
     algorithm: str = Field(
-        "dppo", description="dppo, grpo, cps, dance, or OBJECTIVE+KERNEL such as dppo+cps"
+        "dppo",
+        description="dppo, grpo, cps, guard, nft, dance, or OBJECTIVE+KERNEL such as dppo+cps",
     )
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    nft: NftConfig = Field(default_factory=NftConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -441,6 +566,20 @@ class Config(_Section):
     def _algorithm(cls, v: str) -> str:
         parse_algorithm(v)
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cps_recipe(cls, data: Any) -> Any:
+        # Ratio clipping with the CPS kernel defaults to Flow-GRPO's CPS recipe: the sampler
+        # keys a config leaves out take the recipe's values.
+        if not isinstance(data, dict) or not isinstance(data.get("sampler", {}), dict):
+            return data
+        try:
+            if parse_algorithm(str(data.get("algorithm", "dppo"))) != ("clip", "cps"):
+                return data
+        except ValueError:
+            return data  # the field validator reports it
+        return {**data, "sampler": {**CPS_RECIPE, **data.get("sampler", {})}}
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -463,6 +602,7 @@ class Config(_Section):
         if s.eta == 0:
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
         check_trust_region_forms(self.objective, s.log_prob_reduce)
+        self._check_algorithm_options()
         if self.log.ref_kl_samples is not None and self.log.ref_kl_samples > self.train.group_size:
             raise ValueError(
                 f"log.ref_kl_samples ({self.log.ref_kl_samples}) is more than the "
@@ -474,6 +614,38 @@ class Config(_Section):
         self._check_model_and_data()
         return self
 
+    def _check_algorithm_options(self) -> None:
+        # An option another method reads is refused rather than silently ignored, so that
+        # a run never reports a setting that did not shape it.
+        name, o = self.objective_name, self.objective
+        fields = ObjectiveConfig.model_fields
+        for key, allowed in OBJECTIVE_OPTION_OWNERS.items():
+            if name not in allowed and getattr(o, key) != fields[key].default:
+                users = ", ".join(a for a in OBJECTIVES if OBJECTIVES[a] in allowed)
+                raise ValueError(
+                    f"objective.{key} is an option of {users} (and their OBJECTIVE+KERNEL "
+                    f"forms), not of algorithm {self.algorithm!r}: drop it"
+                )
+        nft_set = [
+            k for k, f in NftConfig.model_fields.items() if getattr(self.nft, k) != f.default
+        ]
+        if name != "nft" and nft_set:
+            key = nft_set[0]
+            raise ValueError(
+                f"nft.{key} is an option of algorithm nft, not of {self.algorithm!r}: drop it"
+            )
+        s = self.sampler
+        if name in ("guard", "nft") and s.score != "gaussian":
+            raise ValueError(
+                f"sampler.score {s.score!r} is for ratio clipping; {self.algorithm} needs the "
+                "Gaussian log-density (guard) or no log-probs at all (nft): drop it"
+            )
+        if name == "guard" and s.log_prob_reduce != "mean":
+            raise ValueError(
+                "algorithm guard normalises element-mean log-probs (its published form): "
+                "drop sampler.log_prob_reduce = sum"
+            )
+
     def _check_summed_clip_window(self) -> None:
         # A clip range is a ratio window 1 +- eps, read as a log-ratio window of d x eps
         # nats to first order, which needs eps << 1. With summed log-probs eps is the
@@ -483,7 +655,8 @@ class Config(_Section):
         for key in ("clip_range", "clip_range_high"):
             step = getattr(o, f"{key}_per_step")
             if getattr(o, key) is None and step is None:
-                step = TRUST_REGION_KEYS[key]
+                cps = key == "clip_range" and self.kernel == "cps" and self.sampler.score == "cps"
+                step = CPS_CLIP_RANGE_PER_STEP if cps else TRUST_REGION_KEYS[key]
             if getattr(o, key) is None and step is not None and step >= 1:
                 raise ValueError(
                     f"objective.{key}_per_step = {step:g} nats is not a ratio window 1 +- eps "
@@ -635,6 +808,8 @@ def resolve_trust_region(cfg: Config, latent_elements: int) -> Config:
     ``latent_elements`` latent elements (a ConfigError if the config was resolved for
     another size)."""
     obj = cfg.objective
+    if cfg.objective_name not in _TRUST:
+        return cfg  # guard and nft have no per-element / per-step pair
     if obj.latent_elements is not None and obj.latent_elements != latent_elements:
         raise ConfigError(
             f"objective.latent_elements is {obj.latent_elements}, but this model's samples "
@@ -643,7 +818,12 @@ def resolve_trust_region(cfg: Config, latent_elements: int) -> Config:
         )
     factor = per_step_factor(latent_elements, cfg.sampler.log_prob_reduce)
     values: dict[str, Any] = {"latent_elements": latent_elements}
-    for key, default_per_step in TRUST_REGION_KEYS.items():
+    defaults = dict(TRUST_REGION_KEYS)
+    if cfg.kernel == "cps" and cfg.sampler.score == "cps":
+        defaults["clip_range"] = CPS_CLIP_RANGE_PER_STEP
+    if cfg.kernel == "cps" and cfg.objective_name == "dppo":
+        defaults["dppo_threshold"] = DPPO_CPS_THRESHOLD_PER_STEP
+    for key, default_per_step in defaults.items():
         elem, step = getattr(obj, key), getattr(obj, f"{key}_per_step")
         if elem is None and step is None:
             step = default_per_step
@@ -658,6 +838,10 @@ def resolve_trust_region(cfg: Config, latent_elements: int) -> Config:
 def describe_trust_region(cfg: Config) -> str:
     """One line: the trust region of a resolved config in both forms."""
     o = cfg.objective
+    if cfg.objective_name == "guard":
+        return f"GRPO-Guard clip range {o.guard_clip_range:.4g} on the normalised log-ratio"
+    if cfg.objective_name == "nft":
+        return f"DiffusionNFT beta {cfg.nft.beta:g}: no trust region on the policy"
     if o.latent_elements is None:
         raise ValueError("describe_trust_region needs a resolved config (resolve_trust_region)")
     unit = "per element" if cfg.sampler.log_prob_reduce == "mean" else "(summed log-probs)"
@@ -675,10 +859,12 @@ def describe_trust_region(cfg: Config) -> str:
 def parse_algorithm(name: str) -> tuple[str, str]:
     """``"dppo+cps"`` -> ``("dppo", "cps")``: the objective and the kernel."""
     head, _, kernel = name.partition("+")
-    if head not in OBJECTIVES or (kernel and kernel not in KERNELS):
+    kernels = KERNELS + (("ode",) if head == "nft" else ())
+    if head not in OBJECTIVES or (kernel and kernel not in kernels):
         raise ValueError(
-            f"unknown algorithm {name!r}: use dppo, grpo, cps, dance, or OBJECTIVE+KERNEL "
-            f"with OBJECTIVE in (dppo, clip) and KERNEL in {KERNELS}, e.g. dppo+cps"
+            f"unknown algorithm {name!r}: use one of {', '.join(PAPER_ALGORITHMS)} (the "
+            f"paper's six), dance, or OBJECTIVE+KERNEL with OBJECTIVE in (dppo, clip, guard, "
+            f"nft) and KERNEL in {KERNELS} (nft also ode), e.g. guard+cps"
         )
     return OBJECTIVES[head], kernel or KERNEL_OF_PRESET[head]
 
@@ -863,4 +1049,6 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    # Only a DiffusionNFT run records the nft section (every other method refuses it).
+    exclude = None if cfg.objective_name == "nft" else {"nft"}
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -16,8 +16,8 @@ from flowdppo import schedule
 from flowdppo.models.base import FlowModel
 from flowdppo.rewards import Reward
 from flowdppo.trainer.guards import call_rewards
+from flowdppo.trainer.media import GridPage, write_grid
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, reference_kl, rollout, sample
-from flowdppo.trainer.runlog import save_grid
 
 
 class Evaluator:
@@ -42,11 +42,12 @@ class Evaluator:
         self.seed = seed
         self.counter = counter or ForwardCounter()
         self.concurrent = concurrent
+        self.grid_pages: list[GridPage] = []  # the files of the last run's grid
 
     @torch.no_grad()
     def split(
         self, prompts: list[str], tag: str
-    ) -> tuple[dict[str, float], torch.Tensor, list[str]]:
+    ) -> tuple[dict[str, float], torch.Tensor, list[str], torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
         batch = [p for p in prompts for _ in range(self.n)]
         cond = self.model.encode(batch)
@@ -77,19 +78,32 @@ class Evaluator:
         # Only the grid's samples are kept, on the CPU: decoded videos of a real model are
         # large, and the grid shows at most 8 per prompt.
         keep = [i for i in range(len(batch)) if i % self.n < min(self.n, 8)]
-        return out, images[keep].cpu(), [batch[i] for i in keep]
+        return out, images[keep].cpu(), [batch[i] for i in keep], total.cpu()[keep]
 
     def run(
-        self, train_prompts: list[str], heldout_prompts: list[str], grid_path: Path | None = None
+        self,
+        train_prompts: list[str],
+        heldout_prompts: list[str],
+        grid_path: Path | None = None,
+        grid_rewards: bool = True,
     ) -> dict[str, float]:
-        metrics, images, captions = self.split(train_prompts, "train")
+        """The metrics; with ``grid_path``, the grid's files are in ``self.grid_pages``."""
+        metrics, images, captions, rewards = self.split(train_prompts, "train")
         if heldout_prompts:
-            held, held_images, held_captions = self.split(heldout_prompts, "heldout")
+            held, held_images, held_captions, held_rewards = self.split(heldout_prompts, "heldout")
             metrics.update(held)
             images = torch.cat([images, held_images])
             captions = captions + held_captions
+            rewards = torch.cat([rewards, held_rewards])
+        self.grid_pages = []
         if grid_path is not None:
-            # The first samples of every prompt (up to 8), one prompt per row; a video shows
-            # its middle frame.
-            save_grid(images, captions, grid_path, columns=min(self.n, 8))
+            # The first samples of every prompt (up to 8), one prompt per row, with each
+            # sample's reward (the sum over rewards) under it; videos also as GIF and MP4.
+            self.grid_pages = write_grid(
+                images,
+                captions,
+                grid_path,
+                columns=min(self.n, 8),
+                rewards=rewards if grid_rewards else None,
+            )
         return metrics

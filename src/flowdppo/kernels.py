@@ -215,3 +215,21 @@ def step(
     else:
         log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, reduce)
     return StepOutput(prev_sample, log_prob, mean, std)
+
+
+#: The official Flow-DPPO code clamps sigma at this value when it computes the noise std
+#: of its KL (docs/method.md, "Conventions").
+OFFICIAL_SIGMA_CLAMP = 0.99
+
+
+def official_flow_std(
+    sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, eta: float, like: torch.Tensor
+) -> torch.Tensor:
+    """The noise std the official Flow-DPPO code uses for its KL, with any kernel: the
+    Flow-SDE std ``eta * sqrt(s / (1 - s)) * sqrt(sigma - sigma_next)`` with
+    ``s = min(sigma, 0.99)`` (the exact Flow-SDE std replaces only the denominator at
+    sigma = 1, by the first schedule entry below 1). Shaped to broadcast against ``like``."""
+    s = _per_sample(sigma, like, "sigma")
+    s_next = _per_sample(sigma_next, like, "sigma_next")
+    clamped = torch.clamp(s, max=OFFICIAL_SIGMA_CLAMP)
+    return eta * torch.sqrt(clamped / (1 - clamped)) * torch.sqrt(s - s_next)

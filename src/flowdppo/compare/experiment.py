@@ -7,7 +7,7 @@ extra top-level section, ``compare``::
     task: digits
     train: {iterations: 200, group_size: 8}
     compare:
-      algorithms: [dppo, grpo, cps, dppo+cps]
+      algorithms: [dppo, grpo, cps, guard, nft, dppo+cps]
       seeds: 3                       # or a list: [0, 1, 2]
       variants:                      # optional; each a label and overrides
         - {label: "G=8 I=1", overrides: {train.inner_epochs: 1}}
@@ -35,9 +35,17 @@ from typing import Any
 
 import yaml
 
-from flowdppo.config import Config, ConfigError, config_from_dict, parse_algorithm, read_yaml
+from flowdppo.config import (
+    PAPER_ALGORITHMS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    drop_foreign_options,
+    parse_algorithm,
+    read_yaml,
+)
 
-DEFAULT_ALGORITHMS = ("dppo", "grpo", "cps", "dppo+cps")
+DEFAULT_ALGORITHMS = PAPER_ALGORITHMS  # the six methods of the paper's comparison table
 DEFAULT_SEEDS = 3
 PROBES = ("ratio_noise",)
 _COMPARE_KEYS = {"algorithms", "seeds", "variants", "quick", "probe", "description"}
@@ -118,6 +126,8 @@ class Experiment:
                             "log": {"run_dir": str(run_dir)},
                         },
                     )
+                    # The shared settings hold every method's knobs; each run keeps its own.
+                    tree = drop_foreign_options(tree)
                     cfg = config_from_dict(tree, source=f"{self.source}, run {label!r} seed {seed}")
                     runs.append(RunSpec(label, v.label, algorithm, seed, cfg, run_dir, v.frontier))
         if not runs:

@@ -15,7 +15,7 @@ EVAL_TRAIN = "eval/train/reward/mean"
 EVAL_HELD = "eval/heldout/reward/mean"
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
@@ -28,7 +28,7 @@ def _pyplot():
     return plt
 
 
-def _curve(
+def curve(
     runs: list[RunResult],
     key: str,
     scale: float = 1.0,
@@ -54,7 +54,7 @@ def _curve(
     return np.array(its), vals.mean(0), vals.std(0, ddof=1) if len(per_run) > 1 else 0 * vals[0]
 
 
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(y) < window:
         return y
     kernel = np.ones(window) / window
@@ -75,27 +75,27 @@ def _styles(exp, groups: list[str]) -> dict[str, Style]:
     variants = [v.label for v in exp.variants]
     crossed = 1 < len(variants) <= 4 and all(v.algorithms is None for v in exp.variants)
     if not crossed:
-        return dict(zip(groups, (Style(c) for c in _colors(len(groups)))))
-    colors = dict(zip(algorithms, _colors(len(algorithms))))
+        return dict(zip(groups, (Style(c) for c in colors(len(groups)))))
+    palette = dict(zip(algorithms, colors(len(algorithms))))
     lines = dict(zip(variants, ["-", "--", ":", "-."]))
     out = {}
     for g in groups:
         alg, _, variant = g.partition(" [")
-        out[g] = Style(colors[alg], lines.get(variant.removesuffix("]"), "-"))
+        out[g] = Style(palette[alg], lines.get(variant.removesuffix("]"), "-"))
     return out
 
 
-def _band(ax, x, m, s, label, style, window=1, positive=False):
+def band(ax, x, m, s, label, style, window=1, positive=False):
     if len(x) == 0:
         return
-    m, s = _smooth(m, window), _smooth(np.asarray(s, dtype=float), window)
+    m, s = smooth(m, window), smooth(np.asarray(s, dtype=float), window)
     ax.plot(x, m, label=label, color=style.color, ls=style.ls, lw=1.5)
     low = np.maximum(m - s, m / 10) if positive else m - s  # a log axis has no zero
     ax.fill_between(x, low, m + s, color=style.color, alpha=0.12, lw=0)
 
 
-def _colors(n: int):
-    plt = _pyplot()
+def colors(n: int):
+    plt = pyplot()
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -109,44 +109,24 @@ def _finish(fig, axes, path: Path, title: str) -> Path:
     axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
-def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[str, Path]:
-    plt = _pyplot()
-    ok = _ok(groups)
-    out: dict[str, Path] = {}
-    if not ok:
-        return out
-    colors = _styles(exp, list(ok))
-    iters = max(len(r.rows) for rs in ok.values() for r in rs)
-    window = max(1, iters // 20)
-    seeds = f"mean ± std over seeds {exp.seeds}"
-
-    # Reward against iteration: the training rollouts and the fixed-noise evaluation.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def draw_frontier(ax, ok: dict[str, list[RunResult]], styles: dict[str, Style]) -> None:
+    """Each group's evaluation reward gain against its KL to the reference, over training
+    (mean ± std over seeds at each evaluation)."""
     for g, rs in ok.items():
-        _band(axes[0], *_curve(rs, "reward/mean"), g, colors[g], window)
-        _band(axes[1], *_curve(rs, EVAL_TRAIN, with_before=True, relative=True), g, colors[g])
-    axes[0].set(xlabel="iteration", ylabel=f"rollout reward (moving mean of {window})")
-    axes[1].set(xlabel="iteration", ylabel="evaluation reward gain over base, trained prompts")
-    out["reward"] = _finish(fig, axes, out_dir / "reward_vs_iteration.png", seeds)
-
-    # The reward-KL frontier.
-    fig, axes = plt.subplots(1, 1, figsize=(6, 4.5))
-    axes = [axes]
-    for g, rs in ok.items():
-        _, kl, kls = _curve(rs, "eval/train/kl_ref/mean", 1 / KL_UNIT, with_before=True)
-        _, rw, rws = _curve(rs, EVAL_TRAIN, with_before=True, relative=True)
-        axes[0].errorbar(
+        _, kl, kls = curve(rs, "eval/train/kl_ref/mean", 1 / KL_UNIT, with_before=True)
+        _, rw, rws = curve(rs, EVAL_TRAIN, with_before=True, relative=True)
+        ax.errorbar(
             kl,
             rw,
             xerr=kls,
             yerr=rws,
             label=g,
-            color=colors[g].color,
-            ls=colors[g].ls,
+            color=styles[g].color,
+            ls=styles[g].ls,
             marker="o",
             ms=3,
             lw=1.2,
@@ -154,9 +134,44 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
             capsize=0,
             alpha=0.9,
         )
-    axes[0].set(
-        xlabel="KL to reference, per step (x 1e-3)", ylabel="evaluation reward gain over base"
-    )
+    ax.set(xlabel="KL to reference, per step (x 1e-3)", ylabel="evaluation reward gain over base")
+
+
+def draw_phase_times(ax, ok: dict[str, list[RunResult]]) -> None:
+    """Stacked wall time per phase, one bar per group (mean over seeds)."""
+    left = np.zeros(len(ok))
+    for phase, color in zip(PHASES, colors(len(PHASES))):
+        vals = np.array([np.mean([r.values[f"time/{phase}"] for r in rs]) for rs in ok.values()])
+        ax.barh(list(ok), vals, left=left, label=phase, color=color)
+        left += vals
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds per run (mean over seeds)")
+
+
+def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[str, Path]:
+    plt = pyplot()
+    ok = _ok(groups)
+    out: dict[str, Path] = {}
+    if not ok:
+        return out
+    styles = _styles(exp, list(ok))
+    iters = max(len(r.rows) for rs in ok.values() for r in rs)
+    window = max(1, iters // 20)
+    seeds = f"mean ± std over seeds {exp.seeds}"
+
+    # Reward against iteration: the training rollouts and the fixed-noise evaluation.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for g, rs in ok.items():
+        band(axes[0], *curve(rs, "reward/mean"), g, styles[g], window)
+        band(axes[1], *curve(rs, EVAL_TRAIN, with_before=True, relative=True), g, styles[g])
+    axes[0].set(xlabel="iteration", ylabel=f"rollout reward (moving mean of {window})")
+    axes[1].set(xlabel="iteration", ylabel="evaluation reward gain over base, trained prompts")
+    out["reward"] = _finish(fig, axes, out_dir / "reward_vs_iteration.png", seeds)
+
+    # The reward-KL frontier.
+    fig, axes = plt.subplots(1, 1, figsize=(6, 4.5))
+    axes = [axes]
+    draw_frontier(axes[0], ok, styles)
     out["frontier"] = _finish(
         fig, axes, out_dir / "reward_vs_kl.png", f"reward-KL frontier over training; {seeds}"
     )
@@ -164,12 +179,12 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     # Forgetting: held-out prompts.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for g, rs in ok.items():
-        _band(axes[0], *_curve(rs, EVAL_HELD, with_before=True, relative=True), g, colors[g])
-        _band(
+        band(axes[0], *curve(rs, EVAL_HELD, with_before=True, relative=True), g, styles[g])
+        band(
             axes[1],
-            *_curve(rs, "eval/heldout/kl_ref/mean", 1 / KL_UNIT, with_before=True),
+            *curve(rs, "eval/heldout/kl_ref/mean", 1 / KL_UNIT, with_before=True),
             g,
-            colors[g],
+            styles[g],
         )
     axes[0].set(xlabel="iteration", ylabel="held-out reward change from base")
     axes[1].set(xlabel="iteration", ylabel="KL to reference, held-out (x 1e-3)")
@@ -179,15 +194,15 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     fig, axes = plt.subplots(1, 1, figsize=(6, 4))
     axes = [axes]
     for g, rs in ok.items():
-        _band(axes[0], *_curve(rs, "grad_blocked_fraction"), g, colors[g], window)
+        band(axes[0], *curve(rs, "grad_blocked_fraction"), g, styles[g], window)
     axes[0].set(xlabel="iteration", ylabel="fraction of step terms with gradient removed")
     out["mask"] = _finish(fig, axes, out_dir / "grad_blocked_fraction.png", seeds)
 
     # Ratio statistics and the exact KL between the old and new policy.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for g, rs in ok.items():
-        _band(axes[0], *_curve(rs, "ratio_std"), g, colors[g], window, positive=True)
-        _band(axes[1], *_curve(rs, "kl_mean"), g, colors[g], window, positive=True)
+        band(axes[0], *curve(rs, "ratio_std"), g, styles[g], window, positive=True)
+        band(axes[1], *curve(rs, "kl_mean"), g, styles[g], window, positive=True)
     axes[0].set(xlabel="iteration", ylabel="std of the ratio in the update", yscale="log")
     axes[1].set(xlabel="iteration", ylabel="KL(old || new) per step, mean", yscale="log")
     out["ratio"] = _finish(fig, axes, out_dir / "ratio_stats.png", seeds)
@@ -195,13 +210,7 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     # Wall time per phase.
     fig, axes = plt.subplots(1, 1, figsize=(7, 0.45 * len(ok) + 1.5))
     axes = [axes]
-    left = np.zeros(len(ok))
-    for phase, color in zip(PHASES, _colors(len(PHASES))):
-        vals = np.array([np.mean([r.values[f"time/{phase}"] for r in rs]) for rs in ok.values()])
-        axes[0].barh(list(ok), vals, left=left, label=phase, color=color)
-        left += vals
-    axes[0].invert_yaxis()
-    axes[0].set(xlabel="seconds per run (mean over seeds)")
+    draw_phase_times(axes[0], ok)
     out["time"] = _finish(fig, axes, out_dir / "time_per_phase.png", "wall time per phase")
 
     names = reward_names(next(iter(ok.values()))[0].rows)
@@ -209,28 +218,28 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
         fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4))
         for ax, name in zip(axes, names):
             for g, rs in ok.items():
-                c = _curve(rs, f"eval/train/reward/{name}", with_before=True, relative=True)
-                _band(ax, *c, g, colors[g])
+                c = curve(rs, f"eval/train/reward/{name}", with_before=True, relative=True)
+                band(ax, *c, g, styles[g])
             ax.set(xlabel="iteration", ylabel=f"evaluation {name}, gain over base")
         out["components"] = _finish(fig, list(axes), out_dir / "reward_components.png", seeds)
 
     if any(r.status.spec.frontier for rs in ok.values() for r in rs):
         out["frontiers"] = _frontiers(exp, ok, out_dir, seeds)
     if exp.probe == "ratio_noise":
-        out.update(_ratio_noise(ok, colors, out_dir))
+        out.update(_ratio_noise(ok, styles, out_dir))
     return out
 
 
 def _frontiers(exp, ok, out_dir: Path, seeds: str) -> Path:
     """Each swept frontier: every algorithm's best gain over its settings at each KL (mean
     ± sd over seeds), with each setting's final point."""
-    plt = _pyplot()
+    plt = pyplot()
     results = [r for rs in ok.values() for r in rs]
     rows = frontier_table(results, exp.algorithms, tuple(np.linspace(0.05, 1.0, 20)))
     names = list(dict.fromkeys(r["frontier"] for r in rows))
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.5 * max(1, len(names)), 4.2))
     axes = list(np.atleast_1d(axes))
-    palette = _colors(len(exp.algorithms))
+    palette = colors(len(exp.algorithms))
     for ax, name in zip(axes, names):
         mine = [r for r in rows if r["frontier"] == name]
         for color, alg in zip(palette, exp.algorithms):
@@ -258,10 +267,10 @@ def _frontiers(exp, ok, out_dir: Path, seeds: str) -> Path:
     return _finish(fig, axes, out_dir / "frontiers.png", f"{seeds}; dots: final points")
 
 
-def _ratio_noise(ok, colors, out_dir: Path) -> dict[str, Path]:
+def _ratio_noise(ok, styles, out_dir: Path) -> dict[str, Path]:
     from flowdppo.compare.ratio_noise import read_probe
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     rows = [
         "## Ratio noise against the exact KL (docs/method.md)",
@@ -306,10 +315,10 @@ def _ratio_noise(ok, colors, out_dir: Path) -> dict[str, Path]:
                     cx.append(d[sel].mean())
                     mean_lr.append(-lf[sel].mean())
                     var_lr.append(lf[sel].var())
-            axes[0].loglog(cx, mean_lr, "o", color=colors[g].color, ms=4, label=g)
-            axes[1].loglog(cx, var_lr, "o", color=colors[g].color, ms=4, label=g)
+            axes[0].loglog(cx, mean_lr, "o", color=styles[g].color, ms=4, label=g)
+            axes[1].loglog(cx, var_lr, "o", color=styles[g].color, ms=4, label=g)
         axes[2].hist(
-            z, bins=60, range=(-4, 4), density=True, histtype="step", color=colors[g].color, label=g
+            z, bins=60, range=(-4, 4), density=True, histtype="step", color=styles[g].color, label=g
         )
     for ax, ylabel, factor in (
         (axes[0], "-mean log r (fresh)", 1),

@@ -25,7 +25,7 @@ from flowdppo.compare.results import (
 from flowdppo.compare.runner import RunStatus
 
 
-def _add_matched_kl(results: list[RunResult]) -> float:
+def add_matched_kl(results: list[RunResult]) -> float:
     """Add ``gain_at_matched_kl`` to every run: the gain at the lowest final KL of any run."""
     finals = [r.values["kl_ref"] for r in results if r.ok and r.values["kl_ref"] > 0]
     if not finals:
@@ -72,7 +72,7 @@ def aggregate(results: list[RunResult]) -> dict[str, tuple[float, float]]:
     }
 
 
-def _cell(stats: dict, key: str, fmt: str) -> str:
+def format_cell(stats: dict, key: str, fmt: str) -> str:
     if key not in stats or math.isnan(stats[key][0]):
         return "-"
     m, s = stats[key]
@@ -105,7 +105,7 @@ def write_report(
     """Write the tables and plots; returns their paths by name."""
     out_dir = Path(out_dir)
     results = [load_result(s) for s in statuses]
-    matched = _add_matched_kl(results)
+    matched = add_matched_kl(results)
     groups = group_results(exp, results)
     stats = {g: aggregate(rs) for g, rs in groups.items()}
     paths = {"csv": out_dir / "results.csv", "runs_csv": out_dir / "runs.csv"}
@@ -174,7 +174,11 @@ def _budget(exp: Experiment, results: list[RunResult]) -> str:
 
 
 def _trust_regions(results: list[RunResult]) -> str:
-    tr = next((r.trust_region for r in results if r.ok and r.trust_region), None)
+    # GRPO-Guard and DiffusionNFT runs record no per-element / per-step pair.
+    tr = next(
+        (r.trust_region for r in results if r.ok and (r.trust_region or {}).get("clip_range")),
+        None,
+    )
     if tr is None:
         return "trust regions: see each run's config.yaml"
     text = (
@@ -216,7 +220,7 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> 
     for g, rs in groups.items():
         ok = sum(r.ok for r in rs)
         seeds = f"{ok}/{len(rs)}" + ("" if ok == len(rs) else " **FAILED**")
-        cells = [_cell(stats[g], k, f) for k, _, f in COLUMNS]
+        cells = [format_cell(stats[g], k, f) for k, _, f in COLUMNS]
         lines.append("| " + " | ".join([g, seeds, *cells]) + " |")
     names = reward_names(next((r.rows for r in results if r.ok), []))
     if len(names) > 1:
@@ -224,15 +228,17 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> 
         head = ["group", *[f"{n} after" for n in names], *[f"{n} gain" for n in names]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for g in groups:
-            cells = [_cell(stats[g], f"train_after/{n}", "{:.3f}") for n in names]
-            cells += [_cell(stats[g], f"gain/{n}", "{:+.3f}") for n in names]
+            cells = [format_cell(stats[g], f"train_after/{n}", "{:.3f}") for n in names]
+            cells += [format_cell(stats[g], f"gain/{n}", "{:+.3f}") for n in names]
             lines.append("| " + " | ".join([g, *cells]) + " |")
     lines += ["", "Wall time per phase (seconds per run, mean over seeds):", ""]
     head = ["group", *PHASES, "total (process)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        cells = [_cell(stats[g], f"time/{p}", "{:.1f}") for p in PHASES]
-        lines.append("| " + " | ".join([g, *cells, _cell(stats[g], "wall_s", "{:.0f}")]) + " |")
+        cells = [format_cell(stats[g], f"time/{p}", "{:.1f}") for p in PHASES]
+        lines.append(
+            "| " + " | ".join([g, *cells, format_cell(stats[g], "wall_s", "{:.0f}")]) + " |"
+        )
     frontiers = frontier_table(results, exp.algorithms)
     if frontiers:
         lines += ["", *frontier_markdown(frontiers)]

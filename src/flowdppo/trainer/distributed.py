@@ -158,6 +158,9 @@ class _Null:
     def log(self, *args, **kwargs) -> None:
         pass
 
+    def grid(self, *args, **kwargs) -> None:
+        pass
+
     def update(self, *args, **kwargs) -> None:
         pass
 
@@ -215,6 +218,12 @@ class DistributedTrainer(Trainer):
     """:class:`Trainer` for one process of a ``torchrun`` / ``accelerate launch`` job."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+        if cfg.objective_name == "nft":
+            # Checked before any collective: every process refuses alike.
+            raise TrainingError(
+                "algorithm nft trains in one process (its update is not sharded yet): run it "
+                "without torchrun / accelerate launch"
+            )
         init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -378,15 +387,19 @@ class DistributedTrainer(Trainer):
         if self.fsdp:
             # Every forward of a sharded model is a collective, so every process runs the
             # whole evaluation (same prompts, same seed); only rank 0 writes the grid.
-            return self._on_every_rank(self._evaluate_fsdp, tag, metrics)
+            return self._on_every_rank(self._evaluate_fsdp, tag, log, metrics)
         super_evaluate = super()._evaluate
         result = self._on_rank0(super_evaluate, tag, log, metrics)
         return result if result is not None else {}
 
-    def _evaluate_fsdp(self, tag, metrics):
+    def _evaluate_fsdp(self, tag, log, metrics):
         grid = self.run_dir / "grids" / f"{tag}.png" if self.rank == 0 else None
         with self._timed("eval", metrics if metrics is not None else {}):
-            result = self.evaluator.run(*self.task.eval_split(), grid_path=grid)
+            result = self.evaluator.run(
+                *self.task.eval_split(), grid_path=grid, grid_rewards=self.cfg.log.grid_rewards
+            )
+        if log is not None:
+            log.grid(self.iteration, self.evaluator.grid_pages)
         if metrics is not None:
             metrics.update(result)
         return result

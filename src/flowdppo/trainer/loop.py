@@ -45,8 +45,18 @@ from flowdppo.trainer.rollout import (
     reference_kl_rows,
     rollout,
 )
-from flowdppo.trainer.runlog import Progress, RunLog, read_metrics
-from flowdppo.trainer.update import ObjectiveSpec, StatsAccumulator, step_loss
+from flowdppo.trainer.runlog import Progress, RunLog, import_wandb, open_run_log, read_metrics
+from flowdppo.trainer.update import (
+    ObjectiveSpec,
+    OldModel,
+    StatsAccumulator,
+    nft_plan,
+    nft_term_loss,
+    step_loss,
+)
+
+#: Checkpoint tensor names of DiffusionNFT's old model (next to the trainable tensors).
+OLD_MODEL_PREFIX = "nft_old_model."
 
 
 def make_sampler_spec(
@@ -61,7 +71,10 @@ def make_sampler_spec(
         sigmas = schedule.sigma_schedule(
             s.num_steps, shift, num_train_timesteps=num_train_timesteps
         )
-    return SamplerSpec(cfg.kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+    # A deterministic training sampler (DiffusionNFT's default) still measures its KL to
+    # the reference with the Flow-SDE kernel, as every other method does.
+    kernel = "flow" if cfg.kernel == "ode" else cfg.kernel
+    return SamplerSpec(kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
 
 
 def reward_options(cfg: Config, name: str) -> dict:
@@ -131,6 +144,8 @@ class Trainer:
                 f"reward.weights names {sorted(unknown)}, which are not in reward.names "
                 f"{reward_names}"
             )
+        if cfg.log.wandb:
+            import_wandb()  # missing: one error line before the model loads
         self.model = self.task.build_model(cfg.model.weights)
         self.model.forward_batch_size = cfg.model.forward_batch_size
         # Trust regions in both forms (per element and nats per step) for this model's
@@ -170,7 +185,10 @@ class Trainer:
             dppo_mask=o.dppo_mask,
             clip_range_high=o.clip_range_high,
             beta=o.beta,
+            guard_clip_range=o.guard_clip_range,
+            kl_convention=o.kl_convention,
         )
+        self.old_model = OldModel(self.model.module) if cfg.objective_name == "nft" else None
         self.generator = torch.Generator().manual_seed(t.seed)
         self.counter = ForwardCounter()
         self.evaluator = Evaluator(
@@ -246,11 +264,17 @@ class Trainer:
             )
             raise ckpt.CheckpointError(f"cannot resume: {exc}; {hint}") from exc
         current = trainable_state(self.model.module)
+        old = {k: model_state.pop(k) for k in list(model_state) if k.startswith(OLD_MODEL_PREFIX)}
         saved = payload["state"].get("config")
         problem = ckpt.mismatch(path, model_state, current, saved, self.cfg.model_dump(mode="json"))
         if problem:
             raise TrainingError(problem)
         self._load_trainable(model_state, optim_state)
+        if self.old_model is not None:
+            try:
+                self.old_model.load({k.removeprefix(OLD_MODEL_PREFIX): v for k, v in old.items()})
+            except ValueError as exc:
+                raise TrainingError(f"cannot resume {path}: {exc}") from exc
         if self.ema is not None:
             average = ckpt.load_ema(path)
             if average is None:
@@ -310,6 +334,9 @@ class Trainer:
         }
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         model_state, optim_state = self._trainable_checkpoint_state()
+        if self.old_model is not None:
+            old = self.old_model.state()
+            model_state = {**model_state, **{OLD_MODEL_PREFIX + k: v for k, v in old.items()}}
         ckpt.save_checkpoint(
             self.run_dir,
             self.iteration,
@@ -378,6 +405,16 @@ class Trainer:
         pending = 0
         pending_loss = torch.zeros(())
         skipped = 0
+        plan = None
+        if self.old_model is not None:
+            plan = nft_plan(
+                ro.batch_size,
+                self.spec.num_steps,
+                self.cfg.nft.timestep_fraction,
+                t.inner_epochs,
+                self.generator,
+            )
+            n_steps = plan.terms
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(t.inner_epochs):
             perm = torch.randperm(ro.batch_size, generator=self.generator)
@@ -389,21 +426,36 @@ class Trainer:
                     # train.micro_batch: one forward and backward per micro-batch; the
                     # gradients add up to the minibatch's.
                     for micro in idx.split(t.micro_batch or len(idx)):
-                        loss, stats = step_loss(
-                            self.model,
-                            ro,
-                            micro,
-                            i,
-                            advantages,
-                            self.spec,
-                            self.objective,
-                            self.counter,
-                        )
+                        if plan is None:
+                            loss, stats = step_loss(
+                                self.model,
+                                ro,
+                                micro,
+                                i,
+                                advantages,
+                                self.spec,
+                                self.objective,
+                                self.counter,
+                            )
+                        else:
+                            loss, stats = nft_term_loss(
+                                self.model,
+                                ro,
+                                micro,
+                                plan.steps[epoch, micro, i],
+                                advantages,
+                                self.spec,
+                                self.cfg.nft,
+                                self.old_model,
+                                self.generator,
+                                self.counter,
+                            )
                         (loss.sum() * scale).backward()
                         pending_loss = pending_loss + loss.detach().sum()
                         self.counter.backward += 1
                         acc.add(stats, weight=len(micro))
-                        if epoch == 0 and start == 0:
+                        if epoch == 0 and start == 0 and "ratio_max" in stats:
+                            # DiffusionNFT has no ratio.
                             dev = torch.maximum(
                                 (stats["ratio_max"] - 1).abs(), (stats["ratio_min"] - 1).abs()
                             )
@@ -418,6 +470,10 @@ class Trainer:
                         acc.add({"grad_norm": norm})
                     pending = 0
                     pending_loss = torch.zeros(())
+        if self.old_model is not None:
+            decay = self.cfg.nft.decay(self.optimizer_steps)
+            self.old_model.update(self.model.module, decay)
+            metrics["nft/old_decay"] = decay
         metrics.update(acc.result())
         metrics.setdefault("grad_norm", math.nan)  # every step was skipped
         metrics["train/skipped_steps"] = skipped
@@ -471,7 +527,7 @@ class Trainer:
         return reference_kl(self.model, ro, self.spec, self.counter, rows)
 
     def _open_log(self) -> RunLog:
-        return RunLog(self.run_dir, self.cfg.log.tensorboard, start_iteration=self.iteration)
+        return open_run_log(self.cfg, self.run_dir, start_iteration=self.iteration)
 
     def _open_progress(self) -> Progress:
         return Progress(self.cfg.train.iterations, self.iteration)
@@ -489,6 +545,8 @@ class Trainer:
                 cfg.sampler.sde_window,
                 self.generator,
             )
+            if cfg.kernel == "ode":  # a deterministic sampler: no exploration step
+                sde_steps = []
             ro = self._rollout(prompts, group, sde_steps)
         with self._timed("reward", metrics):
             watchdog.mark("reward")
@@ -507,7 +565,7 @@ class Trainer:
                 clip=cfg.reward.adv_clip,
             ).to(ro.final.device)
         every, per_group = ref_kl_plan(cfg)
-        if cfg.log.ref_kl and (self.iteration + 1) % every == 0:
+        if cfg.log.ref_kl and ro.sde_steps and (self.iteration + 1) % every == 0:
             with self._timed("ref_kl", metrics):
                 rows = None
                 if per_group is not None:
@@ -550,7 +608,10 @@ class Trainer:
             result = self.evaluator.run(
                 *self.task.eval_split(),
                 grid_path=self.run_dir / "grids" / f"{tag}.png",
+                grid_rewards=self.cfg.log.grid_rewards,
             )
+        if log is not None:
+            log.grid(self.iteration, self.evaluator.grid_pages)
         if metrics is not None:
             metrics.update(result)
         return result
@@ -581,7 +642,7 @@ class Trainer:
         try:
             with preemption.StopSignals(self._surviving_checkpoint) as stop:
                 if "before" not in self.summary:
-                    self.summary["before"] = self._evaluate("iter-000000", None, None)
+                    self.summary["before"] = self._evaluate("iter-000000", log, None)
                 while self.iteration < cfg.train.iterations:
                     self._iterate(log, progress, stop)
         finally:

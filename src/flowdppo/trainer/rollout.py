@@ -206,6 +206,10 @@ def rollout(
     else:
         noise = shard.rows(model.initial_noise(shard.global_size, generator))
     final, rec = sample(model, cond, noise, spec, sde_steps, generator, counter, phase, shard)
+    if not rec:  # a deterministic rollout (DiffusionNFT's default) records no transition
+        empty = final.new_empty((0, *final.shape))
+        rec = {"states": empty, "next_states": empty, "means": empty}
+        rec.update(log_probs=final.new_empty((0, final.shape[0])), stds=final.new_empty((0,)))
     return Rollout(prompts, group, cond, final, list(sde_steps), **rec)
 
 

@@ -1,4 +1,6 @@
-"""What a run writes: metrics.jsonl, TensorBoard events, sample grids, console progress."""
+"""What a run writes: metrics.jsonl, TensorBoard events, wandb, console progress.
+
+The sample grids themselves are drawn by ``media.py``; the loggers here send them on."""
 
 from __future__ import annotations
 
@@ -6,12 +8,16 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from flowdppo.trainer.checkpoint import write_text_atomic
+from flowdppo.trainer.media import GridPage
+
+if TYPE_CHECKING:
+    from flowdppo.config import Config
 
 METRICS = "metrics.jsonl"
 
@@ -21,34 +27,160 @@ def _clean(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-class RunLog:
-    """Appends one JSON line per iteration and mirrors scalars to TensorBoard."""
+class Logger:
+    """One destination of a run's log. A new destination is one subclass: override what it
+    takes (scalars every iteration, the sample grid of every evaluation) and ``close``."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, start_iteration: int = 0):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / METRICS
+    def scalars(self, iteration: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def grid(self, iteration: int, pages: list[GridPage]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLogger(Logger):
+    """metrics.jsonl: one JSON line per iteration (the file the report and compare read)."""
+
+    def __init__(self, run_dir: Path, start_iteration: int):
+        self.path = Path(run_dir) / METRICS
         truncate_metrics(self.path, start_iteration)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run wrote past its last checkpoint.
-            self.writer = SummaryWriter(
-                str(self.run_dir / "tensorboard"), purge_step=start_iteration
-            )
-
-    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+    def scalars(self, iteration: int, metrics: dict[str, float]) -> None:
         record = {"iteration": iteration, **{k: _clean(float(v)) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in metrics.items():
-                if math.isfinite(float(v)):
-                    self.writer.add_scalar(k, float(v), iteration)
+
+
+class TensorBoardLogger(Logger):
+    """Scalars, grid pages as images, and videos as animated GIF images."""
+
+    def __init__(self, run_dir: Path, start_iteration: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A resumed run continues after the iteration of its checkpoint: the events a killed
+        # run wrote past it (steps > start_iteration) are purged, the checkpoint's own step
+        # is kept, as metrics.jsonl keeps its lines through it.
+        purge = start_iteration + 1 if start_iteration > 0 else None
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+
+    def scalars(self, iteration: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            if math.isfinite(float(v)):
+                self.writer.add_scalar(k, float(v), iteration)
+
+    def grid(self, iteration: int, pages: list[GridPage]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        for k, page in enumerate(pages, 1):
+            with Image.open(page.png) as img:
+                self.writer.add_image(
+                    f"samples/page{k}", np.asarray(img.convert("RGB")), iteration, dataformats="HWC"
+                )
+            if page.gif is not None:
+                # TensorBoard's image dashboard plays an animated GIF (as add_video writes).
+                with Image.open(page.gif) as gif:
+                    w, h = gif.size
+                encoded = Summary.Image(
+                    height=h, width=w, colorspace=3, encoded_image_string=page.gif.read_bytes()
+                )
+                summary = Summary(value=[Summary.Value(tag=f"videos/page{k}", image=encoded)])
+                self.writer._get_file_writer().add_summary(summary, iteration)
+        self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
+
+
+class WandbLogger(Logger):
+    """Weights & Biases: the same scalars, grid pages as images, videos as MP4 (or GIF).
+
+    The run's wandb id is kept in ``RUN_DIR/wandb_id``, so ``--resume`` continues the same
+    wandb run. ``log.wandb_mode=offline`` (or WANDB_MODE=offline) needs no account and no
+    network; ``wandb sync`` uploads such a run later.
+    """
+
+    ID_FILE = "wandb_id"
+
+    def __init__(self, cfg: Config, run_dir: Path, start_iteration: int):
+        wandb = import_wandb()
+        id_file = Path(run_dir) / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        log = cfg.log
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=log.wandb_project,
+            name=log.wandb_name or cfg.run_name,
+            mode=log.wandb_mode,
+            id=run_id,
+            resume="allow",
+            config=cfg.model_dump(mode="json"),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        if run_id is None:
+            write_text_atomic(id_file, self.run.id + "\n")
+
+    def scalars(self, iteration: int, metrics: dict[str, float]) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        self.run.log(finite, step=iteration)
+
+    def grid(self, iteration: int, pages: list[GridPage]) -> None:
+        media = {}
+        for k, page in enumerate(pages, 1):
+            media[f"samples/page{k}"] = self.wandb.Image(str(page.png))
+            video = page.mp4 or page.gif
+            if video is not None:
+                media[f"videos/page{k}"] = self.wandb.Video(str(video), format=video.suffix[1:])
+        self.run.log(media, step=iteration)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def import_wandb():
+    try:
+        import wandb
+    except ImportError as exc:
+        from flowdppo.config import ConfigError
+
+        raise ConfigError(
+            "log.wandb=true needs the wandb package: pip install 'flowdppo[wandb]' "
+            "(or set log.wandb=false)"
+        ) from exc
+    return wandb
+
+
+class RunLog:
+    """Fans each iteration's scalars and each evaluation's grid out to the run's loggers."""
+
+    def __init__(self, run_dir: Path, loggers: list[Logger]):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS
+        self.loggers = loggers
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.scalars(iteration, metrics)
+
+    def grid(self, iteration: int, pages: list[GridPage]) -> None:
+        for logger in self.loggers:
+            logger.grid(iteration, pages)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def open_run_log(cfg: Config, run_dir: Path, start_iteration: int = 0) -> RunLog:
+    """The loggers ``cfg.log`` asks for; metrics.jsonl always."""
+    loggers: list[Logger] = [JsonlLogger(run_dir, start_iteration)]
+    if cfg.log.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir, start_iteration))
+    if cfg.log.wandb:
+        loggers.append(WandbLogger(cfg, run_dir, start_iteration))
+    return RunLog(run_dir, loggers)
 
 
 def truncate_metrics(path: Path, keep_through: int) -> None:
@@ -68,51 +200,6 @@ def truncate_metrics(path: Path, keep_through: int) -> None:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def save_grid(
-    images: torch.Tensor, captions: list[str], path: Path, columns: int, cell: int | None = None
-) -> None:
-    """Save images [B, C, H, W] in [0, 1] as a PNG grid with their captions underneath.
-
-    Neighbours in a row with the same caption share one caption spanning them, so a long
-    caption (a compositional prompt) stays readable when every row is one prompt.
-
-    Videos [B, C, F, H, W] show their middle frame. Each image is scaled so that its longer
-    side is ``cell`` pixels (default: its own size, at least 64 and at most 256), keeping
-    its aspect ratio: small images are enlarged with hard pixel edges, large ones smoothly.
-    """
-    images = images.detach().float().clamp(0, 1).cpu()
-    if images.dim() == 5:
-        images = images[:, :, images.shape[2] // 2]
-    if images.dim() != 4:
-        raise ValueError(
-            f"save_grid takes images [B, C, H, W] or videos [B, C, F, H, W], got "
-            f"{tuple(images.shape)}"
-        )
-    b, c, h, w = images.shape
-    cell = cell or min(256, max(64, h, w))
-    cw, ch = (cell, max(1, round(cell * h / w))) if w >= h else (max(1, round(cell * w / h)), cell)
-    resample = Image.NEAREST if cw >= w else Image.BILINEAR
-    rows = math.ceil(b / columns)
-    caption_h = 12
-    canvas = Image.new("RGB", (columns * cw, rows * (ch + caption_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i in range(b):
-        arr = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        img = Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).convert("RGB")
-        img = img.resize((cw, ch), resample)
-        x, y = (i % columns) * cw, (i // columns) * (ch + caption_h)
-        canvas.paste(img, (x, y))
-        starts_run = i % columns == 0 or captions[i] != captions[i - 1]
-        if starts_run:
-            run = 1
-            while i + run < b and (i + run) % columns != 0 and captions[i + run] == captions[i]:
-                run += 1
-            # The default bitmap font is 6 pixels per character.
-            draw.text((x + 2, y + ch), captions[i][: run * cw // 6], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
 
 
 class Progress:
