@@ -192,3 +192,27 @@ def test_wandb_missing_is_one_error_before_work(tmp_path, monkeypatch, toy_overr
     err = capsys.readouterr().err
     assert err.startswith("error: log.wandb=true needs the wandb package")
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_wandb_online_without_a_login_is_one_error_before_work(
+    tmp_path, monkeypatch, toy_overrides, capsys
+):
+    pytest.importorskip("wandb")
+    from flowdppo.cli import main
+
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no credentials anywhere
+    run_dir = tmp_path / "run"
+    assert main(["train", *toy_overrides, "log.wandb=true", f"log.run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: log.wandb=true in online mode needs a wandb login")
+    assert "log.wandb_mode=offline" in err
+    assert not (run_dir / "metrics.jsonl").exists()
+
+    # With a login entry for the host, the check lets the run go on to wandb itself.
+    from flowdppo.config import load_config
+    from flowdppo.trainer.runlog import check_wandb
+
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password KEY\n")
+    check_wandb(load_config(None, [*toy_overrides, "log.wandb=true"]))

@@ -45,7 +45,7 @@ from flowdppo.trainer.rollout import (
     reference_kl_rows,
     rollout,
 )
-from flowdppo.trainer.runlog import Progress, RunLog, import_wandb, open_run_log, read_metrics
+from flowdppo.trainer.runlog import Progress, RunLog, check_wandb, open_run_log, read_metrics
 from flowdppo.trainer.update import (
     ObjectiveSpec,
     OldModel,
@@ -145,7 +145,7 @@ class Trainer:
                 f"{reward_names}"
             )
         if cfg.log.wandb:
-            import_wandb()  # missing: one error line before the model loads
+            check_wandb(cfg)  # missing or not logged in: one error line before the model loads
         self.model = self.task.build_model(cfg.model.weights)
         self.model.forward_batch_size = cfg.model.forward_batch_size
         # Trust regions in both forms (per element and nats per step) for this model's

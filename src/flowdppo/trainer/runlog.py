@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,6 +152,38 @@ def import_wandb():
             "(or set log.wandb=false)"
         ) from exc
     return wandb
+
+
+def wandb_mode(cfg: Config) -> str:
+    """The mode wandb will run in: ``log.wandb_mode``, else WANDB_MODE, else online."""
+    return cfg.log.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+
+
+def check_wandb(cfg: Config) -> None:
+    """Refuse ``log.wandb=true`` before any work when wandb cannot start a run.
+
+    Online mode needs credentials (WANDB_API_KEY or a ``wandb login`` entry in the netrc
+    file); without them wandb would prompt, or fail deep inside its own start-up.
+    """
+    import_wandb()
+    if wandb_mode(cfg) != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        found = path.is_file() and netrc.netrc(path).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        found = False
+    if not found:
+        from flowdppo.config import ConfigError
+
+        raise ConfigError(
+            f"log.wandb=true in online mode needs a wandb login for {host} (WANDB_API_KEY, "
+            "or `wandb login`); set log.wandb_mode=offline to log without an account or "
+            "network (`wandb sync` uploads the run later)"
+        )
 
 
 class RunLog:
