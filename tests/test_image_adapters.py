@@ -220,7 +220,6 @@ SHRINK = {
     "sampler.num_sde_steps": 1,
     "log.eval_samples_per_prompt": 1,
     "log.eval_every": 0,
-    "log.grid_every": 0,
     "log.checkpoint_every": 1,
     "log.ref_kl": "false",  # the final evaluation measures the KL to the reference
     "log.tensorboard": "false",

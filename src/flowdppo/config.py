@@ -503,10 +503,11 @@ class DataConfig(_Section):
 
 class LogConfig(_Section):
     run_dir: str | None = Field(None, description="null: runs/<name>-<time>")
-    grid_every: int = Field(10, ge=0, description="iterations between sample grids (0: end only)")
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(10, ge=0, description="iterations between evaluations (0: end only)")
+    eval_every: int = Field(
+        10, ge=0, description="iterations between evaluations and their sample grids (0: end only)"
+    )
     eval_samples_per_prompt: int = Field(16, ge=1)
     ref_kl: bool = Field(True, description="log the KL to the reference model during training")
     ref_kl_every: int | None = Field(

@@ -152,7 +152,6 @@ def shapes_task() -> Task:
                 "train": {"iterations": 150, "group_size": 16},
                 "log": {
                     "eval_every": 75,
-                    "grid_every": 75,
                     "checkpoint_every": 75,
                     "eval_samples_per_prompt": 8,
                 },
