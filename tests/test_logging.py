@@ -216,3 +216,17 @@ def test_wandb_online_without_a_login_is_one_error_before_work(
 
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password KEY\n")
     check_wandb(load_config(None, [*toy_overrides, "log.wandb=true"]))
+
+
+def test_grid_notes_go_under_each_sample_before_its_reward(tmp_path):
+    import torch as t
+
+    images = t.ones(2, 1, 8, 8)
+    with_notes = media.render_pages(images, ["a", "a"], 2, [0.5, 0.25], notes=["riv", "river"])
+    plain = media.render_pages(images, ["a", "a"], 2, [0.5, 0.25])
+    a = np.asarray(with_notes[0][0].convert("L"))
+    b = np.asarray(plain[0][0].convert("L"))
+    assert a.shape == b.shape and (a != b).any()  # same layout, the notes drawn in
+    assert media._label(0.5, "riv") == '"riv" 0.500' and media._label(None, "x") == '"x"'
+    with pytest.raises(ValueError, match="2 samples but 1 notes"):
+        media.render_pages(images, ["a", "a"], 2, notes=["one"])

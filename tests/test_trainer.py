@@ -205,3 +205,52 @@ def test_continuing_a_constant_lr_run_is_the_run_that_asked_for_more(tmp_path, t
 
     assert training(short) == training(long)
     assert _checkpoint_digests(short) == _checkpoint_digests(long)
+
+
+class _Reader:
+    """A reward that also says what it saw (as ``ocr`` says what it read)."""
+
+    def __call__(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    def annotate(self, images, prompts):
+        return [f"{p[0]}{i}" for i, p in enumerate(prompts)]
+
+
+def test_eval_groups_first_prompts_and_grid_notes(tmp_path, toy_overrides, monkeypatch):
+    from flowdppo import tasks
+    from flowdppo.rewards import register_reward
+    from flowdppo.trainer.media import render_pages
+
+    register_reward("toy_reader")(_Reader)
+    base = tasks._TASKS["toy"]
+
+    def grouped():
+        task = base()
+        task.extra["eval_group"] = lambda p: "b" if p.startswith("b") else "other"
+        return task
+
+    monkeypatch.setitem(tasks._TASKS, "toy", grouped)
+    notes = []
+    original = render_pages
+
+    def spy(*args, **kw):
+        notes.append(kw.get("notes"))
+        return original(*args, **kw)
+
+    monkeypatch.setattr("flowdppo.trainer.media.render_pages", spy)
+    summary, run = _train(
+        tmp_path,
+        toy_overrides + ["train.iterations=1", "reward.names=[toy_reader]", "log.eval_prompts=1"],
+    )
+    after = summary["after"]
+    # one group per prompt of the split: log.eval_prompts=1 keeps "bright" and "grey" only
+    assert set(k for k in after if "/group/" in k) == {
+        "eval/train/group/b/reward",
+        "eval/heldout/group/other/reward",
+    }
+    assert after["eval/train/group/b/reward"] == after["eval/train/reward/mean"]
+    # 4 samples of "bright", then 4 of "grey", each with the reward's note
+    assert notes[-1] == ["b0", "b1", "b2", "b3", "g0", "g1", "g2", "g3"]
+    with pytest.raises(ValueError, match="data.eval_prompts"):
+        load_config(None, ["task=prompts", "log.eval_prompts=2"])

@@ -12,6 +12,7 @@ from pathlib import Path
 EPILOG_TRAIN = """examples:
   flowdppo train                                  # the default Flow-DPPO run on digits
   flowdppo train --task shapes                    # Flow-DPPO on the compositional shapes task
+  flowdppo train --task text                      # Flow-DPPO on text rendering (OCR reward)
   flowdppo train configs/digits/grpo.yaml         # a recipe
   flowdppo train algorithm=dppo+cps train.iterations=20 objective.dppo_threshold=1e-5
   flowdppo train configs/digits/nft.yaml          # DiffusionNFT (also guard: GRPO-Guard)
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument(
         "--task",
-        help="a built-in task (digits, shapes) with its recommended budget; same as task=NAME "
+        help="a built-in task (digits, shapes, text) with its recommended budget; same as task=NAME "
         "plus that budget, under any CONFIG and overrides",
     )
 
@@ -379,6 +380,7 @@ def _eval(ns) -> int:
         ns.n or cfg.log.eval_samples_per_prompt,
         seed=cfg.train.seed + 1,
         concurrent=cfg.reward.concurrent,
+        group_of=task.extra.get("eval_group"),
     )
     if ns.steps:
         from flowdppo.inference_cost import format_table, measure

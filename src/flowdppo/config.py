@@ -509,6 +509,12 @@ class LogConfig(_Section):
         10, ge=0, description="iterations between evaluations and their sample grids (0: end only)"
     )
     eval_samples_per_prompt: int = Field(16, ge=1)
+    eval_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="evaluate on the first N trained and N held-out prompts of a built-in "
+        "task (task prompts: data.eval_prompts); null: all of them",
+    )
     ref_kl: bool = Field(True, description="log the KL to the reference model during training")
     ref_kl_every: int | None = Field(
         None,
@@ -667,6 +673,11 @@ class Config(_Section):
 
     def _check_model_and_data(self) -> None:
         m, d = self.model, self.data
+        if self.task == "prompts" and self.log.eval_prompts is not None:
+            raise ValueError(
+                "log.eval_prompts is for built-in tasks; task 'prompts' evaluates on the first "
+                "data.eval_prompts prompts of each file: set that instead"
+            )
         if m.kind in DIFFUSERS_KINDS:
             if self.task != "prompts":
                 raise ValueError(

@@ -8,6 +8,7 @@ measured along trajectories of the training sampler, where the per-step policy i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,8 +33,12 @@ class Evaluator:
         seed: int,
         counter: ForwardCounter | None = None,
         concurrent: bool = True,
+        group_of: Callable[[str], str] | None = None,
     ):
         self.model = model
+        # Prompt -> group name (a task's breakdown, e.g. the text task's word lengths):
+        # each group's mean reward is logged as eval/<split>/group/<name>/reward.
+        self.group_of = group_of
         self.rewards = rewards
         self.spec = spec
         self.num_sde_steps = num_sde_steps
@@ -66,6 +71,12 @@ class Evaluator:
         out[f"eval/{tag}/reward/mean"] = float(total[finite].mean())
         if not finite.all():
             out[f"eval/{tag}/reward/excluded"] = int((~finite).sum())
+        if self.group_of is not None:
+            names = [self.group_of(p) for p in batch]
+            for g in sorted(set(names)):
+                rows = torch.tensor([n == g for n in names]) & finite
+                if rows.any():
+                    out[f"eval/{tag}/group/{g}/reward"] = float(total[rows].mean())
         # KL to the reference along the training sampler's trajectories.
         steps = schedule.choose_sde_steps(
             self.spec.num_steps, self.num_sde_steps, self.sde_window, gen
@@ -78,7 +89,9 @@ class Evaluator:
         # Only the grid's samples are kept, on the CPU: decoded videos of a real model are
         # large, and the grid shows at most 8 per prompt.
         keep = [i for i in range(len(batch)) if i % self.n < min(self.n, 8)]
-        return out, images[keep].cpu(), [batch[i] for i in keep], total.cpu()[keep]
+        kept_images, kept_prompts = images[keep].cpu(), [batch[i] for i in keep]
+        self.notes += _notes(self.rewards, kept_images, kept_prompts)
+        return out, kept_images, kept_prompts, total.cpu()[keep]
 
     def run(
         self,
@@ -88,6 +101,7 @@ class Evaluator:
         grid_rewards: bool = True,
     ) -> dict[str, float]:
         """The metrics; with ``grid_path``, the grid's files are in ``self.grid_pages``."""
+        self.notes: list[str] = []
         metrics, images, captions, rewards = self.split(train_prompts, "train")
         if heldout_prompts:
             held, held_images, held_captions, held_rewards = self.split(heldout_prompts, "heldout")
@@ -105,5 +119,17 @@ class Evaluator:
                 grid_path,
                 columns=min(self.n, 8),
                 rewards=rewards if grid_rewards else None,
+                notes=self.notes if any(self.notes) else None,
             )
         return metrics
+
+
+def _notes(rewards: dict[str, Reward], images: torch.Tensor, prompts: list[str]) -> list[str]:
+    """What the rewards say about each grid sample (a reward with an ``annotate(images,
+    prompts) -> list[str]`` method, as ``ocr`` has: the text it read), joined per sample."""
+    parts = [
+        fn.annotate(images, prompts)
+        for fn in rewards.values()
+        if callable(getattr(fn, "annotate", None))
+    ]
+    return [" ".join(p for p in row if p) for row in zip(*parts)] if parts else [""] * len(prompts)

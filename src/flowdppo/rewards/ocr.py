@@ -31,7 +31,9 @@ torch's, which ``train.threads`` sets). Videos are read frame by frame and avera
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -40,6 +42,8 @@ from flowdppo.rewards import register_reward
 from flowdppo.rewards.vision import as_frames
 
 UNQUOTED = ("prompt", "nan", "error")
+#: Images whose recognised text is remembered (for ``annotate``).
+READ_CACHE = 4096
 # "..." and the typographic “...”; an apostrophe inside a word must not open a quote, so
 # single quotes are not used.
 _QUOTED = re.compile(r'"([^"]*)"|\u201c([^\u201d]*)\u201d')
@@ -128,6 +132,9 @@ class OcrReward:
         self.ignore_case = ignore_case
         self.ignore_spaces = ignore_spaces
         self.min_confidence = min_confidence
+        # The text read from recent images, by their pixels: ``annotate`` (the sample grid's
+        # notes) shows what scoring read without running the models again.
+        self._read_cache: OrderedDict[bytes, str] = OrderedDict()
 
     def _normalise(self, text: str) -> str:
         if self.ignore_spaces:
@@ -140,19 +147,37 @@ class OcrReward:
         arr = arr.permute(0, 2, 3, 1).numpy()
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
+        keys = [
+            hashlib.blake2b(img.tobytes() + bytes(str(img.shape), "ascii")).digest() for img in arr
+        ]
+        todo = [i for i, k in enumerate(keys) if k not in self._read_cache]
         crops: list[np.ndarray] = []
         owner: list[int] = []
-        for i, img in enumerate(arr):
-            lines = self._detect(np.ascontiguousarray(img[..., ::-1]))  # the models read BGR
+        for i in todo:
+            lines = self._detect(np.ascontiguousarray(arr[i][..., ::-1]))  # the models read BGR
             crops += lines
             owner += [i] * len(lines)
-        texts: list[list[str]] = [[] for _ in range(len(arr))]
+        texts: dict[int, list[str]] = {i: [] for i in todo}
         if crops:
             recognised, _ = self.engine.text_rec(crops)
             for i, (text, confidence) in zip(owner, recognised):
                 if confidence >= self.min_confidence:
                     texts[i].append(text)
-        return [" ".join(t) for t in texts]
+        for i in todo:
+            self._read_cache[keys[i]] = " ".join(texts[i])
+        out = [self._read_cache[k] for k in keys]
+        for k in keys:
+            self._read_cache.move_to_end(k)
+        while len(self._read_cache) > READ_CACHE:
+            self._read_cache.popitem(last=False)
+        return out
+
+    def annotate(self, images: torch.Tensor, prompts: list[str]) -> list[str]:
+        """The text read from each sample (frames of a video joined with " | "): the notes
+        of the sample grid. Images scored recently are not read again."""
+        frames, f = as_frames(images)
+        read = self.read(frames)
+        return [" | ".join(read[i * f : (i + 1) * f]) for i in range(len(read) // f)]
 
     def _detect(self, img: np.ndarray) -> list[np.ndarray]:
         """The image's text lines as crops, in reading order (RapidOCR's own detection

@@ -52,7 +52,10 @@ def task_for_config(cfg) -> Task:
         from flowdppo.tasks.prompts import prompts_task
 
         return prompts_task(cfg)
-    return get_task(cfg.task)
+    task = get_task(cfg.task)
+    if cfg.log.eval_prompts is not None:
+        task.extra["eval_prompts"] = cfg.log.eval_prompts
+    return task
 
 
 def get_task(name: str) -> Task:
@@ -69,4 +72,4 @@ def get_task(name: str) -> Task:
     return _TASKS[name]()
 
 
-from flowdppo.tasks import digits, shapes  # noqa: E402,F401  (registers the built-in tasks)
+from flowdppo.tasks import digits, shapes, text  # noqa: E402,F401  (registers the built-in tasks)

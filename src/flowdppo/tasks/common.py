@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flowdppo.models.base import Cond, FlowModel
+from flowdppo.schedule import shift_sigmas
 
 #: The one safetensors metadata key holding a shipped network's config and provenance.
 METADATA_KEY = "flowdppo"
@@ -157,13 +158,16 @@ def euler_sample(
     generator: torch.Generator | None = None,
     batch_size: int = 512,
 ) -> torch.Tensor:
-    """Decoded samples, one per prompt, from Euler ODE steps on ``linspace(1, 0, steps + 1)``.
+    """Decoded samples, one per prompt, from Euler ODE steps on ``linspace(1, 0, steps + 1)``
+    time-shifted by the model's ``shift`` (1 for digits and shapes: no shift).
 
     The noise is drawn for all prompts at once, so results do not depend on ``batch_size``.
     """
     generator = generator or torch.Generator().manual_seed(0)
     noise = model.initial_noise(len(prompts), generator)
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    if model.shift != 1.0:
+        sigmas = shift_sigmas(sigmas, model.shift)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

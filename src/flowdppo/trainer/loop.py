@@ -201,6 +201,7 @@ class Trainer:
             seed=t.seed + 1,
             counter=self.counter,
             concurrent=cfg.reward.concurrent,
+            group_of=self.task.extra.get("eval_group"),
         )
         self.iteration = 0
         self.optimizer_steps = 0

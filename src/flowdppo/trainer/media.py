@@ -62,13 +62,15 @@ def render_pages(
     rewards: torch.Tensor | list[float] | None = None,
     cell: int | None = None,
     max_rows: int = MAX_ROWS,
+    notes: list[str] | None = None,
 ) -> list[list[Image.Image]]:
     """Grid pages of images [B, C, H, W] or videos [B, C, F, H, W] in [0, 1]; each page is
     its list of frames (one for images).
 
     Each image is scaled so that its longer side is ``cell`` pixels (default: its own
     size, at least 64 and at most 256), keeping its aspect ratio: small images are
-    enlarged with hard pixel edges, large ones smoothly.
+    enlarged with hard pixel edges, large ones smoothly. ``notes`` (one per sample, e.g.
+    the text an OCR reward read) are written under each sample, before its reward.
     """
     images = images.detach().float().clamp(0, 1).cpu()
     if images.dim() == 4:
@@ -84,7 +86,9 @@ def render_pages(
     columns = max(1, min(columns, b))
     cw, ch = _cell_size(h, w, cell)
     values = None if rewards is None else [float(r) for r in rewards]
-    under = TEXT_H if values is not None else 0
+    if notes is not None and len(notes) != b:
+        raise ValueError(f"{b} samples but {len(notes)} notes")
+    under = TEXT_H if values is not None or notes is not None else 0
     row_h = TEXT_H + ch + under + GAP
     width = columns * (cw + GAP) + GAP
     n_rows = math.ceil(b / columns)
@@ -104,12 +108,22 @@ def render_pages(
                 for col, i in enumerate(idx):
                     x = GAP + col * (cw + GAP)
                     canvas.paste(_to_pil(images[i, :, f], (cw, ch)), (x, y + TEXT_H))
-                    if values is not None:
-                        v = values[i]
-                        label = f"{v:.3f}" if math.isfinite(v) else "invalid"
+                    if values is not None or notes is not None:
+                        label = _label(
+                            None if values is None else values[i],
+                            None if notes is None else notes[i],
+                        )
                         draw.text((x + 1, y + TEXT_H + ch), label[: cw // CHAR_W], fill="#333")
         pages.append(canvases)
     return pages
+
+
+def _label(value: float | None, note: str | None) -> str:
+    """A sample's line under the grid: its note (quoted), then its reward."""
+    parts = [] if note is None else [repr(note)[1:-1].join('""')]
+    if value is not None:
+        parts.append(f"{value:.3f}" if math.isfinite(value) else "invalid")
+    return " ".join(parts)
 
 
 def page_path(path: Path, page: int, suffix: str) -> Path:
@@ -125,12 +139,15 @@ def write_grid(
     columns: int,
     rewards: torch.Tensor | list[float] | None = None,
     cell: int | None = None,
+    notes: list[str] | None = None,
 ) -> list[GridPage]:
     """Write the grid's pages next to ``path`` (a .png); videos also as GIF and MP4."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for k, frames in enumerate(render_pages(images, captions, columns, rewards, cell), 1):
+    for k, frames in enumerate(
+        render_pages(images, captions, columns, rewards, cell, notes=notes), 1
+    ):
         page = GridPage(page_path(path, k, ".png"))
         frames[len(frames) // 2].save(page.png)
         if len(frames) > 1:
