@@ -111,3 +111,16 @@ def test_compare_of_swept_settings_writes_the_frontier_table_and_plot(tmp_path, 
     md = (tmp_path / "out" / "results.md").read_text()
     assert "## Frontiers at matched KL" in md and md.count("\n| I=1 |") == 4
     assert (tmp_path / "out" / "frontiers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_frontiers_of_different_methods_share_one_table():
+    # one frontier per method's own knob (sweep_guard_nft_digits.yaml): guard alone, nft alone
+    runs = [_run("guard", s, 0.02, 30.0, frontier="guard") for s in (0, 1)]
+    runs += [_run("nft", s, 0.01, 50.0, frontier="nft") for s in (0, 1)]
+    rows = frontier_table(runs, ["guard", "nft"])
+    assert {r["frontier"] for r in rows} == {"guard", "nft"}
+    lines = frontier_markdown(rows)
+    header = next(x for x in lines if x.startswith("| frontier"))
+    assert "guard gain" in header and "nft gain" in header and "difference" not in header
+    guard_row = next(x for x in lines if x.startswith("| guard"))
+    assert guard_row.count(" - ") == 2  # no nft gain or held-out on the guard frontier

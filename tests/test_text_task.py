@@ -110,7 +110,7 @@ def test_pretraining_is_deterministic(tmp_path):
 
 RUN = [
     "task=text",
-    "train.iterations=3",
+    "train.iterations=2",
     "train.prompts_per_iteration=2",
     "train.group_size=4",
     "train.minibatch_size=4",
@@ -118,7 +118,7 @@ RUN = [
     "sampler.num_sde_steps=2",
     "log.eval_prompts=3",
     "log.eval_samples_per_prompt=1",
-    "log.eval_every=3",
+    "log.eval_every=2",
     "log.checkpoint_every=1",
     "log.tensorboard=false",
 ]
@@ -132,9 +132,9 @@ def test_short_training_run_and_resume_after_a_kill(ocr, tmp_path, monkeypatch):
         return Trainer(cfg, tmp_path / name, resume=resume)
 
     trainer("whole").train()
-    crash_after_checkpoint(monkeypatch, lambda: trainer("killed"), 2)
+    crash_after_checkpoint(monkeypatch, lambda: trainer("killed"), 1)
     trainer("killed", resume=True).train()
-    whole, killed = checkpoint_digests(tmp_path, ["whole", "killed"], 3)
+    whole, killed = checkpoint_digests(tmp_path, ["whole", "killed"], 2)
     assert whole == killed
     rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]

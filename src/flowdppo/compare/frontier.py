@@ -120,26 +120,34 @@ def _cell(stat: tuple[float, float, int], fmt: str = "{:+.3f}") -> str:
 
 
 def frontier_markdown(rows: list[dict]) -> list[str]:
-    """The frontier table as markdown lines (empty when the experiment sweeps nothing)."""
+    """The frontier table as markdown lines (empty when the experiment sweeps nothing).
+
+    Frontiers may differ in their algorithms (one frontier per method's own knob): the
+    columns are every algorithm of any frontier, "-" where a frontier has none of it.
+    """
     if not rows:
         return []
-    algs = rows[0]["algorithms"]
+    algs = list(dict.fromkeys(a for row in rows for a in row["algorithms"]))
+    paired = any("difference" in row for row in rows)
+    pairs = sorted({" − ".join(row["algorithms"][:2]) for row in rows if "difference" in row})
     lines = [
         "## Frontiers at matched KL",
         "",
         "Each algorithm's frontier, per seed, is the best gain any of its swept settings "
         "reaches at the KL level (x 1e-3, interpolated between evaluations); the table gives "
-        "the mean ± sd over seeds of that gain and of the same run's held-out change, and the "
-        f"difference {algs[0]} − {algs[1] if len(algs) > 1 else ''} paired by seed.",
+        "the mean ± sd over seeds of that gain and of the same run's held-out change"
+        + (f", and the difference {', '.join(pairs)} paired by seed." if paired else "."),
         "",
     ]
+    missing = (math.nan, math.nan, 0)
     head = ["frontier", "KL (1e-3)", *[f"{a} gain" for a in algs]]
-    head += [f"{a} held-out" for a in algs] + (["difference"] if len(algs) > 1 else [])
+    head += [f"{a} held-out" for a in algs] + (["difference"] if paired else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["frontier"], f"{row['level']:.3g}"]
-        cells += [_cell(row[a]) for a in algs] + [_cell(row[f"{a}/heldout"]) for a in algs]
-        if len(algs) > 1:
-            cells.append(_cell(row["difference"]))
+        cells += [_cell(row.get(a, missing)) for a in algs]
+        cells += [_cell(row.get(f"{a}/heldout", missing)) for a in algs]
+        if paired:
+            cells.append(_cell(row.get("difference", missing)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -90,6 +90,13 @@ def load_result(status: RunStatus) -> RunResult:
         v[f"train_before/{name}"] = b.get(f"eval/train/reward/{name}", math.nan)
         v[f"train_after/{name}"] = a.get(f"eval/train/reward/{name}", math.nan)
         v[f"gain/{name}"] = v[f"train_after/{name}"] - v[f"train_before/{name}"]
+    # A task's evaluation groups (the text task's word lengths): after and gain per group.
+    for key in sorted(a):
+        parts = key.split("/")
+        if len(parts) == 5 and parts[0] == "eval" and parts[2] == "group":
+            split, group = parts[1], parts[3]
+            v[f"{split}_after/group/{group}"] = a[key]
+            v[f"{split}_gain/group/{group}"] = a[key] - b.get(key, math.nan)
     for phase in PHASES:
         v[f"time/{phase}"] = summary["time_per_phase_s"].get(phase, 0.0)
     v["wall_s"] = status.wall_s
