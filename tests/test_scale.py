@@ -55,6 +55,11 @@ def _same_numbers(a: list[dict], b: list[dict], rel: float = 0.0, skip=("time/",
                 assert rb[k] != rb[k], k
             else:
                 tol = rel * abs(ra[k]) + (1e-12 if rel else 0.0)
+                if rel and k.startswith("ratio_"):
+                    # Ratios of unchanged weights are 1 up to float32 rounding, and MKL picks
+                    # its kernel by row count on some CPUs (AMD EPYC here): their spread is
+                    # 0 or a few 1e-8.
+                    tol = max(tol, 1.2e-7)
                 assert abs(ra[k] - rb[k]) <= tol, (k, ra[k], rb[k])
 
 
