@@ -30,9 +30,10 @@ from safetensors.torch import load_file
 from flowdppo.config import load_config
 from flowdppo.trainer import checkpoint as ckpt
 from flowdppo.trainer import watchdog
-from flowdppo.trainer.distributed import check_world_size, combine_stats
+from flowdppo.trainer.distributed import check_world_size
 from flowdppo.trainer.loop import Trainer, TrainingError, metrics_of
 from flowdppo.trainer.rollout import ForwardCounter, Shard, rollout
+from flowdppo.trainer.update import combine_stats
 
 # 3 prompts x 4 samples = 12: over 2 processes the second group spans both of them. 2 inner
 # epochs of 3 minibatches, 2 minibatches per optimizer step (the last one alone).
@@ -220,6 +221,104 @@ def test_fsdp_full_finetuning_matches_one_process(tmp_path):
     run = tmp_path / "fsdp"
     _torchrun(*TINY, *FULL, *FSDP, f"log.run_dir={run}")
     _assert_same_run(run, reference, world_size=2, iterations=2)
+
+
+# ---------------------------------------------------------------- every algorithm, DDP and FSDP
+# One update loop runs 1 and N processes (trainer/sharding.py): each of the six algorithms,
+# with every update option at once (uneven minibatches 5 + 5 + 2, two per optimizer step,
+# micro-batches of 2, an EMA), under DDP and FSDP, against its 1-process run. Both sides run
+# one thread; float32 rounding (a half batch's forward, a gradient summed in two parts, the
+# statistics recombined from per-process moments) stays far below MATRIX_TOL.
+ALGORITHMS = ("dppo", "grpo", "cps", "guard", "nft", "dppo+cps")
+MATRIX = [
+    *TINY,
+    "train.iterations=2",
+    "train.minibatch_size=5",
+    "train.micro_batch=2",
+    "train.ema.decay=0.9",
+    "log.checkpoint_every=1",
+]
+MATRIX_TOL = {"rel": 1e-4, "abs": 1e-9}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """{(algorithm, mode): run dir}: the 2-process runs, one torchrun launch for all, and
+    the 1-process references (mode "one"); the NFT runs are also killed and resumed."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed_matrix import run_dir
+
+    out = tmp_path_factory.mktemp("matrix")
+    specs = [f"{a}:{m}" for a in ALGORITHMS for m in ("ddp", "fsdp")]
+    specs += ["resume@nft:ddp", "resume@nft:fsdp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = str(Path(__file__).with_name("distributed_matrix.py"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [*cmd, script, str(out), *specs, "--", *MATRIX],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {(a, m): run_dir(out, a, m) for a in ALGORITHMS for m in ("ddp", "fsdp")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a in ALGORITHMS:
+            run = run_dir(out, a, "one")
+            cfg = load_config(None, [*MATRIX, f"algorithm={a}", f"log.run_dir={run}"])
+            Trainer(cfg, run).train()
+            runs[a, "one"] = run
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+def _assert_same_metrics(run: Path, reference: Path, tol: dict) -> None:
+    rows, ref_rows = metrics_of(run), metrics_of(reference)
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in ref_rows]
+    for row, ref in zip(rows, ref_rows):
+        shared = {k for k in ref if not k.startswith(PER_PROCESS)}
+        assert shared <= set(row), shared - set(row)
+        for key in sorted(shared - {"first_update_ratio_dev"}):
+            assert row[key] == pytest.approx(ref[key], **tol), (row["iteration"], key)
+        # The first replay's ratio is 1 up to float32 rounding, which is all this measures
+        # (a few units of 6e-8 either way, on both sides).
+        for r in (row, ref):
+            assert r.get("first_update_ratio_dev", 0.0) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_and_option_matches_one_process(matrix, algorithm, mode):
+    run, reference = matrix[algorithm, mode], matrix[algorithm, "one"]
+    _assert_same_metrics(run, reference, MATRIX_TOL)
+    rows = metrics_of(run)
+    assert all(r["dist/world_size"] == 2 for r in rows)
+    # Micro-batches of 2 over each process's members: more backward passes than minibatches.
+    assert rows[-1]["backward_calls"] > metrics_of(reference)[-1]["backward_calls"] / 2
+    for name in ("model.safetensors", "ema.safetensors"):
+        params = load_file(run / "ckpt-000002" / name)
+        ref = load_file(reference / "ckpt-000002" / name)
+        assert set(params) == set(ref), name
+        assert max(float((ref[k] - p).abs().max()) for k, p in params.items()) < PARAM_ATOL
+    # Not vacuous: two iterations moved the weights by far more than the tolerance.
+    first = load_file(reference / "ckpt-000001" / "model.safetensors")
+    last = load_file(reference / "ckpt-000002" / "model.safetensors")
+    assert max(float((last[k] - first[k]).abs().max()) for k in first) > 100 * PARAM_ATOL
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_killed_two_process_nft_run_resumes_bit_exact(matrix, mode):
+    """The old model (and the EMA) travel through the checkpoint in full, under FSDP too."""
+    run = matrix["nft", mode]
+    resumed = run.with_name(run.name + "-resumed")
+    digest = [
+        json.loads((r / "ckpt-000002" / "state.json").read_text())["sha256"] for r in (run, resumed)
+    ]
+    assert digest[0] == digest[1]
 
 
 def test_fsdp_shards_every_block_then_the_network():

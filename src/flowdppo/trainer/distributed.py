@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import math
 import os
 import socket
 import time
@@ -39,7 +38,7 @@ from flowdppo.trainer import guards, watchdog
 from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.loop import Trainer, TrainingError
 from flowdppo.trainer.rollout import ForwardCounter, Shard, reference_kl, rollout
-from flowdppo.trainer.update import StatsAccumulator, step_loss
+from flowdppo.trainer.sharding import OneProcess
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -168,38 +167,31 @@ class _Null:
         pass
 
 
-def combine_stats(counts: torch.Tensor, values: torch.Tensor, keys: list[str]) -> dict:
-    """Per-process statistics of one update call -> the statistics of the whole minibatch.
+class ProcessGroup(OneProcess):
+    """The sharding strategy of one process of a ``torchrun`` job (trainer/sharding.py)."""
 
-    ``counts`` [W] samples each process scored, ``values`` [W, len(keys)]. Means and
-    fractions are count-weighted, ``*_min`` / ``*_max`` take the extreme over processes
-    that scored something, and ``*_std`` (population std) is recombined with its
-    ``*_mean`` by the parallel-variance formula.
-    """
-    n = counts.double()
-    total = n.sum()
-    v = values.double()
-    live = n > 0
-    out: dict[str, float] = {}
-    index = {k: j for j, k in enumerate(keys)}
-    for j, key in enumerate(keys):
-        col = v[:, j]
-        if key.endswith("_min"):
-            out[key] = float(col[live].min())
-        elif key.endswith("_max"):
-            out[key] = float(col[live].max())
-        elif not key.endswith("_std"):
-            out[key] = float((n * col).sum() / total)
-    for j, key in enumerate(keys):
-        if key.endswith("_std"):
-            mean_key = key[: -len("_std")] + "_mean"
-            if mean_key not in index:
-                raise TrainingError(f"statistic {key!r} comes without {mean_key!r}")
-            means = v[:, index[mean_key]]
-            mean = (n * means).sum() / total
-            var = (n * (v[:, j] ** 2 + (means - mean) ** 2)).sum() / total
-            out[key] = float(var.clamp_min(0).sqrt())
-    return out
+    def __init__(self, shard: Shard, rank: int, world_size: int, wrapped, fsdp: bool) -> None:
+        self.shard, self.rank, self.world_size = shard, rank, world_size
+        self.wrapped, self.fsdp = wrapped, fsdp
+
+    def backward_context(self, sync: bool):
+        # FSDP reduce-scatters every backward (its gradients stay sharded); DDP all-reduces
+        # only in the backward an optimizer step follows.
+        return nullcontext() if sync or self.fsdp else self.wrapped.no_sync()
+
+    def route(self, counter: ForwardCounter):
+        return _Route(counter, self.wrapped)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().double().cpu()
+        dist.all_reduce(t)
+        return t
+
+    def gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim=dim)
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
@@ -218,32 +210,15 @@ class DistributedTrainer(Trainer):
     """:class:`Trainer` for one process of a ``torchrun`` / ``accelerate launch`` job."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
-        if cfg.objective_name == "nft":
-            # Checked before any collective: every process refuses alike.
-            raise TrainingError(
-                "algorithm nft trains in one process (its update is not sharded yet): run it "
-                "without torchrun / accelerate launch"
-            )
         init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = dist.get_backend()
         check_world_size(cfg, self.world_size)
-        if cfg.train.micro_batch is not None:
-            raise TrainingError(
-                "train.micro_batch is not supported under torchrun yet: each process already "
-                "trains on its share of the minibatch; lower train.minibatch_size instead "
-                "(or set train.micro_batch=null)"
-            )
         n, w = cfg.samples_per_iteration, self.world_size
         self.shard = Shard(self.rank * n // w, n // w, n)
         self.fsdp = cfg.train.distributed == "fsdp"
-        if self.fsdp and cfg.train.ema.decay is not None:
-            raise TrainingError(
-                "train.ema is not available with train.distributed=fsdp (the average would "
-                "be sharded too); use ddp or drop train.ema.decay"
-            )
-        self._gathered: tuple[dict, dict] | None = None
+        self._gathered: tuple | None = None
         super().__init__(cfg, run_dir, resume=resume)
         if self.fsdp:
             # The network is already sharded (_shard_model): its own forward gathers.
@@ -254,6 +229,9 @@ class DistributedTrainer(Trainer):
             self.wrapped = DistributedDataParallel(
                 _Velocity(self.model), forward_sync_buffers=False
             )
+        self.sharding = ProcessGroup(
+            self.shard, self.rank, self.world_size, self.wrapped, self.fsdp
+        )
 
     def train(self) -> dict:
         peers: list = [None] * self.world_size
@@ -338,10 +316,10 @@ class DistributedTrainer(Trainer):
 
         fsdp.load_full_state(self.model.module, self.optimizer, model_state, optim_state)
 
-    def _trainable_checkpoint_state(self) -> tuple[dict, dict]:
+    def _checkpoint_tensors(self) -> tuple[dict, dict, dict | None, dict | None]:
         if self._gathered is not None:
             return self._gathered
-        return super()._trainable_checkpoint_state()
+        return super()._checkpoint_tensors()
 
     def _start_run_dir(self) -> None:
         super_start = super()._start_run_dir
@@ -377,7 +355,10 @@ class DistributedTrainer(Trainer):
         if self.fsdp:  # gathering the full state is a collective: every process takes part
             from flowdppo.trainer import fsdp
 
-            self._gathered = fsdp.full_state(self.model.module, self.optimizer)
+            model_state, optim_state = fsdp.full_state(self.model.module, self.optimizer)
+            old = fsdp.full_tensors(self.old_model.state()) if self.old_model else None
+            ema = fsdp.full_tensors(self.ema.average) if self.ema is not None else None
+            self._gathered = (model_state, optim_state, old, ema)
         try:
             self._on_rank0(super_checkpoint)
         finally:
@@ -394,7 +375,8 @@ class DistributedTrainer(Trainer):
 
     def _evaluate_fsdp(self, tag, log, metrics):
         grid = self.run_dir / "grids" / f"{tag}.png" if self.rank == 0 else None
-        with self._timed("eval", metrics if metrics is not None else {}):
+        timed = self._timed("eval", metrics if metrics is not None else {})
+        with timed, self._evaluated_weights():
             result = self.evaluator.run(
                 *self.task.eval_split(), grid_path=grid, grid_rewards=self.cfg.log.grid_rewards
             )
@@ -419,10 +401,7 @@ class DistributedTrainer(Trainer):
         return items[self.shard.start : self.shard.start + self.shard.size]
 
     def _gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t)
-        return torch.cat(parts, dim=dim)
+        return self.sharding.gather(t, dim)
 
     def _rollout(self, prompts, group, sde_steps):
         return rollout(
@@ -468,80 +447,3 @@ class DistributedTrainer(Trainer):
         metrics = super().run_iteration()
         metrics["dist/world_size"] = float(self.world_size)
         return metrics
-
-    def _update(self, ro, advantages: torch.Tensor, metrics: dict) -> None:
-        t = self.cfg.train
-        n_steps = len(ro.sde_steps)
-        total_updates = t.iterations * self._updates_per_iteration()
-        size = self.shard.global_size
-        lo, hi = self.shard.start, self.shard.start + self.shard.size
-        local_adv = advantages[lo:hi]
-        route = _Route(self.counter, self.wrapped)
-        calls: list[tuple[int, bool, dict]] = []
-        grad_norms = []
-        pending = 0
-        pending_loss = torch.zeros((), dtype=torch.float64)
-        skipped = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        for epoch in range(t.inner_epochs):
-            perm = torch.randperm(size, generator=self.generator)
-            for start in range(0, size, t.minibatch_size):
-                idx = perm[start : start + t.minibatch_size]
-                mine = idx[(idx >= lo) & (idx < hi)] - lo
-                owned = mine.numel()
-                if owned == 0:  # a zero-weight stand-in keeps the passes in lockstep
-                    mine = torch.zeros(1, dtype=torch.long)
-                # DDP averages over processes: scale the local sum so the average is the
-                # one-process minibatch mean divided by the steps and accumulation.
-                weight = self.world_size / (idx.numel() * n_steps * t.grad_accum) if owned else 0.0
-                pending += 1
-                last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= size
-                sync = pending == t.grad_accum or last
-                for i in range(n_steps):
-                    syncing = sync and i == n_steps - 1
-                    # FSDP reduce-scatters every backward: its gradients stay sharded.
-                    local = nullcontext() if syncing or self.fsdp else self.wrapped.no_sync()
-                    with local:
-                        loss, stats = step_loss(
-                            self.model, ro, mine, i, local_adv, self.spec, self.objective, route
-                        )
-                        if owned:
-                            (loss.sum() * weight).backward()
-                            pending_loss = pending_loss + loss.detach().sum().double().cpu()
-                        else:  # exactly zero, even if the stand-in's loss is not finite
-                            (torch.nan_to_num(loss).sum() * 0.0).backward()
-                    self.counter.backward += 1
-                    calls.append((owned, epoch == 0 and start == 0, stats))
-                if sync:
-                    # Every process must take the same skip decision: judge the summed loss.
-                    dist.all_reduce(pending_loss)
-                    norm = self._optimizer_step(total_updates, pending_loss)
-                    if norm is None:
-                        skipped += 1
-                    else:
-                        grad_norms.append(norm)
-                    pending = 0
-                    pending_loss = torch.zeros((), dtype=torch.float64)
-        self._combine_update_stats(calls, metrics)
-        metrics["grad_norm"] = float(torch.stack(grad_norms).mean()) if grad_norms else math.nan
-        metrics["train/skipped_steps"] = skipped
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-
-    def _combine_update_stats(self, calls, metrics: dict) -> None:
-        """Gather every call's statistics and combine them as one process would see them."""
-        keys = list(calls[0][2])
-        table = torch.tensor(
-            [[float(owned)] + [float(stats[k]) for k in keys] for owned, _, stats in calls],
-            dtype=torch.float64,
-        )
-        gathered = self._gather(table[None], dim=0)  # [W, calls, 1 + keys]
-        acc = StatsAccumulator()
-        first_dev = None
-        for c, (_, first, _) in enumerate(calls):
-            combined = combine_stats(gathered[:, c, 0], gathered[:, c, 1:], keys)
-            acc.add(combined)
-            if first:
-                dev = max(abs(combined["ratio_max"] - 1), abs(combined["ratio_min"] - 1))
-                first_dev = dev if first_dev is None else max(first_dev, dev)
-        metrics.update(acc.result())
-        metrics["first_update_ratio_dev"] = first_dev

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from flowdppo.trainer.fsdp import copy_full
+
 
 class WeightAverage:
     def __init__(self, module: nn.Module, decay: float, every: int):
@@ -35,7 +37,7 @@ class WeightAverage:
         if set(state) != set(self.average):
             raise ValueError("the checkpoint's EMA tensors do not match the trainable ones")
         for name, value in state.items():
-            self.average[name].copy_(value)
+            copy_full(self.average[name], value)
 
     @contextmanager
     def applied(self) -> Iterator[None]:

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from flowdppo.trainer.guards import TrainingError
 
@@ -120,3 +121,21 @@ def load_full_state(
     load = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(module, model_state, options=load)
     set_optimizer_state_dict(module, optimizer, named, options=load)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded tensors kept beside the model (DiffusionNFT's old model, the EMA) in full, on
+    the CPU. A collective for sharded ones: every process must call it."""
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+        for name, t in tensors.items()
+    }
+
+
+def copy_full(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy the full tensor ``src`` into ``dst``; a sharded ``dst`` keeps its own part."""
+    if isinstance(dst, DTensor) and not isinstance(src, DTensor):
+        src = distribute_tensor(
+            src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None
+        )
+    dst.copy_(src)

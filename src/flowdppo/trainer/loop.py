@@ -46,10 +46,11 @@ from flowdppo.trainer.rollout import (
     rollout,
 )
 from flowdppo.trainer.runlog import Progress, RunLog, check_wandb, open_run_log, read_metrics
+from flowdppo.trainer.sharding import OneProcess
 from flowdppo.trainer.update import (
     ObjectiveSpec,
     OldModel,
-    StatsAccumulator,
+    UpdateStats,
     nft_plan,
     nft_term_loss,
     step_loss,
@@ -191,6 +192,7 @@ class Trainer:
         self.old_model = OldModel(self.model.module) if cfg.objective_name == "nft" else None
         self.generator = torch.Generator().manual_seed(t.seed)
         self.counter = ForwardCounter()
+        self.sharding = OneProcess(cfg.samples_per_iteration)
         self.evaluator = Evaluator(
             self.model,
             self.rewards,
@@ -334,9 +336,8 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
         }
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        model_state, optim_state = self._trainable_checkpoint_state()
-        if self.old_model is not None:
-            old = self.old_model.state()
+        model_state, optim_state, old, ema = self._checkpoint_tensors()
+        if old is not None:
             model_state = {**model_state, **{OLD_MODEL_PREFIX + k: v for k, v in old.items()}}
         ckpt.save_checkpoint(
             self.run_dir,
@@ -346,7 +347,7 @@ class Trainer:
             rng,
             state,
             keep=self.cfg.log.keep_checkpoints,
-            ema=self.ema.average if self.ema is not None else None,
+            ema=ema,
         )
 
     # Hooks that sharded training (FSDP in trainer/distributed.py) overrides.
@@ -362,9 +363,15 @@ class Trainer:
                     p.copy_(model_state[name])
         self.optimizer.load_state_dict(optim_state)
 
-    def _trainable_checkpoint_state(self) -> tuple[dict, dict]:
-        """Full (unsharded) trainable tensors and optimizer state, as a checkpoint holds them."""
-        return trainable_state(self.model.module), self.optimizer.state_dict()
+    def _checkpoint_tensors(self) -> tuple[dict, dict, dict | None, dict | None]:
+        """Full (unsharded) trainable tensors, optimizer state, DiffusionNFT's old model and
+        the EMA (None where off), as a checkpoint holds them."""
+        return (
+            trainable_state(self.model.module),
+            self.optimizer.state_dict(),
+            self.old_model.state() if self.old_model is not None else None,
+            self.ema.average if self.ema is not None else None,
+        )
 
     @contextmanager
     def _timed(self, phase: str, metrics: dict):
@@ -399,83 +406,110 @@ class Trainer:
         )
 
     def _update(self, ro, advantages: torch.Tensor, metrics: dict) -> None:
+        """Replay the rollout for the inner epochs of minibatches and step the optimizer.
+
+        The one update loop, for one process and for many: ``self.sharding`` says which
+        rows are this process's, routes the update forward, and joins gradients, losses and
+        statistics (trainer/sharding.py). ``ro`` holds this process's rows, ``advantages``
+        the whole global batch's.
+        """
         t = self.cfg.train
-        acc = StatsAccumulator()
-        n_steps = len(ro.sde_steps)
+        sh = self.sharding
+        size = sh.shard.global_size
+        local_adv = sh.local(advantages)
+        route = sh.route(self.counter)
+        stats = UpdateStats()
         total_updates = t.iterations * self._updates_per_iteration()
-        pending = 0
-        pending_loss = torch.zeros(())
-        skipped = 0
         plan = None
+        n_terms = len(ro.sde_steps)
         if self.old_model is not None:
             plan = nft_plan(
-                ro.batch_size,
+                size,
                 self.spec.num_steps,
                 self.cfg.nft.timestep_fraction,
                 t.inner_epochs,
                 self.generator,
             )
-            n_steps = plan.terms
+            n_terms = plan.terms
+        pending = 0
+        pending_loss = torch.zeros(())
+        skipped = 0
+        unit = 0
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(t.inner_epochs):
-            perm = torch.randperm(ro.batch_size, generator=self.generator)
-            for start in range(0, ro.batch_size, t.minibatch_size):
+            perm = torch.randperm(size, generator=self.generator)
+            for start in range(0, size, t.minibatch_size):
                 idx = perm[start : start + t.minibatch_size]
-                # Average over the trained steps and the samples of the optimizer step.
-                scale = 1.0 / (len(idx) * n_steps * t.grad_accum)
-                for i in range(n_steps):
-                    # train.micro_batch: one forward and backward per micro-batch; the
-                    # gradients add up to the minibatch's.
-                    for micro in idx.split(t.micro_batch or len(idx)):
-                        if plan is None:
-                            loss, stats = step_loss(
-                                self.model,
-                                ro,
-                                micro,
-                                i,
-                                advantages,
-                                self.spec,
-                                self.objective,
-                                self.counter,
-                            )
-                        else:
-                            loss, stats = nft_term_loss(
-                                self.model,
-                                ro,
-                                micro,
-                                plan.steps[epoch, micro, i],
-                                advantages,
-                                self.spec,
-                                self.cfg.nft,
-                                self.old_model,
-                                self.generator,
-                                self.counter,
-                            )
-                        (loss.sum() * scale).backward()
-                        pending_loss = pending_loss + loss.detach().sum()
-                        self.counter.backward += 1
-                        acc.add(stats, weight=len(micro))
-                        if epoch == 0 and start == 0 and "ratio_max" in stats:
-                            # DiffusionNFT has no ratio.
-                            dev = torch.maximum(
-                                (stats["ratio_max"] - 1).abs(), (stats["ratio_min"] - 1).abs()
-                            )
-                            acc.keep("first_update_ratio_dev", dev)
+                # Our members of the minibatch, split into train.micro_batch passes (padded
+                # with empty ones to the count every process makes).
+                where = sh.mine(idx)
+                passes = sh.passes(idx, t.micro_batch)
+                parts = list(where.split(t.micro_batch or len(idx))) if len(where) else []
+                parts += [where.new_zeros(0)] * (passes - len(parts))
+                # DDP averages over processes: each process's sum, scaled by W, averages
+                # to the one-process mean over the minibatch's samples, its trained steps
+                # and the accumulated minibatches.
+                scale = sh.world_size / (len(idx) * n_terms * t.grad_accum)
                 pending += 1
-                last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= ro.batch_size
-                if pending == t.grad_accum or last:
-                    norm = self._optimizer_step(total_updates, pending_loss)
+                last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= size
+                sync = pending == t.grad_accum or last
+                for i in range(n_terms):
+                    noise = None
+                    if plan is not None:  # the whole minibatch's, as one process draws it
+                        shape = (len(idx), *ro.final.shape[1:])
+                        noise = torch.randn(shape, generator=self.generator, dtype=torch.float32)
+                    for p, part in enumerate(parts):
+                        owned = len(part)
+                        if not owned:  # a stand-in of ours keeps the passes in lockstep
+                            part = where.new_zeros(1)
+                        rows = (idx[part] - sh.shard.start).clamp(0, sh.shard.size - 1)
+                        with sh.backward_context(sync and i == n_terms - 1 and p == passes - 1):
+                            if plan is None:
+                                loss, call = step_loss(
+                                    self.model,
+                                    ro,
+                                    rows,
+                                    i,
+                                    local_adv,
+                                    self.spec,
+                                    self.objective,
+                                    route,
+                                )
+                            else:
+                                loss, call = nft_term_loss(
+                                    self.model,
+                                    ro,
+                                    rows,
+                                    plan.steps[epoch, idx[part], i],
+                                    local_adv,
+                                    self.spec,
+                                    self.cfg.nft,
+                                    self.old_model,
+                                    noise[part],
+                                    route,
+                                )
+                            if owned:
+                                (loss.sum() * scale).backward()
+                                pending_loss = pending_loss + loss.detach().sum()
+                            else:  # exactly zero, even if the stand-in's loss is not finite
+                                (torch.nan_to_num(loss).sum() * 0.0).backward()
+                        self.counter.backward += 1
+                        stats.add(unit, owned, call)
+                    unit += 1
+                if sync:
+                    # Every process takes the same skip decision: it judges the summed loss.
+                    norm = self._optimizer_step(total_updates, sh.sum(pending_loss))
                     if norm is None:
                         skipped += 1
                     else:
-                        acc.add({"grad_norm": norm})
+                        stats.add_step("grad_norm", norm)
                     pending = 0
                     pending_loss = torch.zeros(())
         if self.old_model is not None:
             decay = self.cfg.nft.decay(self.optimizer_steps)
             self.old_model.update(self.model.module, decay)
             metrics["nft/old_decay"] = decay
-        metrics.update(acc.result())
+        metrics.update(stats.result(sh.gather if sh.world_size > 1 else None, n_terms))
         metrics.setdefault("grad_norm", math.nan)  # every step was skipped
         metrics["train/skipped_steps"] = skipped
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]

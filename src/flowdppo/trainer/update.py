@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from flowdppo import kernels
 from flowdppo.models.base import FlowModel, index_cond
@@ -25,6 +26,7 @@ from flowdppo.objectives import (
     official_kl,
     reference_kl_penalty,
 )
+from flowdppo.trainer.fsdp import copy_full
 from flowdppo.trainer.rollout import ForwardCounter, Rollout, SamplerSpec
 
 
@@ -133,15 +135,11 @@ class OldModel:
     @contextmanager
     def swapped_in(self, module: torch.nn.Module) -> Iterator[None]:
         pairs = self._params(module)
-        with torch.no_grad():
-            for p, t in pairs:
-                p.data, t.data = t.data, p.data
+        _exchange(pairs)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, t in pairs:
-                    p.data, t.data = t.data, p.data
+            _exchange(pairs)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, decay: float) -> None:
@@ -156,7 +154,20 @@ class OldModel:
         if missing:
             raise ValueError(f"the checkpoint's old model lacks {missing[:3]}")
         for name, t in self.tensors.items():
-            t.copy_(tensors[name])
+            copy_full(t, tensors[name])
+
+
+@torch.no_grad()
+def _exchange(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    for p, t in pairs:
+        if isinstance(p, DTensor):
+            # FSDP gathers a sharded parameter from storage of its own, which a swap of
+            # ``.data`` would not reach: exchange the values in place instead.
+            held = p.detach().clone()
+            p.copy_(t)
+            t.copy_(held)
+        else:
+            p.data, t.data = t.data, p.data
 
 
 @dataclass
@@ -190,16 +201,18 @@ def nft_term_loss(
     spec: SamplerSpec,
     cfg,
     old: OldModel,
-    generator: torch.Generator,
+    noise: torch.Tensor,
     counter: ForwardCounter,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT's per-sample loss at one noise level per sample (``step_index``, [b]):
-    the clean sample noised afresh, the old and the current velocity there, and the recipe's
-    velocity distance to the reference model (``cfg`` is the config's nft section)."""
+    the clean sample noised afresh with ``noise`` (the trainer draws it for the whole
+    minibatch, so a split into micro-batches or processes trains on the same points), the
+    old and the current velocity there, and the recipe's velocity distance to the reference
+    model (``cfg`` is the config's nft section)."""
     x0 = ro.final[idx].float()
     cond = index_cond(ro.cond, idx)
     sigma = spec.sigmas[step_index].to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    noise = noise.to(x0.device)
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - s) * x0 + s * noise
     with torch.no_grad(), old.swapped_in(model.module):
@@ -218,44 +231,105 @@ def nft_term_loss(
     return loss, stats
 
 
-class StatsAccumulator:
-    """Averages per-call statistics over an update phase; keeps min / max where named.
+class UpdateStats:
+    """The statistics of one update phase, combined once, the same way for 1 or N processes.
 
-    The running sums stay tensors on the device they come from: adding a call's statistics
-    never waits for the GPU, and :meth:`result` reads them all back in one transfer.
+    Every objective call reports statistics over the samples it scored: means, fractions,
+    ``*_std`` (population std), ``*_min`` and ``*_max``. A *unit* is one trained step of one
+    minibatch; its samples may be scored by several calls (micro-batches, processes). Within
+    a unit the calls are combined exactly (:func:`combine_stats`: count-weighted means, the
+    parallel-variance formula for stds), so splitting a minibatch changes nothing but float
+    rounding; over units, values are weighted by the samples each unit scored, and extremes
+    are kept. The running tensors stay on their device until :meth:`result`, the phase's one
+    host read.
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.extremes: dict[str, torch.Tensor] = {}
+        self.units: list[int] = []
+        self.counts: list[int] = []
+        self.rows: list[dict[str, torch.Tensor | float]] = []
+        self.optimizer: dict[str, list[torch.Tensor]] = {}
 
-    def add(self, stats: dict[str, torch.Tensor | float], weight: int = 1) -> None:
-        """One call's statistics; ``weight``: the samples they are means over (a call over
-        a micro-batch counts for its share of the minibatch)."""
-        for key, value in stats.items():
+    def add(self, unit: int, count: int, stats: dict[str, torch.Tensor | float]) -> None:
+        """One call's statistics over ``count`` samples of ``unit`` (0: a stand-in call)."""
+        self.units.append(unit)
+        self.counts.append(count)
+        self.rows.append(stats)
+
+    def add_step(self, key: str, value: torch.Tensor) -> None:
+        """A value per optimizer step (e.g. the gradient norm), averaged over the steps."""
+        self.optimizer.setdefault(key, []).append(_scalar(value))
+
+    def result(self, gather=None, first_units: int = 0) -> dict[str, float]:
+        """The phase's statistics. ``gather`` ([P, ...] -> [W, P, ...]) joins every process's
+        table (all processes made the same calls); ``first_units`` of the first minibatch
+        give ``first_update_ratio_dev``, how far the first replay's ratio is from 1."""
+        out = {k: float(torch.stack(v).mean()) for k, v in self.optimizer.items()}
+        if not self.rows:
+            return out
+        keys = list(self.rows[0])
+        values = torch.stack([torch.stack([_scalar(r[k]) for k in keys]) for r in self.rows])
+        counts = torch.tensor(self.counts, dtype=torch.float64)
+        table = torch.cat([counts[:, None], values.cpu()], dim=1)[None]  # the host read
+        if gather is not None:
+            table = gather(table)
+        table = table.transpose(0, 1)  # [calls, W, 1 + keys]
+        units = torch.tensor(self.units)
+        per_unit = []
+        for u in units.unique().tolist():
+            rows = table[units == u].reshape(-1, table.shape[-1])
+            n = float(rows[:, 0].sum())
+            per_unit.append((u, n, combine_stats(rows[:, 0], rows[:, 1:], keys)))
+        total = sum(n for _, n, _ in per_unit)
+        for key in keys:
+            got = [s[key] for _, n, s in per_unit if n > 0]
             if key.endswith("_min"):
-                self.keep(key, value, torch.minimum)
+                out[key] = min(got)
             elif key.endswith("_max"):
-                self.keep(key, value, torch.maximum)
+                out[key] = max(got)
             else:
-                v = _scalar(value) * weight
-                self.sums[key] = self.sums[key] + v if key in self.sums else v
-                self.counts[key] = self.counts.get(key, 0) + weight
+                out[key] = sum(n * s[key] for _, n, s in per_unit if n > 0) / total
+        first = [s for u, n, s in per_unit if u < first_units and n > 0]
+        if first and "ratio_max" in keys:  # DiffusionNFT has no ratio
+            out["first_update_ratio_dev"] = max(
+                max(abs(s["ratio_max"] - 1), abs(s["ratio_min"] - 1)) for s in first
+            )
+        return out
 
-    def keep(self, key: str, value: torch.Tensor | float, pick=torch.maximum) -> None:
-        """Keep the extreme (``pick``: torch.maximum or torch.minimum) of ``value`` seen."""
-        v = _scalar(value)
-        self.extremes[key] = pick(self.extremes[key], v) if key in self.extremes else v
 
-    def result(self) -> dict[str, float]:
-        keys = list(self.sums) + list(self.extremes)
-        if not keys:
-            return {}
-        values = [self.sums[k] / self.counts[k] for k in self.sums] + list(self.extremes.values())
-        device = values[0].device
-        # The phase's one host read.
-        return dict(zip(keys, torch.stack([v.to(device) for v in values]).tolist()))
+def combine_stats(counts: torch.Tensor, values: torch.Tensor, keys: list[str]) -> dict:
+    """Statistics of several calls over parts of one sample set -> the set's statistics.
+
+    ``counts`` [C] samples each call scored, ``values`` [C, len(keys)]. Means and fractions
+    are count-weighted, ``*_min`` / ``*_max`` take the extreme over calls that scored
+    something, and ``*_std`` (population std) is recombined with its ``*_mean`` by the
+    parallel-variance formula.
+    """
+    n = counts.double()
+    live = n > 0
+    total = n.sum()
+    # A stand-in call (count 0) may hold anything, NaN included: it must not reach a sum.
+    v = torch.where(live[:, None], values.double(), torch.zeros((), dtype=torch.float64))
+    out: dict[str, float] = {}
+    index = {k: j for j, k in enumerate(keys)}
+    for j, key in enumerate(keys):
+        col = v[:, j]
+        if key.endswith("_min"):
+            out[key] = float(values[live, j].double().min())
+        elif key.endswith("_max"):
+            out[key] = float(values[live, j].double().max())
+        elif not key.endswith("_std"):
+            out[key] = float((n * col).sum() / total)
+    for j, key in enumerate(keys):
+        if key.endswith("_std"):
+            mean_key = key[: -len("_std")] + "_mean"
+            if mean_key not in index:
+                raise ValueError(f"statistic {key!r} comes without {mean_key!r}")
+            means = v[:, index[mean_key]]
+            mean = (n * means).sum() / total
+            var = (n * (v[:, j] ** 2 + (means - mean) ** 2)).sum() / total
+            out[key] = float(var.clamp_min(0).sqrt())
+    return out
 
 
 def _scalar(value: torch.Tensor | float) -> torch.Tensor:
