@@ -1,0 +1,55 @@
+"""The ``sampler`` section: steps, noise level and where the SDE steps are drawn."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from flowdppo.config.base import _Section
+
+
+class SamplerConfig(_Section):
+    num_steps: int = Field(10, ge=1, description="denoising steps per sample")
+    eta: float = Field(0.7, ge=0, description="noise level of the SDE kernel")
+    num_sde_steps: int = Field(3, ge=1, description="exploration (SDE) steps per trajectory")
+    sde_window: tuple[float, float] = Field(
+        (0.0, 0.5), description="fraction window of the schedule the SDE steps are drawn from"
+    )
+    shift: float | None = Field(None, gt=0, description="time shift; null: the model's own")
+    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance (1: off)")
+    guidance_scale_2: float | None = Field(
+        None,
+        ge=1.0,
+        description="two-expert Wan 2.2: the low-noise expert's guidance; null: guidance_scale",
+    )
+    log_prob_reduce: Literal["mean", "sum"] = "mean"
+    score: Literal["gaussian", "cps"] = Field(
+        "gaussian", description="cps: the CPS authors' unnormalised -(x' - mean)^2 score"
+    )
+
+    @field_validator("sde_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.0 <= lo < hi <= 1.0):
+            raise ValueError(f"must satisfy 0 <= lo < hi <= 1, got [{lo}, {hi}]")
+        return v
+
+
+def sde_window_bounds(num_steps: int, window: tuple[float, float]) -> tuple[int, int]:
+    """``(first, stop)``: the steps ``k`` with ``lo <= k / num_steps < hi``.
+
+    Found from ``lo * n`` and ``hi * n`` and then checked with the same division the
+    sampler uses, so validating a config costs the same for 10 steps as for 10**20 (a
+    list of every step would not fit in memory for a huge value)."""
+    lo, hi = window
+
+    def first_at_or_above(threshold: float) -> int:
+        k = max(0, min(num_steps, math.floor(threshold * num_steps) - 2))
+        while k < num_steps and k / num_steps < threshold:
+            k += 1
+        return k
+
+    return first_at_or_above(lo), first_at_or_above(hi)
