@@ -8,6 +8,8 @@ import ast
 import importlib
 from pathlib import Path
 
+import pytest
+
 import flowdppo
 from flowdppo import rewards, tasks
 
@@ -140,11 +142,25 @@ def test_lazy_rewards_are_registered_by_the_modules_named():
         assert rewards._FACTORIES[name].__module__ == module
 
 
-def test_builtin_tasks_are_registered_by_their_packages():
-    for name, package in tasks._BUILTIN.items():
-        importlib.import_module(package)
-        assert name in tasks._TASKS, f"{package} does not register task {name!r}"
-        task = tasks.get_task(name)
-        assert task.name == name and task.train_prompts and task.heldout_prompts
-        for reward in task.default_rewards:
-            assert reward in rewards.available_rewards()
+@pytest.mark.parametrize(
+    ("name", "default_reward", "model_class"),
+    [
+        ("digits", "digit_prob", "DigitsModel"),
+        ("shapes", "shapes_geneval", "ShapesModel"),
+        ("text", "ocr", "TextModel"),
+    ],
+)
+def test_builtin_tasks_are_registered_by_their_packages(name, default_reward, model_class):
+    package = importlib.import_module(tasks._BUILTIN[name])
+    assert name in tasks._TASKS, f"{package.__name__} does not register task {name!r}"
+    task = tasks.get_task(name)
+    assert task.name == name and task.default_rewards == [default_reward]
+    assert default_reward in rewards.available_rewards()
+    assert task.train_prompts == list(package.TRAIN_PROMPTS)
+    assert task.heldout_prompts == list(package.HELDOUT_PROMPTS)
+    assert task.extra["lora_targets"] == package.LORA_TARGETS
+    assert task.extra["pretrain"] is package.pretrain and task.extra["threads"] == 1
+    # Each Task is a fresh copy: a run's changes to it reach no other run.
+    task.extra.setdefault("recommended", {})["x"] = 1
+    assert "x" not in tasks.get_task(name).extra.get("recommended", {})
+    assert isinstance(task.build_model(None), getattr(package, model_class))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flowdppo.tasks import get_task
 from flowdppo.tasks.blocks import (
     TRUNK_DEFAULTS,
     FlowTransformer,
@@ -14,8 +15,21 @@ from flowdppo.tasks.blocks import (
     unpatchify,
     x0_to_velocity,
 )
+from flowdppo.tasks.common import load_module
 from flowdppo.tasks.shapes import ShapesVelocityNet
+from flowdppo.tasks.shapes import pretraining as shapes_pretraining
 from flowdppo.tasks.text import TextVelocityNet
+from flowdppo.tasks.text import pretraining as text_pretraining
+
+#: Each task's pretraining, with a tiny network and batch.
+TINY = {
+    "shapes": (
+        shapes_pretraining,
+        {"dim": 32, "depth": 1, "heads": 2, "text_dim": 16, "text_depth": 1, "conv": 4},
+        8,
+    ),
+    "text": (text_pretraining, {"dim": 32, "depth": 1, "heads": 2, "text_dim": 16, "conv": 4}, 4),
+}
 
 
 @pytest.mark.parametrize(
@@ -64,3 +78,22 @@ def test_the_task_networks_are_flow_transformers_with_the_shared_names():
         assert {"text", "time_fc", "text_fc", "stem", "head1", "head2", "inp", "pos"} <= names
         assert {"blocks", "out_ada", "out"} <= names
         assert type(net)(**net.config).config == net.config
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_pretraining_is_deterministic(tmp_path, name):
+    pretraining, config, batch = TINY[name]
+    kw = {"steps": 3, "batch_size": batch, "model_config": config, "threads": 1}
+    paths = [tmp_path / f"{n}.safetensors" for n in "abc"]
+    metas = [pretraining.pretrain_base_model(p, seed=s, **kw)[1] for p, s in zip(paths, (5, 5, 6))]
+    a, b, c = (p.read_bytes() for p in paths)
+    assert a == b and metas[0] == metas[1]
+    assert a != c
+    net, meta = load_module(pretraining.RECIPE.net_cls, paths[0], f"{name} base model", name)
+    assert net.config == {**net.config, **config} and meta["steps"] == 3 and meta["seed"] == 5
+    task = get_task(name)
+    model = task.build_model(str(paths[0]))
+    with torch.no_grad():
+        x = model.initial_noise(1, torch.Generator().manual_seed(0))
+        v = model.velocity(x, torch.tensor([0.5]), model.encode(task.train_prompts[:1]), 2.0)
+    assert torch.isfinite(v).all()
