@@ -146,6 +146,7 @@ def test_lazy_rewards_are_registered_by_the_modules_named():
     ("name", "default_reward", "model_class"),
     [
         ("digits", "digit_prob", "DigitsModel"),
+        ("motion", "motion", "MotionModel"),
         ("shapes", "shapes_geneval", "ShapesModel"),
         ("text", "ocr", "TextModel"),
     ],

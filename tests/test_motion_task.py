@@ -1,9 +1,15 @@
-"""The motion task: grammar, clips, the exact frame-by-frame reward and its corruptions."""
+"""The motion task: grammar, clips, the exact frame-by-frame reward and its corruptions, prompt
+files refused before any work, the shipped base model and a short training run."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from flowdppo.config import ConfigError, load_config
+from flowdppo.tasks import task_for_config
 from flowdppo.tasks.motion import clips as clip_mod
 from flowdppo.tasks.motion.clips import (
     CLIP_SHAPE,
@@ -33,6 +39,8 @@ from flowdppo.tasks.motion.grammar import (
 )
 from flowdppo.tasks.motion.score import MotionReward, check_clips, summary
 from flowdppo.tasks.shapes.grammar import COLOURS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- grammar ---------------------------------------------------------------------------------
 
@@ -90,6 +98,41 @@ def test_tokens_split_and_groups():
     assert not trained & set(HELDOUT_PAIRS)
     assert {s for s, _ in trained} == {"circle", "square", "triangle"}
     assert {d for _, d in trained} == {"left", "right", "up", "down"}
+
+
+def test_prompt_files_parse_before_any_work(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("a red square moving left\n\n a small blue circle moving up fast \n")
+    cfg = load_config(None, ["task=motion", f"data.train_prompts={good}"])
+    task = task_for_config(cfg)
+    assert task.train_prompts == ["a red square moving left", "a small blue circle moving up fast"]
+    assert task.heldout_prompts == HELDOUT_PROMPTS
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red square moving left\n\na red square moving sideways\n")
+    for key in ("train_prompts", "heldout_prompts"):
+        cfg = load_config(None, ["task=motion", f"data.{key}={bad}"])
+        with pytest.raises(ConfigError) as err:
+            task_for_config(cfg)
+        line = str(err.value)
+        assert "\n" not in line
+        assert line.startswith(f"data.{key}: {bad} line 3: 'a red square moving sideways'")
+        assert "'sideways' is not understood: expected a direction" in line
+    cfg = load_config(None, ["task=digits", f"data.train_prompts={good}"])
+    with pytest.raises(ConfigError, match="task 'digits' has no prompt grammar"):
+        task_for_config(cfg)
+
+
+def test_cli_refuses_a_bad_prompt_file_with_one_line(tmp_path, capsys):
+    from flowdppo.cli import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a green triangle moving right\na green triangel moving right\n")
+    run = tmp_path / "run"
+    code = main(["train", "--task", "motion", f"data.train_prompts={bad}", f"log.run_dir={run}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "line 2" in err and "'triangel' is not understood" in err
+    assert not run.exists()
 
 
 # --- clips ------------------------------------------------------------------------------------
@@ -218,3 +261,68 @@ def test_components_report_each_attribute():
     assert torch.isfinite(parts["size"]).tolist() == has_size
     with pytest.raises(ValueError, match=r"\[B, 3, F, H, W\]"):
         MotionReward()(clips[:, :, 0], prompts)
+
+
+# --- the shipped base model and a short run ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from flowdppo.tasks.motion import load_base_model
+
+    return load_base_model()
+
+
+def test_shipped_base_model(model):
+    from flowdppo.tasks.common import assets_dir, euler_sample
+    from flowdppo.tasks.motion import MotionModel
+    from flowdppo.tasks.motion.model import BASE_WEIGHTS
+
+    assert isinstance(model, MotionModel) and model.image_shape == CLIP_SHAPE
+    assert sum(p.numel() for p in model.module.parameters()) < 1_000_000
+
+    meta = json.loads((assets_dir() / BASE_WEIGHTS).with_suffix(".json").read_text())
+    assert meta["config"]["patch"][0] > 1 and meta["seed"] == 0
+    prompts = TRAIN_PROMPTS[:4]
+    clips = euler_sample(model, prompts, 10, 1.0, torch.Generator().manual_seed(0))
+    assert clips.shape == (4, *CLIP_SHAPE) and 0 <= clips.min() and clips.max() <= 1
+    with torch.no_grad():
+        x = model.initial_noise(2, torch.Generator().manual_seed(1))
+        v = model.velocity(x, torch.tensor([0.5, 0.5]), model.encode(prompts[:2]), 3.0)
+    assert torch.isfinite(v).all() and v.shape == x.shape
+
+
+def test_missing_weights_say_how_to_make_them(tmp_path):
+    from flowdppo.tasks.motion import MotionAssetError, load_base_model
+
+    with pytest.raises(MotionAssetError, match="flowdppo pretrain --task motion"):
+        load_base_model(tmp_path / "none.safetensors")
+
+
+def test_short_training_run_logs_attributes_groups_and_videos(tmp_path):
+    from flowdppo.trainer.loop import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        str(Path(__file__).parents[1] / "configs" / "motion" / "dppo.yaml"),
+        [
+            "train.iterations=2",
+            "train.prompts_per_iteration=2",
+            "train.group_size=4",
+            "train.minibatch_size=8",
+            "log.eval_every=2",
+            "log.eval_prompts=2",
+            "log.eval_samples_per_prompt=2",
+            f"log.run_dir={run}",
+            "log.tensorboard=false",
+        ],
+    )
+    Trainer(cfg, run).train()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    for split in ("train", "heldout"):
+        assert np.isfinite(last[f"eval/{split}/reward/mean"])
+        for kind in ("colour", "shape", "direction", "speed", "count"):
+            assert 0 <= last[f"eval/{split}/reward/motion/{kind}"] <= 1
+        assert {f"eval/{split}/group/one/reward", f"eval/{split}/group/two/reward"} <= set(last)
+    assert list((run / "grids").rglob("*.gif"))

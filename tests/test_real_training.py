@@ -263,7 +263,7 @@ def test_missing_inputs_name_the_key(pipes, prompt_files, tmp_path, capsys):
         (["model.kind=task", "model.path=/x"], "model.path is for diffusers models"),
         (["task=prompts", "model.kind=sd3", "model.adapter=m:A"], "model.adapter chooses"),
         (["task=prompts", "model.kind=sd3", "model.weights=w.safetensors"], "model.weights"),
-        (["data.train_prompts=p.txt"], "read by task 'prompts' only"),
+        (["data.eval_prompts=3"], "read by task 'prompts' only"),
         (["model.device=gpu"], "model.device"),
         (["model.dtype=fp8"], "model.dtype"),
         (["task=prompts", "model.kind=sd3", "model.resolution=4"], "model.resolution"),

@@ -16,6 +16,8 @@ from flowdppo.tasks.blocks import (
     x0_to_velocity,
 )
 from flowdppo.tasks.common import load_module
+from flowdppo.tasks.motion import MotionVelocityNet
+from flowdppo.tasks.motion import pretraining as motion_pretraining
 from flowdppo.tasks.shapes import ShapesVelocityNet
 from flowdppo.tasks.shapes import pretraining as shapes_pretraining
 from flowdppo.tasks.text import TextVelocityNet
@@ -27,6 +29,11 @@ TINY = {
         shapes_pretraining,
         {"dim": 32, "depth": 1, "heads": 2, "text_dim": 16, "text_depth": 1, "conv": 4},
         8,
+    ),
+    "motion": (
+        motion_pretraining,
+        {"dim": 32, "depth": 1, "heads": 2, "text_dim": 16, "text_depth": 1, "conv": 2},
+        2,
     ),
     "text": (text_pretraining, {"dim": 32, "depth": 1, "heads": 2, "text_dim": 16, "conv": 4}, 4),
 }
@@ -72,7 +79,7 @@ def test_token_encoder_masks_padding_out_of_attention_and_pooling():
 
 def test_the_task_networks_are_flow_transformers_with_the_shared_names():
     small = {"dim": 16, "depth": 1, "heads": 2, "text_dim": 8, "conv": 2}
-    for net in (ShapesVelocityNet(**small), TextVelocityNet(**small)):
+    for net in (ShapesVelocityNet(**small), TextVelocityNet(**small), MotionVelocityNet(**small)):
         assert isinstance(net, FlowTransformer)
         names = {n.split(".")[0] for n, _ in net.named_parameters()}
         assert {"text", "time_fc", "text_fc", "stem", "head1", "head2", "inp", "pos"} <= names

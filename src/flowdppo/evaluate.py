@@ -71,6 +71,7 @@ class Evaluator:
         out[f"eval/{tag}/reward/mean"] = float(total[finite].mean())
         if not finite.all():
             out[f"eval/{tag}/reward/excluded"] = int((~finite).sum())
+        out.update(_components(self.rewards, images, batch, f"eval/{tag}/reward"))
         if self.group_of is not None:
             names = [self.group_of(p) for p in batch]
             for g in sorted(set(names)):
@@ -122,6 +123,23 @@ class Evaluator:
                 notes=self.notes if any(self.notes) else None,
             )
         return metrics
+
+
+def _components(
+    rewards: dict[str, Reward], images: torch.Tensor, prompts: list[str], prefix: str
+) -> dict[str, float]:
+    """What a reward with a ``components(images, prompts) -> {kind: Tensor[B]}`` method (as
+    ``motion`` has: its pass rate per attribute) reports beside its value: the mean of each
+    kind over the samples it applies to (NaN where it does not), as ``prefix/NAME/KIND``."""
+    out = {}
+    for name, fn in rewards.items():
+        if not callable(getattr(fn, "components", None)):
+            continue
+        for kind, values in fn.components(images, prompts).items():
+            values = values.float()
+            if torch.isfinite(values).any():
+                out[f"{prefix}/{name}/{kind}"] = float(values.nanmean())
+    return out
 
 
 def _notes(rewards: dict[str, Reward], images: torch.Tensor, prompts: list[str]) -> list[str]:

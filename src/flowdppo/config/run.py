@@ -216,7 +216,11 @@ class Config(_Section):
                 "WanPipeline guides neither expert when guidance_scale is 1"
             )
         if self.task != "prompts":
+            # A built-in task with a grammar (motion) reads prompt files too; the task
+            # refuses them when it has none (tasks.prompts.grammar_prompts).
             for key, field in DataConfig.model_fields.items():
+                if key in ("train_prompts", "heldout_prompts"):
+                    continue
                 if getattr(d, key) != field.default:
                     raise ValueError(
                         f"data.{key} is read by task 'prompts' only (this run's task is "

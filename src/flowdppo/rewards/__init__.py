@@ -59,6 +59,8 @@ def _same_definition(a: Callable, b: Callable) -> bool:
 _LAZY: dict[str, str] = {
     "digit_prob": "flowdppo.tasks.digits.rewards",
     "digit_smoothness": "flowdppo.tasks.digits.rewards",
+    "motion": "flowdppo.tasks.motion.rewards",
+    "motion_strict": "flowdppo.tasks.motion.rewards",
     "shapes_geneval": "flowdppo.tasks.shapes.rewards",
     "shapes_strict": "flowdppo.tasks.shapes.rewards",
     "shapes_smoothness": "flowdppo.tasks.shapes.rewards",

@@ -47,6 +47,7 @@ _TASKS: dict[str, Callable[[], Task]] = {}
 #: The built-in tasks and the packages that register them, imported on first use.
 _BUILTIN: dict[str, str] = {
     "digits": "flowdppo.tasks.digits",
+    "motion": "flowdppo.tasks.motion",
     "shapes": "flowdppo.tasks.shapes",
     "text": "flowdppo.tasks.text",
 }
@@ -100,6 +101,10 @@ def task_for_config(cfg) -> Task:
 
         return prompts_task(cfg)
     task = get_task(cfg.task)
+    if cfg.data.train_prompts is not None or cfg.data.heldout_prompts is not None:
+        from flowdppo.tasks.prompts import grammar_prompts
+
+        grammar_prompts(task, cfg)
     if cfg.log.eval_prompts is not None:
         task.extra["eval_prompts"] = cfg.log.eval_prompts
     return task

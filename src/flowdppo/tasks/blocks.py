@@ -240,9 +240,10 @@ class FlowTransformer(nn.Module):
     to an image of ``channels``:
 
     * condition ``c = silu(time_fc(sigma features) + text_fc(pooled tokens))``;
-    * with ``conv``: a 3x3 ``stem`` to ``conv`` features at full resolution (patches alone
-      leave every pixel to a linear map of its patch, which gives speckle), and after the
-      transformer ``head2(gelu(head1([h, stem features, x])))``;
+    * with ``conv``: a 3x3 ``stem`` (``kernel``; 3-D for videos) to ``conv`` features at
+      full resolution (patches alone leave every pixel to a linear map of its patch, which
+      gives speckle), and after the transformer ``head2(gelu(head1([h, stem features,
+      x])))``;
     * ``patch``-sized patches with learned positions -> ``depth`` blocks -> adaLN output
       layer -> pixels.
 
@@ -259,8 +260,15 @@ class FlowTransformer(nn.Module):
         patch: tuple[int, ...],
         channels: int,
         in_channels: int,
+        kernel: tuple[int, ...] | None = None,
     ):
         super().__init__()
+        kernel = tuple(kernel) if kernel is not None else (3,) * len(size)
+        if len(size) not in (2, 3) or len(patch) != len(size) or len(kernel) != len(size):
+            raise ValueError(
+                f"size {size}, patch {patch} and kernel {kernel} need one entry per axis: 2 "
+                "for images (rows, columns), 3 for videos (frames, rows, columns)"
+            )
         if any(s % p for s, p in zip(size, patch)):
             raise ValueError(
                 f"patch {'x'.join(map(str, patch))} does not divide the image size "
@@ -278,9 +286,13 @@ class FlowTransformer(nn.Module):
         self.text_fc = nn.Linear(text_dim, dim)
         pix = conv if conv else in_channels
         if conv:
-            self.stem = nn.Conv2d(in_channels, conv, 3, padding=1)
-            self.head1 = nn.Conv2d(2 * conv + channels, conv, 3, padding=1)
-            self.head2 = nn.Conv2d(conv, channels, 3, padding=1)
+            # Images: 3x3. Videos ([B, C, frames, rows, columns]): 3-D convolutions, of
+            # ``kernel`` (1x3x3 convolves each frame alone and leaves time to the patches).
+            conv_cls = {2: nn.Conv2d, 3: nn.Conv3d}[len(size)]
+            pad = tuple(k // 2 for k in kernel)
+            self.stem = conv_cls(in_channels, conv, kernel, padding=pad)
+            self.head1 = conv_cls(2 * conv + channels, conv, kernel, padding=pad)
+            self.head2 = conv_cls(conv, channels, kernel, padding=pad)
         self.inp = nn.Linear(pix * math.prod(patch), dim)
         self.pos = nn.Parameter(0.02 * torch.randn(patches, dim))
         self.blocks = nn.ModuleList(Block(dim, text_dim, heads, mlp_ratio) for _ in range(depth))

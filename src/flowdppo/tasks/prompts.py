@@ -20,6 +20,11 @@ from flowdppo.tasks import Task
 
 def read_prompts(path: str, key: str) -> list[str]:
     """Non-blank lines of ``path``, stripped; ``key`` names the config key in errors."""
+    return [prompt for _, prompt in read_prompt_lines(path, key)]
+
+
+def read_prompt_lines(path: str, key: str) -> list[tuple[int, str]]:
+    """(line number, prompt) of the non-blank lines of ``path``, stripped."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(
@@ -30,10 +35,34 @@ def read_prompts(path: str, key: str) -> list[str]:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}: cannot read prompt file {path!r} as UTF-8 text: {exc}") from exc
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not prompts:
         raise ConfigError(f"{key}: prompt file {path!r} holds no prompts (one per line)")
     return prompts
+
+
+def grammar_prompts(task: Task, cfg: Config) -> None:
+    """Replace a built-in task's prompt lists with ``data.train_prompts`` /
+    ``data.heldout_prompts``, each line parsed by the task's grammar (``extra["parse_prompt"]``)
+    before any work: the first line it cannot parse is one error naming the file, the line
+    number, the prompt and the word not understood."""
+    parse = task.extra.get("parse_prompt")
+    for key in ("train_prompts", "heldout_prompts"):
+        path = getattr(cfg.data, key)
+        if path is None:
+            continue
+        if parse is None:
+            raise ConfigError(
+                f"data.{key}: task {task.name!r} has no prompt grammar to read a prompt file "
+                "with; prompt files are for task prompts and the tasks with a grammar (motion)"
+            )
+        lines = read_prompt_lines(path, f"data.{key}")
+        for number, prompt in lines:
+            try:
+                parse(prompt)
+            except ValueError as exc:
+                raise ConfigError(f"data.{key}: {path} line {number}: {exc}") from None
+        setattr(task, key, [prompt for _, prompt in lines])
 
 
 def prompts_task(cfg: Config) -> Task:

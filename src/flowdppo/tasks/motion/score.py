@@ -28,6 +28,7 @@ and for the clip, ``count``: every frame holds exactly the caption's objects and
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -172,15 +173,32 @@ class MotionReward:
 
     def __init__(self, strict: bool = False):
         self.strict = strict
+        # The checks of the last batch scored: the evaluator asks for the components of the
+        # batch it has just scored.
+        self._last: tuple[tuple, list[ClipCheck]] | None = None
+
+    def checks(self, clips: torch.Tensor, prompts: list[str]) -> list[ClipCheck]:
+        clips = clips.detach().cpu()
+        key = (
+            tuple(clips.shape),
+            hashlib.sha1(clips.float().numpy().tobytes()).digest(),
+            tuple(prompts),
+        )
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        checks = check_clips(clips, prompts)
+        self._last = (key, checks)
+        return checks
 
     def __call__(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        checks = check_clips(clips, prompts)
+        checks = self.checks(clips, prompts)
         return torch.tensor(
             [float(c.strict) if self.strict else c.soft for c in checks], dtype=torch.float32
         )
 
     def components(self, clips: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        checks = check_clips(clips, prompts)
+        checks = self.checks(clips, prompts)
         nan = float("nan")
         return {
             kind: torch.tensor(
