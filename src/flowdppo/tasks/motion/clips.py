@@ -10,6 +10,7 @@ video layout of the trainer's grids); the model sees ``2 * clip - 1``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,14 @@ DIRECTION_STEPS: dict[str, tuple[int, int]] = {
     "up": (0, -1),
     "down": (0, 1),
 }
+#: Where trajectories start (:func:`_start`): the middle frame within ALONG_JITTER pixels of
+#: the centre along the motion, and one of three lanes (LANE_MARGIN pixels from either edge,
+#: or centred) within CROSS_JITTER pixels across it. Uniform starts over the whole frame gave
+#: a base model that drew fragments everywhere: in 1,000 steps it could not learn so many
+#: places at once (docs/motion-task.md).
+ALONG_JITTER = 2
+CROSS_JITTER = 1
+LANE_MARGIN = 2
 #: Empty pixels required between two boxes in every frame, so objects never touch.
 GAP = 1
 MAX_TRIES = 500
@@ -83,6 +92,24 @@ def _start_range(step: int, size: int, frames: int, frame_size: int) -> tuple[in
     return max(0, -travel), frame_size - size - max(0, travel)
 
 
+def _start(rng: np.random.Generator, step: int, size: int, frames: int, frame_size: int) -> int:
+    """A start coordinate on one axis. Along the motion (``step`` != 0): the middle of the
+    trajectory near the frame's centre (:data:`ALONG_JITTER`). Across it: one of three lanes
+    (:data:`LANE_MARGIN` from either edge, or centred), give or take :data:`CROSS_JITTER`."""
+    lo, hi = _start_range(step, size, frames, frame_size)
+    if hi < lo:
+        raise ValueError(f"a {size}-pixel object at {abs(step)} pixels per frame leaves the frame")
+    if step:
+        centre, jitter = (lo + hi) / 2, ALONG_JITTER
+    else:
+        lanes = (LANE_MARGIN, (frame_size - size) / 2, frame_size - size - LANE_MARGIN)
+        centre, jitter = lanes[int(rng.integers(len(lanes)))], CROSS_JITTER
+    low, high = max(lo, math.ceil(centre - jitter)), min(hi, math.floor(centre + jitter))
+    if low > high:  # no jitter around a half-pixel centre
+        low = high = min(hi, math.floor(centre))
+    return int(rng.integers(low, high + 1))
+
+
 def track_for(
     obj: MovingObject,
     rng: np.random.Generator,
@@ -92,17 +119,14 @@ def track_for(
     frame_size: int = FRAME_SIZE,
 ) -> Track:
     """A random trajectory of one object: the size and speed it asks for (either, drawn
-    uniformly, where it does not ask), a start that keeps it in the frame. ``speed``
-    overrides the speed in pixels per frame (the tests' wrong-speed clips)."""
+    uniformly, where it does not ask), a start that keeps it in the frame (:func:`_start`).
+    ``speed`` overrides the speed in pixels per frame (the tests' wrong-speed clips)."""
     size = SIZE_PIXELS[obj.size or SIZES[int(rng.integers(len(SIZES)))]]
     if speed is None:
         speed = SPEED_PIXELS[obj.speed or SPEEDS[int(rng.integers(len(SPEEDS)))]]
     ux, uy = DIRECTION_STEPS[obj.direction]
     dx, dy = ux * speed, uy * speed
-    (x_lo, x_hi), (y_lo, y_hi) = (_start_range(d, size, frames, frame_size) for d in (dx, dy))
-    if x_hi < x_lo or y_hi < y_lo:
-        raise ValueError(f"a {size}-pixel object at {speed} pixels per frame leaves the frame")
-    x, y = int(rng.integers(x_lo, x_hi + 1)), int(rng.integers(y_lo, y_hi + 1))
+    x, y = (_start(rng, d, size, frames, frame_size) for d in (dx, dy))
     return Track(obj.shape, obj.colour, size, x, y, dx, dy)
 
 

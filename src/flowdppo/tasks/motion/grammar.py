@@ -21,7 +21,7 @@ import functools
 import random
 from dataclasses import dataclass
 
-from flowdppo.tasks.shapes.grammar import COLOURS, SHAPES
+from flowdppo.tasks.shapes.grammar import COLOURS, NULL, PAD, SHAPES
 
 SIZES: tuple[str, ...] = ("small", "large")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
@@ -37,23 +37,10 @@ HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("triangle", "right"),
 )
 #: Captions per group in the training and held-out lists.
-TRAIN_PER_GROUP = 24
-HELDOUT_PER_GROUP = 12
+TRAIN_PER_GROUP, HELDOUT_PER_GROUP = 24, 12
 
-PAD, NULL = "<pad>", "<null>"
-#: Fixed word vocabulary; index 0 pads, index 1 is the null caption of classifier-free guidance.
-VOCAB: tuple[str, ...] = (
-    PAD,
-    NULL,
-    "a",
-    "and",
-    "moving",
-    *SIZES,
-    *COLOURS,
-    *SHAPES,
-    *DIRECTIONS,
-    *SPEEDS,
-)
+#: Word ids: 0 pads, 1 is the null caption of classifier-free guidance, then the grammar's.
+VOCAB = (PAD, NULL, "a", "and", "moving", *SIZES, *COLOURS, *SHAPES, *DIRECTIONS, *SPEEDS)
 TOKEN_IDS: dict[str, int] = {w: i for i, w in enumerate(VOCAB)}
 PAD_ID, NULL_ID = TOKEN_IDS[PAD], TOKEN_IDS[NULL]
 #: The longest caption: two objects of 7 words and "and".
@@ -163,16 +150,12 @@ def tokenize(prompts: list[str], null: list[bool] | None = None) -> list[list[in
     An empty caption (or ``null[i]``) is the null caption of classifier-free guidance; any
     other caption must parse (:class:`PromptError` otherwise).
     """
-    out = []
+    rows = []
     for i, text in enumerate(prompts):
-        words = text.lower().split()
-        if (null is not None and null[i]) or not words:
-            ids = [NULL_ID]
-        else:
-            words = _words(text)
-            ids = [TOKEN_IDS[w] for w in words]
-        out.append(ids + [PAD_ID] * (MAX_TOKENS - len(ids)))
-    return out
+        dropped = (null is not None and null[i]) or not text.split()
+        ids = [NULL_ID] if dropped else [TOKEN_IDS[w] for w in _words(text)]
+        rows.append(ids + [PAD_ID] * (MAX_TOKENS - len(ids)))
+    return rows
 
 
 @functools.lru_cache(maxsize=8192)

@@ -82,6 +82,7 @@ class MotionModel(TokenFlowModel):
 
 def load_base_model(path: str | Path | None = None) -> MotionModel:
     """The motion base model from ``path``, or the shipped weights when ``path`` is None."""
-    path = assets_dir() / BASE_WEIGHTS if path is None else Path(path)
-    net, _ = load_module(MotionVelocityNet, path, "motion base model", "motion", MotionAssetError)
-    return MotionModel(net)
+    where = Path(path) if path is not None else assets_dir() / BASE_WEIGHTS
+    return MotionModel(
+        load_module(MotionVelocityNet, where, "motion base model", "motion", MotionAssetError)[0]
+    )

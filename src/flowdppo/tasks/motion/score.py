@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from statistics import fmean
 
 import torch
 
 from flowdppo.tasks.motion.clips import DIRECTION_STEPS, SIZE_PIXELS, SPEED_PIXELS
 from flowdppo.tasks.motion.grammar import GROUPS, MotionSpec, parse_prompt
-from flowdppo.tasks.shapes.detect import Detection, detect_objects
+from flowdppo.tasks.shapes.detect import Detection, PromptCheck, detect_objects
 
 #: Largest box side (pixels) of a small object; larger is large (small 5, large 7).
 SMALL_MAX = (SIZE_PIXELS["small"] + SIZE_PIXELS["large"]) // 2
@@ -46,21 +46,13 @@ STEP_TOLERANCE = 0.5
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "direction", "speed", "count")
 
 
-@dataclass(frozen=True)
-class ClipCheck:
-    """The sub-conditions of one caption on one clip."""
-
-    prompt: str
-    group: str
-    conditions: dict[str, bool]
+class ClipCheck(PromptCheck):
+    """The sub-conditions of one caption on one clip (``skill``: its group, ``one`` or
+    ``two`` objects); ``strict`` and ``soft`` as the shapes task's."""
 
     @property
-    def strict(self) -> bool:
-        return all(self.conditions.values())
-
-    @property
-    def soft(self) -> float:
-        return sum(self.conditions.values()) / len(self.conditions)
+    def group(self) -> str:
+        return self.skill
 
     def attribute(self, kind: str) -> float | None:
         """The pass rate of one kind of sub-condition (``colour``, ``speed``, ...), or None
@@ -150,11 +142,8 @@ def summary(checks: list[ClipCheck]) -> dict[str, dict[str, float]]:
         mine = [c for c in checks if group in ("all", c.group)]
         if not mine:
             continue
-        row = {
-            "strict": sum(c.strict for c in mine) / len(mine),
-            "soft": sum(c.soft for c in mine) / len(mine),
-            "n": float(len(mine)),
-        }
+        row = {"strict": fmean(c.strict for c in mine), "soft": fmean(c.soft for c in mine)}
+        row["n"] = float(len(mine))
         for kind in ATTRIBUTES:
             vals = [v for c in mine if (v := c.attribute(kind)) is not None]
             if vals:
