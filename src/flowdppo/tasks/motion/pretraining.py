@@ -14,7 +14,7 @@ from flowdppo.tasks.motion.model import BASE_WEIGHTS, SHIFT, MotionVelocityNet
 from flowdppo.tasks.pretraining import PretrainRecipe
 
 #: Pretraining length of the shipped base model (see docs/motion-task.md for its scores).
-BASE_STEPS = 1000
+BASE_STEPS = 1800
 
 # One thread, as shapes and text: the machine's other core is often busy, and one thread
 # gives the same bytes whatever the core count.

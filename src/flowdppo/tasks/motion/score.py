@@ -6,23 +6,24 @@ detect_objects`: palette colour per pixel, 4-connected components, shape from th
 bounding box). A caption's object is then tracked through the frames: in each frame, the
 detections of its colour and shape, the one nearest its box centre in the previous frame.
 
-Sub-conditions (each a named boolean; ``strict`` needs all, ``soft`` is their mean), for
-object ``i`` of the caption:
+Sub-conditions, for object ``i`` of the caption, each the fraction of frames (or of
+frame-to-frame steps) where it holds, so that a clip right in most frames earns most of the
+credit; ``strict`` needs every one whole, ``soft`` is their mean:
 
-* ``shape[i]``: an object of its shape in every frame;
-* ``colour[i]``: an object of its shape *and* colour in every frame (the binding; a colour
-  that changes mid-clip fails it);
-* ``size[i]`` (when the caption asks for one): the tracked box is that size in every frame
-  (small: at most :data:`SMALL_MAX` pixels on its longer side);
-* ``direction[i]``: the track's net displacement points the asked way: at least one pixel
-  along it, and less across than along;
-* ``speed[i]``: every frame-to-frame step moves the asked speed along the direction, within
-  :data:`STEP_TOLERANCE` pixels, and at most that across (a caption without a speed word
-  accepts either speed, the same in every step). A frozen frame, a skipped one or shuffled
-  frames break it;
+* ``shape[i]``: the frames with an object of its shape;
+* ``colour[i]``: the frames with an object of its shape *and* colour (the binding; a colour
+  that changes mid-clip fails the frames after the change);
+* ``size[i]`` (when the caption asks for one): the frames where the tracked box is that
+  size (small: at most :data:`SMALL_MAX` pixels on its longer side);
+* ``direction[i]`` (0 or 1): the net displacement between the first and last frames the
+  object is found in points the asked way: at least one pixel along it, less across;
+* ``speed[i]``: the frame-to-frame steps that move the asked speed along the direction,
+  within :data:`STEP_TOLERANCE` pixels, and at most that across (a caption without a speed
+  word takes the better of the two speeds). A frozen, skipped or shuffled frame breaks
+  steps;
 
-and for the clip, ``count``: every frame holds exactly the caption's objects and nothing else
-(an extra object, moving or not, or a missing one fails it).
+and for the clip, ``count``: the frames holding exactly the caption's objects and nothing
+else (an extra object, moving or not, or a missing one fails them).
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "direction", "speed", 
 
 class ClipCheck(PromptCheck):
     """The sub-conditions of one caption on one clip (``skill``: its group, ``one`` or
-    ``two`` objects); ``strict`` and ``soft`` as the shapes task's."""
+    ``two`` objects), each the fraction of frames (or frame-to-frame steps) where it holds:
+    ``soft`` is their mean, ``strict`` needs every one whole."""
+
+    @property
+    def strict(self) -> bool:
+        return all(v >= 1 for v in self.conditions.values())
 
     @property
     def group(self) -> str:
@@ -66,18 +72,18 @@ def _centre(d: Detection) -> tuple[float, float]:
     return (x0 + x1) / 2, (y0 + y1) / 2
 
 
-def _track(frames: list[list[Detection]], shape: str, colour: str) -> list[Detection] | None:
-    """The object of ``shape`` and ``colour`` through the frames (nearest to its previous
-    position where there are several); None where a frame has none."""
-    out: list[Detection] = []
+def _track(frames: list[list[Detection]], shape: str, colour: str) -> list[Detection | None]:
+    """The object of ``shape`` and ``colour`` in each frame (None where a frame has none):
+    where there are several, the one nearest its last position."""
+    out: list[Detection | None] = []
+    last: Detection | None = None
     for objects in frames:
         found = [o for o in objects if o.shape == shape and o.colour == colour]
-        if not found:
-            return None
-        if out:
-            px, py = _centre(out[-1])
+        if found and last is not None:
+            px, py = _centre(last)
             found.sort(key=lambda o: (_centre(o)[0] - px) ** 2 + (_centre(o)[1] - py) ** 2)
-        out.append(found[0])
+        out.append(found[0] if found else None)
+        last = out[-1] or last
     return out
 
 
@@ -86,39 +92,58 @@ def _spec(prompt: str) -> MotionSpec:
     return parse_prompt(prompt)
 
 
+def _fraction(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
 def check_clip(prompt: str | MotionSpec, frames: list[list[Detection]]) -> ClipCheck:
     """The sub-conditions of one caption against one clip's detections, frame by frame."""
     spec = _spec(prompt) if isinstance(prompt, str) else prompt
-    conditions: dict[str, bool] = {}
+    conditions: dict[str, float] = {}
     for i, obj in enumerate(spec.objects):
-        conditions[f"shape[{i}]"] = all(any(o.shape == obj.shape for o in f) for f in frames)
+        conditions[f"shape[{i}]"] = _fraction(
+            [any(o.shape == obj.shape for o in f) for f in frames]
+        )
         track = _track(frames, obj.shape, obj.colour)
-        conditions[f"colour[{i}]"] = track is not None
+        conditions[f"colour[{i}]"] = _fraction([d is not None for d in track])
         if obj.size is not None:
-            conditions[f"size[{i}]"] = track is not None and all(
-                (max(d.box[2] - d.box[0], d.box[3] - d.box[1]) <= SMALL_MAX)
-                == (obj.size == "small")
-                for d in track
+            conditions[f"size[{i}]"] = _fraction(
+                [
+                    d is not None
+                    and (max(d.box[2] - d.box[0], d.box[3] - d.box[1]) <= SMALL_MAX)
+                    == (obj.size == "small")
+                    for d in track
+                ]
             )
         ux, uy = DIRECTION_STEPS[obj.direction]
-        if track is None:
-            conditions[f"direction[{i}]"] = conditions[f"speed[{i}]"] = False
-            continue
-        centres = [_centre(d) for d in track]
-        # Displacements along the asked direction and across it.
+        found = [(t, _centre(d)) for t, d in enumerate(track) if d is not None]
+        # The net displacement between the first and last frames it is found in.
+        (t0, (x0, y0)), (t1, (x1, y1)) = (found[0], found[-1]) if found else ((0, (0, 0)),) * 2
+        along, across = (x1 - x0) * ux + (y1 - y0) * uy, abs((x1 - x0) * uy + (y1 - y0) * ux)
+        conditions[f"direction[{i}]"] = float(t1 > t0 and along >= 1 and across < along)
+        # Each frame-to-frame step, along the asked direction and across it (None where
+        # either frame lacks the object).
         steps = [
-            ((x1 - x0) * ux + (y1 - y0) * uy, abs((x1 - x0) * uy) + abs((y1 - y0) * ux))
-            for (x0, y0), (x1, y1) in zip(centres, centres[1:])
+            None
+            if a is None or b is None
+            else (
+                (_centre(b)[0] - _centre(a)[0]) * ux + (_centre(b)[1] - _centre(a)[1]) * uy,
+                abs((_centre(b)[0] - _centre(a)[0]) * uy)
+                + abs((_centre(b)[1] - _centre(a)[1]) * ux),
+            )
+            for a, b in zip(track, track[1:])
         ]
-        along = sum(s[0] for s in steps)
-        across = abs((centres[-1][0] - centres[0][0]) * uy + (centres[-1][1] - centres[0][1]) * ux)
-        conditions[f"direction[{i}]"] = along >= 1 and across < along
         speeds = [SPEED_PIXELS[obj.speed]] if obj.speed else list(SPEED_PIXELS.values())
-        conditions[f"speed[{i}]"] = any(
-            all(abs(a - v) <= STEP_TOLERANCE and c <= STEP_TOLERANCE for a, c in steps)
+        conditions[f"speed[{i}]"] = max(
+            _fraction(
+                [
+                    st is not None and abs(st[0] - v) <= STEP_TOLERANCE and st[1] <= STEP_TOLERANCE
+                    for st in steps
+                ]
+            )
             for v in speeds
         )
-    conditions["count"] = all(len(f) == len(spec.objects) for f in frames)
+    conditions["count"] = _fraction([len(f) == len(spec.objects) for f in frames])
     return ClipCheck(spec.caption(), spec.group, conditions)
 
 
