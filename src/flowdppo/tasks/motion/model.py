@@ -30,7 +30,7 @@ from flowdppo.tasks.motion.grammar import MAX_TOKENS, NULL_ID, PAD_ID, VOCAB, to
 
 BASE_WEIGHTS = "motion_base.safetensors"
 #: The time shift of the sampler and of pretraining's sigma (see docs/motion-task.md).
-SHIFT = 1.0
+SHIFT = 3.0
 
 
 class MotionAssetError(AssetError):
