@@ -11,9 +11,10 @@
   the null condition for classifier-free guidance).
 
 A task subclasses :class:`FlowTransformer` with its own encoder, image size and inputs (the
-text task adds a glyph channel); the parameter names and their creation order are fixed
-here, so weights saved by any version load into the next. :func:`patchify` and
-:func:`unpatchify` cut any number of trailing axes (a video's frames, rows and columns).
+text task adds a glyph channel). The parameter names and the order they are created in are
+fixed here: the shipped weights load by those names, and the order fixes the random draws,
+so a seeded pretraining run gives the same bytes. :func:`patchify` and :func:`unpatchify`
+cut any number of trailing axes (a video's frames, rows and columns).
 """
 
 from __future__ import annotations
