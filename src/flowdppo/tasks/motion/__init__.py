@@ -98,7 +98,7 @@ register_builtin_task(
     # and loses much when the other core is busy.
     threads=1,
     recommended={
-        "train": {"iterations": 30, "prompts_per_iteration": 8, "group_size": 8},
-        "log": {"eval_every": 15, "checkpoint_every": 15, "eval_samples_per_prompt": 2},
+        "train": {"iterations": 80, "prompts_per_iteration": 8, "group_size": 8},
+        "log": {"eval_every": 40, "checkpoint_every": 40, "eval_samples_per_prompt": 2},
     },
 )
