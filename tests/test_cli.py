@@ -33,7 +33,7 @@ def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypa
 
 def test_unknown_task_is_a_clear_error(capsys):
     assert cli.main(["train", "--task", "nope"]) == 2
-    assert "unknown task 'nope'; available: digits, shapes" in capsys.readouterr().err
+    assert "unknown task 'nope'; available: digits, motion, shapes" in capsys.readouterr().err
 
 
 def test_resume_takes_no_other_arguments(tmp_path, capsys):
