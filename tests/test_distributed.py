@@ -158,10 +158,8 @@ FULL = ["model.finetune=full", "train.lr=1e-3", "train.iterations=2", "log.check
 
 
 @pytest.fixture(scope="module")
-def fsdp_two_processes(tmp_path_factory):
-    run = tmp_path_factory.mktemp("fsdp") / "run"
-    _torchrun(*TINY, *FSDP, f"log.run_dir={run}")
-    return run
+def fsdp_two_processes(matrix):
+    return matrix["tiny", "fsdp"]
 
 
 def test_fsdp_two_processes_match_one_process(fsdp_two_processes, one_process):
@@ -210,7 +208,7 @@ def test_fsdp_run_resumes_under_fsdp_and_in_one_process(tmp_path, fsdp_two_proce
     assert max(float((ref_params[k] - p).abs().max()) for k, p in params.items()) < PARAM_ATOL
 
 
-def test_fsdp_full_finetuning_matches_one_process(tmp_path):
+def test_fsdp_full_finetuning_matches_one_process(tmp_path, matrix):
     reference = tmp_path / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -218,9 +216,7 @@ def test_fsdp_full_finetuning_matches_one_process(tmp_path):
         Trainer(load_config(None, TINY + FULL + [f"log.run_dir={reference}"]), reference).train()
     finally:
         torch.set_num_threads(threads)
-    run = tmp_path / "fsdp"
-    _torchrun(*TINY, *FULL, *FSDP, f"log.run_dir={run}")
-    _assert_same_run(run, reference, world_size=2, iterations=2)
+    _assert_same_run(matrix["full", "fsdp"], reference, world_size=2, iterations=2)
 
 
 # ---------------------------------------------------------------- every algorithm, DDP and FSDP
@@ -243,31 +239,38 @@ MATRIX_TOL = {"rel": 1e-4, "abs": 1e-9}
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    """{(algorithm, mode): run dir}: the 2-process runs, one torchrun launch for all, and
-    the 1-process references (mode "one"); the NFT runs are also killed and resumed."""
+    """{(algorithm, mode): run dir}: the 2-process runs, all in one torchrun launch (with the
+    tiny dppo run under FSDP, LoRA and full fine-tuning: keys ("tiny" / "full", "fsdp")),
+    and the 1-process references (mode "one"); the NFT runs are also killed and resumed."""
     sys.path.insert(0, str(Path(__file__).parent))
     from distributed_matrix import run_dir
 
     out = tmp_path_factory.mktemp("matrix")
-    specs = [f"{a}:{m}" for a in ALGORITHMS for m in ("ddp", "fsdp")]
-    specs += ["resume@nft:ddp", "resume@nft:fsdp"]
+    variants = out / "variants.json"
+    variants.write_text(json.dumps({"tiny": TINY, "full": TINY + FULL, "matrix": MATRIX}))
+    specs = ["tiny/dppo:fsdp", "full/dppo:fsdp"]
+    specs += [f"matrix/{a}:{m}" for a in ALGORITHMS for m in ("ddp", "fsdp")]
+    specs += ["resume@matrix/nft:ddp", "resume@matrix/nft:fsdp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     script = str(Path(__file__).with_name("distributed_matrix.py"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [*cmd, script, str(out), *specs, "--", *MATRIX],
+        [*cmd, script, str(out), str(variants), *specs],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = {(a, m): run_dir(out, a, m) for a in ALGORITHMS for m in ("ddp", "fsdp")}
+    runs = {(v, "fsdp"): run_dir(out, f"{v}/dppo:fsdp") for v in ("tiny", "full")}
+    runs.update(
+        {(a, m): run_dir(out, f"matrix/{a}:{m}") for a in ALGORITHMS for m in ("ddp", "fsdp")}
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for a in ALGORITHMS:
-            run = run_dir(out, a, "one")
+            run = run_dir(out, f"matrix/{a}:one")
             cfg = load_config(None, [*MATRIX, f"algorithm={a}", f"log.run_dir={run}"])
             Trainer(cfg, run).train()
             runs[a, "one"] = run
