@@ -119,6 +119,9 @@ class WandbLogger(Logger):
             id=run_id,
             resume="allow",
             config=cfg.model_dump(mode="json"),
+            # Its files go into the run directory (WANDB_DIR, when set, wins), never into
+            # the working directory.
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
             settings=wandb.Settings(console="off", silent=True),
         )
         if run_id is None:
