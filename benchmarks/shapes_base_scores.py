@@ -14,11 +14,9 @@ and the network's size and forward time.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
+import base_scores
 import numpy as np
 import torch
 
@@ -40,22 +38,6 @@ COLUMNS = [*SKILLS, "overall"]
 KINDS = ("present", "colour", "count", "position", "exclusive")
 
 
-def forward_ms(model, batch: int = 64, repeats: int = 50) -> float:
-    x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    sigma = torch.rand(batch, generator=torch.Generator().manual_seed(1))
-    cond = model.encode([TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(batch)])
-    with torch.no_grad():
-        for _ in range(10):
-            model.velocity(x, sigma, cond)
-        best = float("inf")
-        for _ in range(5):  # best of 5 rounds: the machine is shared
-            start = time.perf_counter()
-            for _ in range(repeats // 5):
-                model.velocity(x, sigma, cond)
-            best = min(best, (time.perf_counter() - start) / (repeats // 5))
-    return 1000 * best
-
-
 def ground_truth(prompts: list[str], n: int, seed: int) -> dict[str, dict[str, float]]:
     """The detector on rendered scenes: ``n`` random layouts per prompt."""
     rng = np.random.default_rng(seed)
@@ -75,41 +57,10 @@ def print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-n", type=int, default=32, help="samples per prompt (default 32)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--guidance", default="1.0,3.0", help="comma-separated guidance scales")
-    p.add_argument("--weights", help="base weights file (default: the shipped ones)")
-    p.add_argument("--run", help="a training run directory: score its latest checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="also write the numbers here")
-    ns = p.parse_args()
-    torch.set_num_threads(ns.threads)
-
-    if ns.run:
-        from flowdppo.runs import load_run
-
-        _, _, model, iteration = load_run(ns.run)
-        source = f"run {ns.run} (iteration {iteration})"
-    else:
-        model = load_base_model(ns.weights)
-        source = f"base model {ns.weights or '(shipped)'}"
-    net = model.module
-    report: dict = {
-        "source": source,
-        "params": sum(q.numel() for q in net.parameters()),
-        "forward_ms_batch64": round(forward_ms(model), 2),
-        "samples_per_prompt": ns.n,
-        "steps": ns.steps,
-        "prompts": {"train": len(TRAIN_PROMPTS), "heldout": len(HELDOUT_PROMPTS)},
-        "ground_truth": {},
-        "settings": {},
-    }
-    print(
-        f"{source}: {report['params']:,} parameters, forward on 64: "
-        f"{report['forward_ms_batch64']:.1f} ms ({ns.threads} threads)"
-    )
+    ns = base_scores.parser(__doc__, samples=32, guidance="1.0,3.0").parse_args()
+    model, report = base_scores.load(ns, load_base_model, TRAIN_PROMPTS, calls=10, warmup=10)
+    report["prompts"] = {"train": len(TRAIN_PROMPTS), "heldout": len(HELDOUT_PROMPTS)}
+    report["ground_truth"], report["settings"] = {}, {}
     for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
         gt = ground_truth(prompts, ns.n, ns.seed)
         report["ground_truth"][split] = gt
@@ -117,8 +68,7 @@ def main() -> None:
             f"detector on rendered ground truth ({split}, {int(gt['overall']['n'])} scenes): "
             f"strict {gt['overall']['strict']:.4f}"
         )
-    for g in (float(v) for v in ns.guidance.split(",")):
-        label = f"{ns.steps} steps, guidance {g}"
+    for label, g in base_scores.settings(ns):
         report["settings"][label] = {}
         print(f"\n{label}")
         for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
@@ -138,8 +88,7 @@ def main() -> None:
                 f"{split} ({len(prompts)} prompts, {time.perf_counter() - start:.0f} s)", summary
             )
             print(f"    {'shapes_smoothness':<32}{summary['overall']['smoothness']:13.3f}")
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(report, indent=1) + "\n")
+    base_scores.write_json(ns, report)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ writes a grid of the first samples with what the OCR read and the reward under e
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
+import base_scores
 import numpy as np
 import torch
 
@@ -36,20 +34,6 @@ from flowdppo.tasks.text import (
 from flowdppo.trainer.media import write_grid
 
 GROUPS = ("len3", "len5", "len8")
-
-
-def forward_ms(model, batch: int = 64, rounds: int = 5) -> float:
-    x = torch.randn(batch, 1, 32, 128, generator=torch.Generator().manual_seed(0))
-    sigma = torch.rand(batch, generator=torch.Generator().manual_seed(1))
-    cond = model.encode([TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(batch)])
-    with torch.no_grad():
-        model.velocity(x, sigma, cond)
-        best = float("inf")
-        for _ in range(rounds):  # best of the rounds: the machine is shared
-            start = time.perf_counter()
-            model.velocity(x, sigma, cond)
-            best = min(best, time.perf_counter() - start)
-    return 1000 * best
 
 
 def summary(ocr, images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:
@@ -73,40 +57,12 @@ def print_row(title: str, s: dict[str, dict[str, float]]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-n", type=int, default=4, help="samples per prompt (default 4)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--guidance", default="1.0,2.0", help="comma-separated guidance scales")
-    p.add_argument("--weights", help="base weights file (default: the shipped ones)")
-    p.add_argument("--run", help="a training run directory: score its latest checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="also write the numbers here")
+    p = base_scores.parser(__doc__, samples=4, guidance="1.0,2.0")
     p.add_argument("--grid", help="write a grid of guidance-1 samples (trained words) here")
     ns = p.parse_args()
-    torch.set_num_threads(ns.threads)
-    if ns.run:
-        from flowdppo.runs import load_run
-
-        _, _, model, iteration = load_run(ns.run)
-        source = f"run {ns.run} (iteration {iteration})"
-    else:
-        model = load_base_model(ns.weights)
-        source = f"base model {ns.weights or '(shipped)'}"
+    model, report = base_scores.load(ns, load_base_model, TRAIN_PROMPTS)
+    report["ground_truth"], report["settings"] = {}, {}
     ocr = get_reward("ocr", threads=ns.threads)
-    report: dict = {
-        "source": source,
-        "params": sum(q.numel() for q in model.module.parameters()),
-        "forward_ms_batch64": round(forward_ms(model), 2),
-        "samples_per_prompt": ns.n,
-        "steps": ns.steps,
-        "ground_truth": {},
-        "settings": {},
-    }
-    print(
-        f"{source}: {report['params']:,} parameters, forward on 64: "
-        f"{report['forward_ms_batch64']:.1f} ms ({ns.threads} threads)"
-    )
     print(f"  {'':<28}" + "".join(f"{g:>15}" for g in (*GROUPS, "all")) + "   reward (exact)")
     rng = np.random.default_rng(ns.seed)
     for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
@@ -123,8 +79,7 @@ def main() -> None:
             s = summary(ocr, images, batch)
             report["ground_truth"][f"{split}, {style}"] = s
             print_row(f"renders, {split}, {style}", s)
-    for g in (float(v) for v in ns.guidance.split(",")):
-        label = f"{ns.steps} steps, guidance {g}"
+    for label, g in base_scores.settings(ns):
         report["settings"][label] = {}
         for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
             batch = [q for q in prompts for _ in range(ns.n)]
@@ -144,8 +99,7 @@ def main() -> None:
                     rewards=ocr(sub, caps),
                     notes=ocr.annotate(sub, caps),
                 )
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(report, indent=1) + "\n")
+    base_scores.write_json(ns, report)
 
 
 if __name__ == "__main__":

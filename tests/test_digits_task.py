@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowdppo.rewards import get_reward
-from flowdppo.tasks import digits, get_task
+from flowdppo.tasks import digits
 from flowdppo.tasks.digits.pretrain import classifier_accuracy
 
 
@@ -45,16 +45,6 @@ def test_prompts():
         digits.prompt_to_label("ten")
     with pytest.raises(ValueError, match="unknown digits prompt"):
         digits.prompts_to_labels(["one", "7"])
-
-
-def test_task_registration():
-    task = get_task("digits")
-    assert task.default_rewards == ["digit_prob"]
-    assert task.train_prompts == digits.TRAIN_PROMPTS
-    assert task.heldout_prompts == digits.HELDOUT_PROMPTS
-    assert task.extra["lora_targets"] == digits.LORA_TARGETS
-    assert callable(task.extra["pretrain"])
-    assert isinstance(task.build_model(None), digits.DigitsModel)
 
 
 def test_shipped_model_shapes_guidance_and_decode(model):

@@ -9,27 +9,13 @@ from safetensors.torch import load_file
 
 from flowdppo.models.finetune import apply_finetuning
 from flowdppo.tasks import get_task, shapes
-from flowdppo.tasks.common import load_module
 from flowdppo.tasks.shapes import grammar
-from flowdppo.tasks.shapes.model import BASE_WEIGHTS, ShapesAssetError, ShapesVelocityNet
-from flowdppo.tasks.shapes.pretraining import pretrain_base_model
-
-TINY = {"dim": 32, "depth": 1, "heads": 2, "text_dim": 16, "text_depth": 1, "conv": 4}
+from flowdppo.tasks.shapes.model import BASE_WEIGHTS, ShapesAssetError
 
 
 @pytest.fixture(scope="module")
 def model():
     return shapes.load_base_model()
-
-
-def test_task_registration():
-    task = get_task("shapes")
-    assert task.default_rewards == ["shapes_geneval"]
-    assert task.train_prompts == shapes.TRAIN_PROMPTS
-    assert task.heldout_prompts == shapes.HELDOUT_PROMPTS
-    assert task.extra["lora_targets"] == shapes.LORA_TARGETS
-    assert callable(task.extra["pretrain"])
-    assert isinstance(task.build_model(None), shapes.ShapesModel)
 
 
 def test_shipped_weights(model):
@@ -109,19 +95,3 @@ def test_missing_and_corrupt_weights_name_the_path_and_the_fix(tmp_path):
         shapes.load_base_model(truncated)
     with pytest.raises(ShapesAssetError):
         get_task("shapes").build_model(str(bad))
-
-
-def test_pretraining_is_deterministic(tmp_path):
-    kw = {"steps": 3, "batch_size": 8, "model_config": TINY, "threads": 1}
-    _, meta_a = pretrain_base_model(tmp_path / "a.safetensors", seed=5, **kw)
-    _, meta_b = pretrain_base_model(tmp_path / "b.safetensors", seed=5, **kw)
-    _, meta_c = pretrain_base_model(tmp_path / "c.safetensors", seed=6, **kw)
-    a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
-    assert a.read_bytes() == b.read_bytes() and meta_a == meta_b
-    assert a.read_bytes() != c.read_bytes()
-    net, meta = load_module(ShapesVelocityNet, a, "shapes base model", "shapes")
-    assert net.config == {**net.config, **TINY} and meta["steps"] == 3 and meta["seed"] == 5
-    m = shapes.ShapesModel(net)
-    with torch.no_grad():
-        v = m.velocity(torch.zeros(1, 3, 16, 16), torch.tensor([0.5]), m.encode(["a red circle"]))
-    assert torch.isfinite(v).all()

@@ -65,6 +65,14 @@ def load_plugins(modules: list[str]) -> None:
         import_module(module, "reward.plugins")
 
 
+def is_registered(name: str, registry: dict[str, Any], lazy: dict[str, str]) -> bool:
+    """Whether ``name`` is in ``registry``, after importing the module ``lazy`` names for it:
+    built-in tasks and rewards register on import, when a run first asks for them."""
+    if name not in registry and name in lazy:
+        importlib.import_module(lazy[name])
+    return name in registry
+
+
 def is_import_path(name: str) -> bool:
     return ":" in name
 

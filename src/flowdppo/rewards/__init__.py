@@ -18,7 +18,6 @@ registration and no wrapper script.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -53,9 +52,16 @@ def _same_definition(a: Callable, b: Callable) -> bool:
     return key(a) == key(b) and "<lambda>" not in str(key(a)[1])
 
 
-#: Rewards whose module is imported only when a run names them. None of these modules
-#: needs transformers at import time; the model rewards import it when built.
+#: The built-in rewards and the modules that register them, imported only when a run names
+#: one. None of these modules needs transformers at import time; the model rewards import it
+#: when built. A task's rewards are registered by the task's own module: this package imports
+#: no task to find them (the tasks import this package, so that would be a cycle).
 _LAZY: dict[str, str] = {
+    "digit_prob": "flowdppo.tasks.digits.rewards",
+    "digit_smoothness": "flowdppo.tasks.digits.rewards",
+    "shapes_geneval": "flowdppo.tasks.shapes.rewards",
+    "shapes_strict": "flowdppo.tasks.shapes.rewards",
+    "shapes_smoothness": "flowdppo.tasks.shapes.rewards",
     "clip_score": "flowdppo.rewards.vision",
     "pickscore": "flowdppo.rewards.vision",
     "aesthetic": "flowdppo.rewards.vision",
@@ -68,7 +74,6 @@ _LAZY: dict[str, str] = {
 
 
 def available_rewards() -> list[str]:
-    _load_builtin()
     return sorted(set(_FACTORIES) | set(_LAZY))
 
 
@@ -76,10 +81,7 @@ def reward_factory(name: str) -> Callable[..., Reward]:
     """The factory of a registered name or of a ``package.module:function`` import path."""
     if plugins.is_import_path(name):
         return plugins.resolve(name, "reward.names")
-    _load_builtin()
-    if name not in _FACTORIES and name in _LAZY:
-        importlib.import_module(_LAZY[name])
-    if name not in _FACTORIES:
+    if not plugins.is_registered(name, _FACTORIES, _LAZY):
         raise ValueError(
             f"unknown reward {name!r}; available: {', '.join(available_rewards())}. "
             "Register your own with flowdppo.rewards.register_reward (and list its module in "
@@ -134,8 +136,3 @@ def _required_names(factory: Callable) -> list[str]:
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return [p.name for p in params if p.kind in kinds and p.default is p.empty]
-
-
-def _load_builtin() -> None:
-    # Built-in tasks register their rewards on import.
-    from flowdppo import tasks  # noqa: F401

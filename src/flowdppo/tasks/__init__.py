@@ -1,10 +1,22 @@
-"""Built-in tasks: a base model, its rewards and its prompt split, by name."""
+"""Built-in tasks: a base model, its rewards and its prompt split, by name.
+
+A built-in task is a package (``digits``, ``shapes``, ``text``) with what is its own (data,
+grammar, rewards, words) on top of the shared pieces: :mod:`.common` (weights files, the
+pixel adapter, Euler sampling), :mod:`.blocks` (the conditioned flow transformer) and
+:mod:`.pretraining` (the pretraining loop). Its package registers it with
+:func:`register_builtin_task`. This module imports a task's package only when a run asks
+for it: the tasks import this module, so importing them here would be a cycle.
+"""
 
 from __future__ import annotations
 
+import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from flowdppo import plugins
 from flowdppo.models.base import FlowModel
 
 
@@ -32,6 +44,13 @@ class Task:
 
 _TASKS: dict[str, Callable[[], Task]] = {}
 
+#: The built-in tasks and the packages that register them, imported on first use.
+_BUILTIN: dict[str, str] = {
+    "digits": "flowdppo.tasks.digits",
+    "shapes": "flowdppo.tasks.shapes",
+    "text": "flowdppo.tasks.text",
+}
+
 
 def register_task(name: str):
     def wrap(factory: Callable[[], Task]) -> Callable[[], Task]:
@@ -41,8 +60,36 @@ def register_task(name: str):
     return wrap
 
 
+def register_builtin_task(
+    name: str, package: str, *, default_rewards: list[str], description: str, **extra: Any
+) -> None:
+    """Register the task ``name`` made of the parts its ``package`` exports by these names:
+    ``load_base_model`` (``build_model``), ``TRAIN_PROMPTS``, ``HELDOUT_PROMPTS``,
+    ``LORA_TARGETS`` and ``pretrain``. ``extra`` adds to :attr:`Task.extra` (``threads``,
+    ``recommended``, ``eval_group``, ...); every call gets its own copy.
+    """
+
+    def factory() -> Task:
+        parts = importlib.import_module(package)
+        return Task(
+            name=name,
+            build_model=parts.load_base_model,
+            default_rewards=list(default_rewards),
+            train_prompts=list(parts.TRAIN_PROMPTS),
+            heldout_prompts=list(parts.HELDOUT_PROMPTS),
+            description=description,
+            extra={
+                "lora_targets": list(parts.LORA_TARGETS),
+                "pretrain": parts.pretrain,
+                **copy.deepcopy(extra),
+            },
+        )
+
+    register_task(name)(factory)
+
+
 def available_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return sorted(set(_TASKS) | set(_BUILTIN))
 
 
 def task_for_config(cfg) -> Task:
@@ -64,12 +111,9 @@ def get_task(name: str) -> Task:
             "task 'prompts' is made from a run's config (model.kind, model.path, "
             "data.train_prompts): use task_for_config(cfg)"
         )
-    if name not in _TASKS:
+    if not plugins.is_registered(name, _TASKS, _BUILTIN):
         raise ValueError(
-            f"unknown task {name!r}; available: {', '.join(sorted(_TASKS))}, or prompts "
+            f"unknown task {name!r}; available: {', '.join(available_tasks())}, or prompts "
             "(a diffusers model on prompts from text files)"
         )
     return _TASKS[name]()
-
-
-from flowdppo.tasks import digits, shapes, text  # noqa: E402,F401  (registers the built-in tasks)

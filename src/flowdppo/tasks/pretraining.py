@@ -1,5 +1,9 @@
 """Seeded, reproducible pretraining of a caption-conditioned task network (shapes, text).
 
+A task states how its shipped base model was made as a :class:`PretrainRecipe` (network,
+data, tokenizer, hyper-parameters); ``recipe.train`` runs :func:`pretrain_flow_net` with
+them, and ``recipe.pretrain`` re-creates the shipped file (``flowdppo pretrain --task``).
+
 Every step draws a fresh batch of rendered images with their captions from the task's
 ``batch(n, rng)`` and takes one rectified-flow step; captions are dropped to the null
 caption with probability ``caption_dropout`` for classifier-free guidance. An exponential
@@ -9,8 +13,10 @@ count: bit-identical weights.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowdppo.schedule import shift_sigmas
-from flowdppo.tasks.common import cosine_lr, cpu_threads, save_module
+from flowdppo.tasks.common import assets_dir, cosine_lr, cpu_threads, save_module
 
 #: ``batch(n, rng) -> (images [n, C, H, W] in [-1, 1], captions)``.
 BatchFn = Callable[[int, np.random.Generator], tuple[torch.Tensor, list[str]]]
@@ -137,7 +143,6 @@ def pretrain_flow_net(
                 torch.Generator().manual_seed(1234),
                 sigma_shift=sigma_shift,
             )
-    tail = losses[-min(100, len(losses)) :]
     meta = {
         "seed": seed,
         "steps": steps,
@@ -147,10 +152,98 @@ def pretrain_flow_net(
         "sigma_sampling": sigma_sampling,
         **({"sigma_shift": sigma_shift} if sigma_shift != 1.0 else {}),
         "ema_decay": ema_decay,
-        "train_loss": round(sum(tail) / len(tail), 5),
+        "train_loss": train_loss(losses),
         "val_loss": round(val.item(), 5),
         "params": sum(p.numel() for p in net.parameters()),
     }
     if out_path is not None:
         save_module(net, out_path, meta)
     return net, meta
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """How a task's base model is pretrained, and where its shipped weights live."""
+
+    task: str
+    net_cls: Callable[..., nn.Module]
+    batch: BatchFn
+    tokenize: TokenizeFn
+    #: File name of the shipped weights in the package's assets folder.
+    weights: str
+    steps: int
+    batch_size: int
+    threads: int
+    lr: float = 2e-3
+    caption_dropout: float = 0.1
+    sigma_sampling: str = "logit_normal"
+    ema_decay: float | None = 0.998
+    #: The time shift of the drawn sigma; the task's sampler uses the same.
+    sigma_shift: float = 1.0
+
+    def train(
+        self,
+        out_path: str | Path | None,
+        seed: int = 0,
+        steps: int | None = None,
+        *,
+        model_config: dict | None = None,
+        verbose: bool = False,
+        **overrides,
+    ) -> tuple[nn.Module, dict]:
+        """Train the network on the task's batches; write safetensors unless ``out_path`` is
+        None. ``overrides`` replace the recipe's hyper-parameters (``batch_size``, ``lr``,
+        ``caption_dropout``, ``sigma_sampling``, ``ema_decay``, ``threads``). Returns
+        (network, metadata), see :func:`pretrain_flow_net`.
+        """
+        r = dataclasses.replace(self, **overrides)
+        return pretrain_flow_net(
+            r.net_cls,
+            r.batch,
+            r.tokenize,
+            out_path,
+            seed,
+            r.steps if steps is None else steps,
+            batch_size=r.batch_size,
+            lr=r.lr,
+            caption_dropout=r.caption_dropout,
+            sigma_sampling=r.sigma_sampling,
+            ema_decay=r.ema_decay,
+            model_config=model_config,
+            threads=r.threads,
+            verbose=verbose,
+            sigma_shift=r.sigma_shift,
+        )
+
+    def pretrain(
+        self, out_dir: str | Path | None = None, seed: int = 0, verbose: bool = True
+    ) -> dict:
+        """Re-create the base model in ``out_dir`` (default: the package's assets folder).
+
+        This is what ``flowdppo pretrain --task TASK`` runs.
+        """
+        out = (assets_dir() if out_dir is None else Path(out_dir)) / self.weights
+        meta = timed_pretraining(
+            f"{self.task} base model", lambda *a, **kw: self.train(*a, **kw)[1], out, seed, verbose
+        )
+        return {"base model": meta}
+
+
+def timed_pretraining(
+    what: str, train: Callable[..., dict], path: Path, seed: int, verbose: bool
+) -> dict:
+    """``train(path, seed=seed, verbose=verbose)``, its metadata plus the ``seconds`` it took."""
+    start = time.perf_counter()
+    if verbose:
+        print(f"pretraining the {what} (seed {seed}) -> {path}", flush=True)
+    meta = train(path, seed=seed, verbose=verbose)
+    meta["seconds"] = round(time.perf_counter() - start, 1)
+    if verbose:
+        print(f"  done in {meta['seconds']} s: {meta}", flush=True)
+    return meta
+
+
+def train_loss(losses: list[float]) -> float:
+    """The metadata's ``train_loss``: the mean loss of the last 100 steps."""
+    tail = losses[-min(100, len(losses)) :]
+    return round(sum(tail) / len(tail), 5)

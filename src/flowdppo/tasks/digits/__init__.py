@@ -11,7 +11,7 @@ See ``docs/digits-task.md``.
 
 from __future__ import annotations
 
-from flowdppo.tasks import Task, register_task
+from flowdppo.tasks import register_builtin_task
 from flowdppo.tasks.digits.data import (
     DIGIT_NAMES,
     HELDOUT_PROMPTS,
@@ -66,19 +66,15 @@ __all__ = [
 ]
 
 
-@register_task("digits")
-def digits_task() -> Task:
-    return Task(
-        name="digits",
-        build_model=load_base_model,
-        default_rewards=["digit_prob"],
-        train_prompts=list(TRAIN_PROMPTS),
-        heldout_prompts=list(HELDOUT_PROMPTS),
-        description=(
-            "8x8 handwritten digits (scikit-learn) from a small class-conditional flow MLP; "
-            "reward: a CNN classifier's probability of the prompted digit"
-        ),
-        # The network is so small that a second CPU thread costs more in synchronisation than it
-        # saves: one thread is several times faster on a 2-core machine.
-        extra={"lora_targets": list(LORA_TARGETS), "pretrain": pretrain, "threads": 1},
-    )
+register_builtin_task(
+    "digits",
+    __name__,
+    default_rewards=["digit_prob"],
+    description=(
+        "8x8 handwritten digits (scikit-learn) from a small class-conditional flow MLP; "
+        "reward: a CNN classifier's probability of the prompted digit"
+    ),
+    # The network is so small that a second CPU thread costs more in synchronisation than
+    # it saves: one thread is several times faster on a 2-core machine.
+    threads=1,
+)

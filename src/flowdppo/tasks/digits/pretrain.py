@@ -7,7 +7,6 @@ held-out split except to report a metric.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from flowdppo.tasks.digits.model import (
     DigitsVelocityNet,
 )
 from flowdppo.tasks.digits.rewards import DigitClassifier
+from flowdppo.tasks.pretraining import timed_pretraining, train_loss
 
 #: Pretraining length of the shipped base model. Deliberately modest: with 10 Euler steps
 #: and no guidance its samples score ~0.5 under ``digit_prob``, which leaves RL headroom.
@@ -88,14 +88,13 @@ def pretrain_base_model(
             held = flow_matching_loss(
                 net, data.x_heldout, data.y_heldout, torch.Generator().manual_seed(1234)
             )
-    tail = losses[-min(100, len(losses)) :]
     meta = {
         "seed": seed,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
         "label_dropout": label_dropout,
-        "train_loss": round(sum(tail) / len(tail), 5),
+        "train_loss": train_loss(losses),
         "heldout_loss": round(held.item(), 5),
         "params": sum(p.numel() for p in net.parameters()),
     }
@@ -183,19 +182,13 @@ def pretrain(out_dir: str | Path | None = None, seed: int = 0, verbose: bool = T
     This is what ``flowdppo pretrain --task digits`` runs.
     """
     out = assets_dir() if out_dir is None else Path(out_dir)
-    results = {}
-    for name, fn, file in (
-        ("classifier", pretrain_classifier, CLASSIFIER_WEIGHTS),
-        ("base model", pretrain_base_model, BASE_WEIGHTS),
-    ):
-        start = time.perf_counter()
-        if verbose:
-            print(f"pretraining the digits {name} (seed {seed}) -> {out / file}", flush=True)
-        meta = fn(out / file, seed=seed, verbose=verbose)
-        meta["seconds"] = round(time.perf_counter() - start, 1)
-        if verbose:
-            print(f"  done in {meta['seconds']} s: {meta}", flush=True)
-        results[name] = meta
+    results = {
+        name: timed_pretraining(f"digits {name}", fn, out / file, seed, verbose)
+        for name, fn, file in (
+            ("classifier", pretrain_classifier, CLASSIFIER_WEIGHTS),
+            ("base model", pretrain_base_model, BASE_WEIGHTS),
+        )
+    }
     # A new classifier file must not be shadowed by one cached in this process.
     from flowdppo.tasks.digits import rewards
 

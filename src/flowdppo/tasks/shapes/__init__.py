@@ -6,17 +6,18 @@
   position); prompts naming a held-out colour-shape pair are held out (:mod:`.grammar`);
 * base model: a caption encoder + patch transformer flow model pretrained on rendered scenes
   (``assets/shapes_base.safetensors``, :mod:`.model`, :mod:`.pretraining`);
-* rewards (:mod:`.detect`): ``shapes_geneval`` (fraction of the caption's sub-conditions an
-  exact detector finds satisfied), ``shapes_strict`` (all of them: GenEval's binary score)
-  and ``shapes_smoothness`` (a total-variation quality proxy that pulls against them).
+* rewards (:mod:`.detect`, registered by :mod:`.rewards`): ``shapes_geneval`` (fraction of
+  the caption's sub-conditions an exact detector finds satisfied), ``shapes_strict`` (all of
+  them: GenEval's binary score) and ``shapes_smoothness`` (a total-variation quality proxy
+  that pulls against them).
 
 See ``docs/shapes-task.md``.
 """
 
 from __future__ import annotations
 
-from flowdppo.rewards import Reward, register_reward
-from flowdppo.tasks import Task, register_task
+from flowdppo.tasks import register_builtin_task
+from flowdppo.tasks.blocks import LORA_TARGETS
 from flowdppo.tasks.shapes.detect import (
     Detection,
     PromptCheck,
@@ -47,7 +48,6 @@ from flowdppo.tasks.shapes.grammar import (
     tokenize,
 )
 from flowdppo.tasks.shapes.model import (
-    LORA_TARGETS,
     ShapesAssetError,
     ShapesModel,
     ShapesVelocityNet,
@@ -112,49 +112,22 @@ __all__ = [
 ]
 
 
-@register_reward("shapes_geneval")
-def _make_geneval() -> Reward:
-    return geneval_soft
-
-
-@register_reward("shapes_strict")
-def _make_strict() -> Reward:
-    return geneval_strict
-
-
-@register_reward("shapes_smoothness")
-def _make_smoothness() -> Reward:
-    return smoothness
-
-
-@register_task("shapes")
-def shapes_task() -> Task:
-    return Task(
-        name="shapes",
-        build_model=load_base_model,
-        default_rewards=["shapes_geneval"],
-        train_prompts=list(TRAIN_PROMPTS),
-        heldout_prompts=list(HELDOUT_PROMPTS),
-        description=(
-            "GenEval-style compositional 16x16 scenes (shapes, colours, counts, positions) "
-            "from a small caption-conditioned flow transformer; reward: an exact detector's "
-            "fraction of satisfied sub-conditions"
-        ),
-        extra={
-            "lora_targets": list(LORA_TARGETS),
-            "pretrain": pretrain,
-            # One thread: two gain little on this small network and collapse when the cores
-            # are shared (OpenMP threads spin-wait): 1.4 s against 100 s per iteration was
-            # measured on a busy 2-core machine.
-            "threads": 1,
-            # `flowdppo train --task shapes`: the budget of configs/shapes/dppo.yaml.
-            "recommended": {
-                "train": {"iterations": 150, "group_size": 16},
-                "log": {
-                    "eval_every": 75,
-                    "checkpoint_every": 75,
-                    "eval_samples_per_prompt": 8,
-                },
-            },
-        },
-    )
+register_builtin_task(
+    "shapes",
+    __name__,
+    default_rewards=["shapes_geneval"],
+    description=(
+        "GenEval-style compositional 16x16 scenes (shapes, colours, counts, positions) "
+        "from a small caption-conditioned flow transformer; reward: an exact detector's "
+        "fraction of satisfied sub-conditions"
+    ),
+    # One thread: two gain little on this small network and collapse when the cores are
+    # shared (OpenMP threads spin-wait): 1.4 s against 100 s per iteration was measured on
+    # a busy 2-core machine.
+    threads=1,
+    # `flowdppo train --task shapes`: the budget of configs/shapes/dppo.yaml.
+    recommended={
+        "train": {"iterations": 150, "group_size": 16},
+        "log": {"eval_every": 75, "checkpoint_every": 75, "eval_samples_per_prompt": 8},
+    },
+)

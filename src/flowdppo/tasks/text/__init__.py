@@ -15,10 +15,10 @@ See ``docs/text-task.md``.
 
 from __future__ import annotations
 
-from flowdppo.tasks import Task, register_task
+from flowdppo.tasks import register_builtin_task
+from flowdppo.tasks.blocks import LORA_TARGETS
 from flowdppo.tasks.text.model import (
     BASE_WEIGHTS,
-    LORA_TARGETS,
     TextAssetError,
     TextModel,
     TextVelocityNet,
@@ -71,30 +71,21 @@ def length_group(prompt: str) -> str:
     return f"len{len(word_of(prompt))}"
 
 
-@register_task("text")
-def text_task() -> Task:
-    return Task(
-        name="text",
-        build_model=load_base_model,
-        default_rewards=["ocr"],
-        train_prompts=list(TRAIN_PROMPTS),
-        heldout_prompts=list(HELDOUT_PROMPTS),
-        description=(
-            "visual text rendering: one quoted word as a 32x128 grey image from a small "
-            "glyph-conditioned flow transformer; reward: a real OCR model's 1 - normalised "
-            "edit distance"
-        ),
-        extra={
-            "lora_targets": list(LORA_TARGETS),
-            "pretrain": pretrain,
-            "eval_group": length_group,
-            # One thread, as shapes: a second one gains little on this network and halves
-            # the speed when the other core is busy (measured in pretraining, 0.42 against
-            # 0.82 s per step).
-            "threads": 1,
-            "recommended": {
-                "train": {"iterations": 40, "prompts_per_iteration": 8, "group_size": 8},
-                "log": {"eval_every": 20, "checkpoint_every": 20, "eval_samples_per_prompt": 2},
-            },
-        },
-    )
+register_builtin_task(
+    "text",
+    __name__,
+    default_rewards=["ocr"],
+    description=(
+        "visual text rendering: one quoted word as a 32x128 grey image from a small "
+        "glyph-conditioned flow transformer; reward: a real OCR model's 1 - normalised "
+        "edit distance"
+    ),
+    eval_group=length_group,
+    # One thread, as shapes: a second one gains little on this network and halves the speed
+    # when the other core is busy (measured in pretraining, 0.42 against 0.82 s per step).
+    threads=1,
+    recommended={
+        "train": {"iterations": 40, "prompts_per_iteration": 8, "group_size": 8},
+        "log": {"eval_every": 20, "checkpoint_every": 20, "eval_samples_per_prompt": 2},
+    },
+)
