@@ -91,7 +91,7 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
     out = capsys.readouterr().out
     assert "inference cost" in out and "ms/image" in out and "merged" in out
     rows = json.loads((run / "inference_cost.json").read_text())["rows"]
-    keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora"}
+    keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora", "solver"}
     assert all(set(r) == keys for r in rows)
     # The toy model has LoRA: the base, and the trained model unmerged and merged.
     assert [(r["model"], r["lora"], r["steps"]) for r in rows] == [
