@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny_pipelines
 import torch
 from conftest import ToyModel
 
@@ -145,20 +146,6 @@ def test_sampler_solver_is_a_config_key_and_a_bad_name_is_one_error():
         load_config(None, ["task=toy", "sampler.solver=dpm3"])
 
 
-def _smooth_in_sigma(model, max_rad_per_sigma: float = 10.0) -> None:
-    """Drop the timestep embedding's sinusoids faster than ``max_rad_per_sigma``.
-
-    A random transformer's velocity oscillates in sigma with the embedding's fastest
-    sinusoid (1 rad per timestep unit, a period of 0.006 in sigma), which no solver's order
-    shows before steps are that small; a trained model's is smooth (docs/method.md)."""
-    lin = model.module.time_text_embed.timestep_embedder.linear_1
-    half = lin.weight.shape[1] // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
-    keep = (1000 * freqs <= max_rad_per_sigma).float()
-    with torch.no_grad():
-        lin.weight.mul_(torch.cat([keep, keep])[None])
-
-
 def _order(steps, errors) -> float:
     xs = torch.log(torch.tensor(steps, dtype=torch.float64))
     ys = torch.log(torch.tensor(errors, dtype=torch.float64))
@@ -177,7 +164,7 @@ def test_dpm2_approaches_the_euler_limit_at_second_order_on_tiny_sd3(tiny_pipes)
         device="cpu",
         max_sequence_length=16,
     )
-    _smooth_in_sigma(model)
+    tiny_pipelines.smooth_in_sigma(model.module)
     cond = model.encode(["a red cat"])
     noise = model.initial_noise(1, torch.Generator().manual_seed(0))
 
