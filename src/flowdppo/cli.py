@@ -156,7 +156,7 @@ SOLVER_CHOICES = ("euler", "dpm2")  # flowdppo.solvers.SOLVERS, without importin
 SOLVER_HELP = (
     "ODE solver (default: the run's sampler.solver, euler for a task's base model): euler, "
     "or dpm2, the second-order multistep DPM-Solver++ that DiffusionNFT samples with "
-    "(near Euler's many-step limit in fewer steps; docs/method.md, ODE solvers)"
+    "(how close each gets to the many-step limit, per schedule: docs/method.md, ODE solvers)"
 )
 
 EPILOG_REPORT = """examples:
