@@ -91,7 +91,7 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
     out = capsys.readouterr().out
     assert "inference cost" in out and "ms/image" in out and "merged" in out
     rows = json.loads((run / "inference_cost.json").read_text())["rows"]
-    keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora"}
+    keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora", "solver"}
     assert all(set(r) == keys for r in rows)
     # The toy model has LoRA: the base, and the trained model unmerged and merged.
     assert [(r["model"], r["lora"], r["steps"]) for r in rows] == [
@@ -105,6 +105,22 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
     unmerged, merged = rows[2:4], rows[4:6]
     for a, b in zip(unmerged, merged, strict=True):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-5)
+
+
+def test_sample_and_eval_take_the_ode_solver(toy_run, tmp_path, capsys):
+    run, _ = toy_run
+    out = tmp_path / "dpm2.png"
+    argv = ["sample", "--task", "toy", "--prompts", "bright", "-n", "2", "--solver", "dpm2"]
+    assert cli.main([*argv, "--out", str(out)]) == 0 and out.is_file()
+    assert cli.main(["eval", str(run), "--steps", "4", "-n", "2", "--solver", "dpm2"]) == 0
+    assert "dpm2 solver" in capsys.readouterr().out
+    rows = json.loads((run / "inference_cost.json").read_text())["rows"]
+    assert {r["solver"] for r in rows} == {"dpm2"}
+    with pytest.raises(SystemExit):  # argparse: the choices, one usage error
+        cli.main(["sample", "--task", "toy", "--prompts", "bright", "--solver", "rk4"])
+    assert "invalid choice: 'rk4'" in capsys.readouterr().err
+    help_text = cli._parser()._subparsers._group_actions[0].choices["sample"].format_help()
+    assert "--solver {euler,dpm2}" in help_text and "DPM-Solver++" in help_text
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(toy_run, capsys):

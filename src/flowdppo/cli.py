@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=8, help="samples per prompt (default 8)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale")
+    s.add_argument("--solver", choices=SOLVER_CHOICES, default=None, help=SOLVER_HELP)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--out",
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         help="sampling step counts, e.g. 4,10,20,40: reward against NFE and milliseconds per "
         "image of the base and trained models, written to RUN_DIR/inference_cost.json",
     )
+    e.add_argument("--solver", choices=SOLVER_CHOICES, default=None, help=SOLVER_HELP)
     e.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS)
 
     x = add(
@@ -150,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 RAW_WEIGHTS = "use the trained weights themselves, not their EMA (runs with train.ema)"
+SOLVER_CHOICES = ("euler", "dpm2")  # flowdppo.solvers.SOLVERS, without importing torch
+SOLVER_HELP = (
+    "ODE solver (default: the run's sampler.solver, euler for a task's base model): euler, "
+    "or dpm2, the second-order multistep DPM-Solver++ that DiffusionNFT samples with "
+    "(how close each gets to the many-step limit, per schedule: docs/method.md, ODE solvers)"
+)
 
 EPILOG_REPORT = """examples:
   flowdppo report runs/dppo-digits-20261124-120000
@@ -346,6 +354,8 @@ def _sample(ns) -> int:
         cfg.sampler.num_sde_steps = 1
     if ns.guidance is not None:
         cfg.sampler.guidance_scale = ns.guidance
+    if ns.solver is not None:
+        cfg.sampler.solver = ns.solver
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     gen = torch.Generator().manual_seed(ns.seed)
     batch = [p for p in prompts for _ in range(ns.n)]
@@ -366,6 +376,8 @@ def _eval(ns) -> int:
     ns.steps = _step_counts(ns.steps)
     _check_sampling_options(ns)
     cfg, task, model, iteration = load_run(ns.run, raw_weights=ns.raw_weights)
+    if ns.solver is not None:
+        cfg.sampler.solver = ns.solver
     rewards = {
         n: get_reward(n, **reward_options(cfg, n))
         for n in (cfg.reward.names or task.default_rewards)

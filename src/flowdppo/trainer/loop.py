@@ -75,7 +75,9 @@ def make_sampler_spec(
     # A deterministic training sampler (DiffusionNFT's default) still measures its KL to
     # the reference with the Flow-SDE kernel, as every other method does.
     kernel = "flow" if cfg.kernel == "ode" else cfg.kernel
-    return SamplerSpec(kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+    return SamplerSpec(
+        kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score, s.solver
+    )
 
 
 def reward_options(cfg: Config, name: str) -> dict:
