@@ -86,4 +86,6 @@ def drop_foreign_options(tree: dict) -> dict:
         }
     if objective != "nft":
         out.pop("nft", None)
+    elif isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k != "trained_steps"}
     return out
