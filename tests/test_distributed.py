@@ -570,3 +570,53 @@ def test_the_watchdog_names_the_rank_that_stopped_progressing_first(monkeypatch)
         guard.stop()
     assert ended and ended[0].startswith("no process made progress for 0.5 s")
     assert "rank 1 (PID 2 on" in ended[0] and "phase 'reward' of iteration 3" in ended[0]
+
+
+# ---------------------------------------------------------------- the official trainers' wiring
+# Every process drops the same zero-advantage samples (the advantages are the global
+# batch's), samples with DiffusionNFT's old model, and replays the same range of steps.
+WIRING = [
+    *MATRIX,
+    "reward.names=[distributed_matrix:thresholded_digit_prob]",
+    "reward.adv_eps=1e-4",
+    "train.drop_zero_advantage=true",
+    "sampler.num_sde_steps=4",
+    "sampler.sde_window=[0,1]",
+    "train.trained_steps=[0,3]",
+    "nft.rollout_model=old",
+    "nft.decay_rate=0.3",
+]
+
+
+def test_dropped_samples_old_model_rollouts_and_trained_steps_match_one_process(
+    tmp_path, monkeypatch
+):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed_matrix import own_overrides, run_dir
+
+    specs = ["guard:ddp", "guard:fsdp", "nft:ddp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = str(Path(__file__).with_name("distributed_matrix.py"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [*cmd, script, str(tmp_path), *specs, "--", *WIRING],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    for algorithm in ("guard", "nft"):
+        reference = run_dir(tmp_path, algorithm, "one")
+        over = own_overrides(algorithm, WIRING)
+        Trainer(load_config(None, [*over, f"algorithm={algorithm}"]), reference).train()
+        rows = metrics_of(reference)
+        assert sum(r["update/dropped_samples"] for r in rows) > 0  # not vacuous
+        for mode in ("ddp", "fsdp") if algorithm == "guard" else ("ddp",):
+            _assert_same_metrics(run_dir(tmp_path, algorithm, mode), reference, MATRIX_TOL)
+        if algorithm == "guard":
+            assert all(r["update/trained_step_mask"] == 0b0111 for r in rows)
+        else:
+            assert all(r["rollout/old_model"] == 1 for r in rows)
