@@ -80,7 +80,7 @@ def test_nft_samples_with_the_old_model_when_asked(tmp_path, toy_overrides):
         seen = []
         real = trainer._rollout
 
-        def spy(*args, real=real, trainer=trainer):
+        def spy(*args, real=real, trainer=trainer, seen=seen):
             # The trainable tensors in the network while the rollout samples.
             seen.append(
                 {
@@ -95,7 +95,7 @@ def test_nft_samples_with_the_old_model_when_asked(tmp_path, toy_overrides):
         old_before = []
         iterate = trainer.run_iteration
 
-        def run_iteration(iterate=iterate, trainer=trainer):
+        def run_iteration(iterate=iterate, trainer=trainer, old_before=old_before):
             old_before.append({n: t.clone() for n, t in trainer.old_model.tensors.items()})
             return iterate()
 

@@ -8,7 +8,6 @@ from pydantic import Field, field_validator
 
 from flowdppo.config.base import _Section
 
-
 #: The objectives that read each train option that not every objective reads (as
 #: OBJECTIVE_OPTION_OWNERS): DiffusionNFT replays no recorded step, it draws its own noise
 #: levels (nft.timestep_fraction).
