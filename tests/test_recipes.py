@@ -82,7 +82,7 @@ def _get(cfg, key: str):
 
 def test_the_tables_name_every_recipe_and_each_difference_says_why():
     named = {r for row in ROWS for r in row["recipes"]}
-    assert named == set(NAMES), (named ^ set(NAMES))
+    assert named == set(NAMES), named ^ set(NAMES)
     for row in ROWS:
         assert row["source"], row["setting"]
         if not row["why"]:
@@ -181,6 +181,8 @@ def test_one_iteration_of_each_recipe_does_what_the_released_trainer_does(
         assert row["update/trained_step_mask"] == 2 ** (n - 1) - 1  # all but the last trained
     else:
         assert row["rollout/sde_steps"] == row["update/trained_steps"] == 1
+    if t.drop_zero_advantage:  # seed 0 draws both prompts: the cat group is dropped
+        assert row["update/dropped_samples"] == 4
     kept = 8 - row["update/dropped_samples"]
     assert row["update/dropped_samples"] == (
         round(8 * row["advantage/zero_fraction"]) if t.drop_zero_advantage else 0
