@@ -594,7 +594,7 @@ def test_dropped_samples_old_model_rollouts_and_trained_steps_match_one_process(
     sys.path.insert(0, str(Path(__file__).parent))
     from distributed_matrix import own_overrides, run_dir
 
-    specs = ["guard:ddp", "guard:fsdp", "nft:ddp"]
+    specs = ["guard:ddp", "guard:fsdp", "nft:ddp", "nft:fsdp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     script = str(Path(__file__).with_name("distributed_matrix.py"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -614,7 +614,7 @@ def test_dropped_samples_old_model_rollouts_and_trained_steps_match_one_process(
         Trainer(load_config(None, [*over, f"algorithm={algorithm}"]), reference).train()
         rows = metrics_of(reference)
         assert sum(r["update/dropped_samples"] for r in rows) > 0  # not vacuous
-        for mode in ("ddp", "fsdp") if algorithm == "guard" else ("ddp",):
+        for mode in ("ddp", "fsdp"):
             _assert_same_metrics(run_dir(tmp_path, algorithm, mode), reference, MATRIX_TOL)
         if algorithm == "guard":
             assert all(r["update/trained_step_mask"] == 0b0111 for r in rows)
