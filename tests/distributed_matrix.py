@@ -21,6 +21,23 @@ from flowdppo.runs import resume_config
 from flowdppo.trainer import distributed
 
 
+def thresholded_digit_prob():
+    """``digit_prob > 0.5`` as 0 or 1: groups of equal rewards (advantage exactly 0) are
+    common, for train.drop_zero_advantage (a reward by import path, so that the workers
+    and the one-process reference load the same one)."""
+    from flowdppo.rewards import get_reward
+
+    inner = get_reward("digit_prob")
+    return lambda images, prompts: (inner(images, prompts) > 0.5).float()
+
+
+def own_overrides(algorithm: str, overrides: list[str]) -> list[str]:
+    """The shared overrides an algorithm can use: nft's own keys for nft only, and no
+    trained range of recorded steps for nft (it replays none)."""
+    foreign = "train.trained_steps=" if algorithm.startswith("nft") else "nft."
+    return [o for o in overrides if not o.startswith(foreign)]
+
+
 def run_dir(out: Path, spec: str) -> Path:
     """``VARIANT/ALGORITHM:MODE`` -> ``OUT/VARIANT-ALGORITHM-MODE`` (``+`` becomes ``_``)."""
     variant, _, rest = spec.partition("/")
@@ -46,8 +63,8 @@ def main(argv: list[str]) -> None:
             continue
         variant, _, rest = spec.partition("/")
         algorithm, mode = rest.split(":")
-        overrides = [*variants[variant], f"algorithm={algorithm}", f"train.distributed={mode}"]
-        cfg = load_config(None, [*overrides, f"log.run_dir={run}"])
+        overrides = [*own_overrides(algorithm, variants[variant]), f"algorithm={algorithm}"]
+        cfg = load_config(None, [*overrides, f"train.distributed={mode}", f"log.run_dir={run}"])
         distributed.DistributedTrainer(cfg, run).train()
     distributed.finish_distributed()
 

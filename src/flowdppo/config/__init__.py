@@ -47,7 +47,7 @@ from flowdppo.config.objective import (
 from flowdppo.config.reward import RewardConfig, WeightSchedule, reward_weights
 from flowdppo.config.run import Config, Continuation, ref_kl_plan
 from flowdppo.config.sampler import SamplerConfig, sde_window_bounds
-from flowdppo.config.train import EmaConfig, TrainConfig
+from flowdppo.config.train import TRAIN_OPTION_OWNERS, EmaConfig, TrainConfig
 from flowdppo.config.trust_region import (
     CPS_CLIP_RANGE_PER_STEP,
     CPS_RECIPE,
@@ -70,6 +70,7 @@ __all__ = [
     "OBJECTIVES",
     "OBJECTIVE_OPTION_OWNERS",
     "PAPER_ALGORITHMS",
+    "TRAIN_OPTION_OWNERS",
     "TRUST_REGION_KEYS",
     "Config",
     "ConfigError",

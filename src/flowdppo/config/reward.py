@@ -47,6 +47,12 @@ class RewardConfig(_Section):
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)
+    adv_eps: float = Field(
+        1e-8,
+        gt=0,
+        description="added to the advantage's std, (R - mean) / (std + adv_eps); Flow-GRPO "
+        "and DiffusionNFT add 1e-4 (flow_grpo/stat_tracking.py)",
+    )
     max_invalid_fraction: float = Field(
         0.25,
         ge=0,

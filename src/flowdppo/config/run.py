@@ -15,7 +15,7 @@ from flowdppo.config.nft import NftConfig
 from flowdppo.config.objective import OBJECTIVE_OPTION_OWNERS, ObjectiveConfig
 from flowdppo.config.reward import RewardConfig
 from flowdppo.config.sampler import SamplerConfig, sde_window_bounds
-from flowdppo.config.train import TrainConfig
+from flowdppo.config.train import TRAIN_OPTION_OWNERS, TrainConfig
 from flowdppo.config.trust_region import (
     CPS_CLIP_RANGE_PER_STEP,
     CPS_RECIPE,
@@ -95,6 +95,7 @@ class Config(_Section):
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
         check_trust_region_forms(self.objective, s.log_prob_reduce)
         self._check_algorithm_options()
+        self._check_trained_steps(first, stop)
         if self.log.ref_kl_samples is not None and self.log.ref_kl_samples > self.train.group_size:
             raise ValueError(
                 f"log.ref_kl_samples ({self.log.ref_kl_samples}) is more than the "
@@ -126,6 +127,13 @@ class Config(_Section):
             raise ValueError(
                 f"nft.{key} is an option of algorithm nft, not of {self.algorithm!r}: drop it"
             )
+        for key, allowed in TRAIN_OPTION_OWNERS.items():
+            if name not in allowed and getattr(self.train, key) is not None:
+                users = ", ".join(a for a in OBJECTIVES if OBJECTIVES[a] in allowed)
+                raise ValueError(
+                    f"train.{key} is an option of {users} (and their OBJECTIVE+KERNEL forms), "
+                    f"not of algorithm {self.algorithm!r}: drop it"
+                )
         s = self.sampler
         if name in ("guard", "nft") and s.score != "gaussian":
             raise ValueError(
@@ -136,6 +144,27 @@ class Config(_Section):
             raise ValueError(
                 "algorithm guard normalises element-mean log-probs (its published form): "
                 "drop sampler.log_prob_reduce = sum"
+            )
+
+    def _check_trained_steps(self, first: int, stop: int) -> None:
+        # Every iteration must replay at least one step: the SDE steps are drawn anew each
+        # time, so fewer candidates than draws may lie outside the trained range.
+        span = self.train.trained_steps
+        if span is None:
+            return
+        n = self.sampler.num_steps
+        if span[1] > n:
+            raise ValueError(
+                f"train.trained_steps {list(span)} reaches past the sampler.num_steps = {n} "
+                f"steps (0 to {n - 1}): use a stop <= {n}"
+            )
+        outside = sum(1 for k in range(first, stop) if not span[0] <= k < span[1])
+        if outside >= self.sampler.num_sde_steps:
+            raise ValueError(
+                f"train.trained_steps {list(span)} can miss every SDE step: "
+                f"{self.sampler.num_sde_steps} drawn from sampler.sde_window "
+                f"{list(self.sampler.sde_window)} (steps {first} to {stop - 1}) may all fall "
+                "outside it; widen the range or draw more steps"
             )
 
     def _check_summed_clip_window(self) -> None:

@@ -423,7 +423,10 @@ class Trainer:
         stats = UpdateStats()
         total_updates = t.iterations * self._updates_per_iteration()
         plan = None
-        n_terms = len(ro.sde_steps)
+        # The recorded SDE steps this update replays (train.trained_steps: a range of them).
+        span = t.trained_steps or (0, self.spec.num_steps)
+        terms = [i for i, k in enumerate(ro.sde_steps) if span[0] <= k < span[1]]
+        metrics["update/trained_step_mask"] = sum(1 << ro.sde_steps[i] for i in terms)
         if self.old_model is not None:
             plan = nft_plan(
                 size,
@@ -432,16 +435,33 @@ class Trainer:
                 t.inner_epochs,
                 self.generator,
             )
-            n_terms = plan.terms
+            terms = list(range(plan.terms))  # noise levels per sample, not recorded steps
+            metrics["update/trained_step_mask"] = 0
+        n_terms = len(terms)
+        metrics["update/trained_steps"] = n_terms
+        # train.drop_zero_advantage: only samples with a nonzero advantage (the same on every
+        # process: the advantages are the global batch's). They fill as many minibatches as
+        # the whole batch would, so the optimizer steps per iteration (and the lr and old-
+        # model schedules counted in them) do not depend on how many were dropped.
+        kept = None
+        if t.drop_zero_advantage:
+            kept = torch.nonzero(advantages.cpu() != 0).flatten()
+        metrics["update/dropped_samples"] = 0 if kept is None else size - len(kept)
+        steps_before = self.optimizer_steps
         pending = 0
         pending_loss = torch.zeros(())
         skipped = 0
         unit = 0
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(t.inner_epochs):
-            perm = torch.randperm(size, generator=self.generator)
-            for start in range(0, size, t.minibatch_size):
-                idx = perm[start : start + t.minibatch_size]
+            if kept is None:
+                perm = torch.randperm(size, generator=self.generator)
+                batches = list(perm.split(t.minibatch_size))
+            else:
+                perm = kept[torch.randperm(len(kept), generator=self.generator)]
+                count = min(math.ceil(size / t.minibatch_size), len(perm))
+                batches = list(perm.tensor_split(count)) if count else []
+            for b, idx in enumerate(batches):
                 # Our members of the minibatch, split into train.micro_batch passes (padded
                 # with empty ones to the count every process makes).
                 where = sh.mine(idx)
@@ -453,9 +473,9 @@ class Trainer:
                 # and the accumulated minibatches.
                 scale = sh.world_size / (len(idx) * n_terms * t.grad_accum)
                 pending += 1
-                last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= size
+                last = epoch == t.inner_epochs - 1 and b == len(batches) - 1
                 sync = pending == t.grad_accum or last
-                for i in range(n_terms):
+                for j, i in enumerate(terms):
                     noise = None
                     if plan is not None:  # the whole minibatch's, as one process draws it
                         shape = (len(idx), *ro.final.shape[1:])
@@ -465,7 +485,7 @@ class Trainer:
                         if not owned:  # a stand-in of ours keeps the passes in lockstep
                             part = where.new_zeros(1)
                         rows = (idx[part] - sh.shard.start).clamp(0, sh.shard.size - 1)
-                        with sh.backward_context(sync and i == n_terms - 1 and p == passes - 1):
+                        with sh.backward_context(sync and j == n_terms - 1 and p == passes - 1):
                             if plan is None:
                                 loss, call = step_loss(
                                     self.model,
@@ -514,6 +534,7 @@ class Trainer:
         metrics.update(stats.result(sh.gather if sh.world_size > 1 else None, n_terms))
         metrics.setdefault("grad_norm", math.nan)  # every step was skipped
         metrics["train/skipped_steps"] = skipped
+        metrics["update/optimizer_steps"] = self.optimizer_steps - steps_before
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _updates_per_iteration(self) -> int:
@@ -584,7 +605,11 @@ class Trainer:
             )
             if cfg.kernel == "ode":  # a deterministic sampler: no exploration step
                 sde_steps = []
-            ro = self._rollout(prompts, group, sde_steps)
+            with self._rollout_weights(metrics):
+                ro = self._rollout(prompts, group, sde_steps)
+            # Which steps were stochastic, as a bit mask over the sampler's steps.
+            metrics["rollout/sde_steps"] = len(ro.sde_steps)
+            metrics["rollout/sde_step_mask"] = sum(1 << k for k in ro.sde_steps)
         with self._timed("reward", metrics):
             watchdog.mark("reward")
             reward_times: dict[str, float] = {}
@@ -600,6 +625,7 @@ class Trainer:
                 method=cfg.reward.combine,
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
+                eps=cfg.reward.adv_eps,
             ).to(ro.final.device)
         every, per_group = ref_kl_plan(cfg)
         if cfg.log.ref_kl and ro.sde_steps and (self.iteration + 1) % every == 0:
@@ -631,6 +657,18 @@ class Trainer:
         metrics["time/iteration"] = time.perf_counter() - start
         metrics.update({k: float(v) for k, v in self.counter.as_dict().items()})
         return metrics
+
+    @contextmanager
+    def _rollout_weights(self, metrics: dict):
+        """The weights that sample this iteration's rollout: DiffusionNFT's old model with
+        ``nft.rollout_model: old`` (swapped in on every process), else the policy."""
+        if self.old_model is None:
+            yield
+            return
+        old = self.cfg.nft.rollout_model == "old"
+        metrics["rollout/old_model"] = int(old)
+        with self.old_model.swapped_in(self.model.module) if old else nullcontext():
+            yield
 
     # ---------------------------------------------------------------- the run
     def _evaluated_weights(self):
