@@ -130,4 +130,3 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
         for name, t in tensors.items()
     }
-
