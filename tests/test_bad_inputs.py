@@ -457,3 +457,122 @@ def test_a_broken_latest_pointer_is_reported_with_the_fallback(finished_run, cap
     (warning,) = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert str(run / "latest") in warning
     assert "using ckpt-000003, the newest checkpoint in" in warning
+
+
+# ---------------------------------------------------------------- a continued run
+REQUEUE = '[ -f "$RUN/summary.json" ] || echo requeue'  # docs/RELIABILITY.md's recipes
+
+
+def _recipe_requeues(run) -> bool:
+    import subprocess
+
+    out = subprocess.run(["bash", "-c", REQUEUE], env={"RUN": str(run)}, capture_output=True)
+    return out.stdout.decode().strip() == "requeue"
+
+
+def test_a_continued_run_stopped_before_its_end_is_not_finished(
+    tmp_path, toy_overrides, monkeypatch, capsys
+):
+    """A 2-iteration run continued to 4 and killed after its last checkpoint (before its
+    summary), and again with a summary of iteration 2 put back as older versions left it:
+    not finished, the recipe requeues, the next --resume writes the summary of iteration 4."""
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 0
+    old = (run / "summary.json").read_text()
+    assert json.loads(old)["iterations"] == 2 and not _recipe_requeues(run)
+
+    def killed(self):
+        raise Crash
+
+    monkeypatch.setattr(Trainer, "_write_summary", killed)
+    with pytest.raises(Crash):
+        cli.main(["train", "--resume", str(run), "train.iterations=4"])
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000004"
+    assert not (run / "summary.json").exists() and _recipe_requeues(run)
+
+    (run / "summary.json").write_text(old)  # a stale summary, as left before this fix
+    trainer = _resume(run, toy_overrides + ["train.iterations=4"])
+    assert not trainer.finished and not (run / "summary.json").exists()
+    trainer._release_run_dir()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is finished" not in out and "before -> after" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iterations"] == 4 and summary["after"]
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2, 3, 4]
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert "is finished (4 of 4 iterations)" in capsys.readouterr().out
+
+
+def test_a_preempted_continuation_is_requeued_by_the_recipe(
+    tmp_path, toy_overrides, monkeypatch, capsys
+):
+    """SIGTERM (as the scheduler sends it) in iteration 3 of a continuation from 2 to 4:
+    exit 75, no summary.json, so the recipe requeues; the requeued job finishes."""
+    import signal
+
+    from flowdppo.trainer.preemption import EXIT_PREEMPTED
+
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 0
+    original = Trainer._safe_point
+
+    def signalled_in_iteration_3(self, stop):
+        signum, due = original(self, stop)
+        return (signal.SIGTERM if self.iteration == 3 else signum), due
+
+    monkeypatch.setattr(Trainer, "_safe_point", signalled_in_iteration_3)
+    code = cli.main(["train", "--resume", str(run), "train.iterations=4"])
+    assert code == EXIT_PREEMPTED
+    assert "stopped by SIGTERM after iteration 3 of 4" in capsys.readouterr().err
+    assert _recipe_requeues(run)
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(run)]) == 0  # the requeued job
+    assert not _recipe_requeues(run)
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 4
+
+
+@pytest.mark.parametrize("damage", ["checkpoint is a file", "latest is a directory"])
+def test_replaced_checkpoint_files_are_named_before_any_work(finished_run, capsys, damage):
+    run, _ = finished_run
+    if damage == "checkpoint is a file":
+        shutil.rmtree(run / "ckpt-000003")
+        (run / "ckpt-000003").write_text("not a checkpoint")
+        named = "ckpt-000003 is not a checkpoint directory"
+    else:
+        (run / "latest").unlink()
+        (run / "latest").mkdir()
+        named = "latest is a directory"
+    assert cli.main(["train", "--resume", str(run), "train.iterations=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume {run}: ") and named in err
+    assert err.count("\n") == 1 and "Traceback" not in err and "disk" not in err
+    assert f"Move it out of {run}" in err
+    assert not list(run.glob(".ckpt-*")) and (run / "summary.json").exists()
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2, 3]
+
+
+def test_latest_turned_into_a_directory_during_a_run(tmp_path, toy_overrides, monkeypatch):
+    """``latest`` replaced by a directory after the first checkpoint: the second checkpoint
+    is refused with a message that names it and does not claim it intact or blame the disk;
+    nothing hidden is left behind."""
+    original = Trainer.run_iteration
+
+    def replace_latest(self):
+        if self.iteration == 1:
+            (self.run_dir / "latest").unlink()
+            (self.run_dir / "latest").mkdir()
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "run_iteration", replace_latest)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _run(tmp_path, toy_overrides)
+    run = tmp_path / "run"
+    msg = str(err.value)
+    assert msg.startswith(f"could not write checkpoint {run / 'ckpt-000002'}")
+    assert "ckpt-000001, is intact" in msg and "latest is a directory" in msg
+    assert "ckpt-000002 is intact" not in msg and "disk" not in msg
+    assert not (run / "ckpt-000002").exists() and not list(run.glob(".ckpt-*"))
+    assert not (run / "summary.json").exists()

@@ -55,6 +55,8 @@ from flowdppo.trainer.update import (
     step_loss,
 )
 
+#: Written when a run reaches the end of its budget, and only then (removed when continued).
+SUMMARY = "summary.json"
 #: Checkpoint tensor names of DiffusionNFT's old model (next to the trainable tensors).
 OLD_MODEL_PREFIX = "nft_old_model."
 
@@ -245,6 +247,7 @@ class Trainer:
         ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
 
     def _resume(self) -> None:
+        ckpt.check_layout(self.run_dir, f"cannot resume {self.run_dir}")
         path, warning = ckpt.resolve_latest(self.run_dir)
         if warning:
             self._notice(f"warning: {warning}")
@@ -295,7 +298,16 @@ class Trainer:
 
     def _record_continuation(self, iteration: int) -> None:
         """A run continued past its budget (``--resume RUN train.iterations=N``): its
-        config.yaml gets the new budget and the continuation's entry in ``history``."""
+        config.yaml gets the new budget and the continuation's entry in ``history``.
+
+        First, a summary.json that does not describe this run's last iteration (the
+        continued run's old one, or one left by a continuation stopped before its end) is
+        removed, before config.yaml records the longer budget: a run stopped from now on has
+        no summary, so ``[ -f RUN/summary.json ]`` answers "finished" truthfully."""
+        summary = self.run_dir / SUMMARY
+        if summary.exists() and not self.finished:
+            summary.unlink(missing_ok=True)
+            ckpt.fsync_dir(self.run_dir)
         path = self.run_dir / "config.yaml"
         own = read_yaml(path).get("train", {}).get("iterations")
         if isinstance(own, int) and own != self.cfg.train.iterations:
@@ -619,17 +631,18 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        """Resumed at the end of its budget with its summary written: nothing left to do."""
+        """Resumed at the end of its budget with a summary of that very iteration: nothing
+        left to do. A summary of an earlier iteration (a continued run) does not count."""
         return (
             self.iteration >= self.cfg.train.iterations
-            and (self.run_dir / "summary.json").is_file()
+            and summary_iteration(self.run_dir) == self.iteration
         )
 
     def train(self) -> dict:
         """Train to the end of the budget; a finished run returns its summary unchanged."""
         try:
             if self.finished:
-                return json.loads((self.run_dir / "summary.json").read_text())
+                return json.loads((self.run_dir / SUMMARY).read_text())
             self._train()
             return self._write_summary()
         finally:
@@ -717,8 +730,17 @@ class Trainer:
             "counts": self.counter.as_dict(),
             "run_dir": str(self.run_dir),
         }
-        ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        ckpt.write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=1))
         return summary
+
+
+def summary_iteration(run_dir: str | Path) -> int | None:
+    """The iteration ``RUN/summary.json`` describes; None without a readable one."""
+    try:
+        value = json.loads((Path(run_dir) / SUMMARY).read_text()).get("iterations")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def trust_region_of(cfg: Config) -> dict:
