@@ -9,8 +9,11 @@ stall there, standing for a step that takes long.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
+import pytest
 from test_faults import CONFIG, _checkpoints, _flowdppo, _latest, _metrics, _start
 
 from flowdppo.trainer import checkpoint as ckpt
@@ -170,3 +173,38 @@ def test_checkpoints_by_the_clock_as_well_as_by_the_iteration(tmp_path, toy_over
     # Due at every iteration end (a microsecond has always passed), or never before the end.
     assert checkpoints("1e-8", "often") == ["ckpt-000001", "ckpt-000002", "ckpt-000003"]
     assert checkpoints("60", "rarely") == ["ckpt-000003"]
+
+
+# What a stopped process does between leaving the trainer and its exit (the interpreter's
+# and the process group's shutdown, a second or more), stood for by a sleep: a repeat of
+# the signal in that time arrives, then the process exits 75 as the trainer asked.
+SHUTDOWN = """
+import os, signal, sys, time
+from flowdppo.trainer import preemption
+preemption.REPEAT_WINDOW_S = {window}
+with preemption.StopSignals(lambda: "checkpoint ckpt-000001 is intact") as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    while stop.signum is None:
+        time.sleep(0.01)
+time.sleep({delay})
+os.kill(os.getpid(), signal.{second})
+time.sleep(0.3)
+sys.exit(preemption.EXIT_PREEMPTED)
+"""
+
+
+@pytest.mark.parametrize("delay,second", [(0.05, "SIGTERM"), (0.2, "SIGINT")])
+def test_a_repeat_during_shutdown_is_still_the_same_request(delay, second):
+    script = SHUTDOWN.format(window=2.0, delay=delay, second=second)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
+    assert "stopping now" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_second_signal_after_the_window_during_shutdown_stops_at_once():
+    script = SHUTDOWN.format(window=0.2, delay=0.3, second="SIGTERM")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "second signal (SIGTERM): stopping now; checkpoint ckpt-000001 is intact" in (
+        proc.stderr
+    )

@@ -16,7 +16,9 @@ indefinitely, and "a second signal aborts at once" must hold then too.
 
 A signal repeated within :data:`REPEAT_WINDOW_S` counts once: under SLURM every process of
 a job step gets the signal, and ``torchrun`` forwards the one it got itself to its workers
-a few milliseconds later, so each worker sees the same request twice.
+a few milliseconds later, so each worker sees the same request twice. This holds until the
+process has exited, not only while the trainer runs: the copy may arrive while the process
+shuts down after its checkpoint.
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ class StopSignals:
             return
         self._active = False
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            # After a stop request the process is on its way out (the checkpoint, the
+            # interpreter's and the process group's shutdown: a second or more). A repeat of
+            # the request in that time (torchrun's forwarded copy) must not turn exit 75
+            # into a death by the default action; one after the window still ends it.
+            signal.signal(sig, old if self.signum is None else self._late)
         signal.set_wakeup_fd(self._old_fd)
         self._writer.close()  # ends the reader thread
         # Joined before its socket closes: a daemon thread still inside recv() when the
@@ -101,6 +107,13 @@ class StopSignals:
             for signum in data:
                 if signum in SIGNALS:
                     self._received(signum)
+
+    def _late(self, signum: int, frame) -> None:
+        """The handler once the block is left after a stop request, until the process exits:
+        repeats within the window count as the same request, as inside the block. (At the
+        very end of the interpreter's shutdown Python restores the default actions; a signal
+        that arrives while no Python code runs is noted and dropped.)"""
+        self._received(signum)
 
     def _received(self, signum: int) -> None:
         now = time.monotonic()
