@@ -23,6 +23,7 @@ shuts down after its checkpoint.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -88,6 +89,8 @@ class StopSignals:
             # the request in that time (torchrun's forwarded copy) must not turn exit 75
             # into a death by the default action; one after the window still ends it.
             signal.signal(sig, old if self.signum is None else self._late)
+        if self.signum is not None:
+            atexit.register(self._ignore_repeats_at_exit)
         signal.set_wakeup_fd(self._old_fd)
         self._writer.close()  # ends the reader thread
         # Joined before its socket closes: a daemon thread still inside recv() when the
@@ -109,11 +112,18 @@ class StopSignals:
                     self._received(signum)
 
     def _late(self, signum: int, frame) -> None:
-        """The handler once the block is left after a stop request, until the process exits:
-        repeats within the window count as the same request, as inside the block. (At the
-        very end of the interpreter's shutdown Python restores the default actions; a signal
-        that arrives while no Python code runs is noted and dropped.)"""
+        """The handler once the block is left after a stop request: repeats within the
+        window count as the same request, as inside the block."""
         self._received(signum)
+
+    def _ignore_repeats_at_exit(self) -> None:
+        """The interpreter's shutdown, after its atexit calls, puts the default action back
+        for every signal with a Python handler, then tears down the modules (torch's take
+        most of a second): a repeat then would end the process with 143 after all. Ignored
+        signals stay ignored, so within the window the stop signals are ignored to the end."""
+        if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
     def _received(self, signum: int) -> None:
         now = time.monotonic()
