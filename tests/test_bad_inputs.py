@@ -576,3 +576,25 @@ def test_latest_turned_into_a_directory_during_a_run(tmp_path, toy_overrides, mo
     assert "ckpt-000002 is intact" not in msg and "disk" not in msg
     assert not (run / "ckpt-000002").exists() and not list(run.glob(".ckpt-*"))
     assert not (run / "summary.json").exists()
+
+
+# ---------------------------------------------------------------- output that goes away
+def test_a_closed_stdout_does_not_stop_training(tmp_path, toy_overrides, monkeypatch):
+    """``flowdppo train ... | head -1``: the reader is gone before the first progress line.
+    The progress falls silent; the run trains to its end and checkpoints."""
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader went away: writes fail with EPIPE
+    stdout = open(write, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    run = tmp_path / "run"
+    try:
+        assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 0
+        print("more output", flush=True)  # now goes to /dev/null
+    finally:
+        monkeypatch.undo()
+        stdout.close()
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2]
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000002"
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 2

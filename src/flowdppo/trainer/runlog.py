@@ -17,6 +17,7 @@ from PIL import Image
 
 from flowdppo.trainer.checkpoint import write_text_atomic
 from flowdppo.trainer.media import GridPage
+from flowdppo.verbosity import echo
 
 if TYPE_CHECKING:
     from flowdppo.config import Config
@@ -260,10 +261,9 @@ class Progress:
             )
             self.bar.update(1)
         else:
-            print(
+            echo(
                 f"iter {iteration + 1}/{total} reward {reward:.4f} kl_ref {kl:.3e} "
-                f"{label} {extra:.3f} time {metrics.get('time/iteration', 0):.2f}s",
-                flush=True,
+                f"{label} {extra:.3f} time {metrics.get('time/iteration', 0):.2f}s"
             )
 
     def close(self) -> None:
