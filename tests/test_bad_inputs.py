@@ -598,3 +598,26 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path, toy_overrides, monkeyp
     assert [r["iteration"] for r in metrics_of(run)] == [1, 2]
     assert ckpt.latest_checkpoint(run).name == "ckpt-000002"
     assert json.loads((run / "summary.json").read_text())["iterations"] == 2
+
+
+# ---------------------------------------------------------------- prompt files
+def test_prompt_files_lose_a_byte_order_mark_and_invisible_lines(tmp_path):
+    from flowdppo.config import ConfigError
+    from flowdppo.tasks.prompts import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(
+        "\ufeffa red fox on snow\r\n"
+        "\u200b\n"  # a zero-width space alone: no prompt
+        " \u2060\u00ad\ufeff \t\n"  # word joiner, soft hyphen, a stray mark: no prompt
+        "\u200btwo cats\u200b \n"  # invisible ends go, the prompt stays
+        "a family \U0001f468\u200d\U0001f469\u200d\U0001f467\n".encode()  # a joiner inside stays
+    )
+    assert read_prompts(str(path), "data.train_prompts") == [
+        "a red fox on snow",
+        "two cats",
+        "a family \U0001f468\u200d\U0001f469\u200d\U0001f467",
+    ]
+    path.write_bytes("\ufeff\n\u200b\n\u200c \n".encode())
+    with pytest.raises(ConfigError, match="data.heldout_prompts: prompt file .* holds no prompts"):
+        read_prompts(str(path), "data.heldout_prompts")
