@@ -621,3 +621,14 @@ def test_prompt_files_lose_a_byte_order_mark_and_invisible_lines(tmp_path):
     path.write_bytes("\ufeff\n\u200b\n\u200c \n".encode())
     with pytest.raises(ConfigError, match="data.heldout_prompts: prompt file .* holds no prompts"):
         read_prompts(str(path), "data.heldout_prompts")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_a_run_dir_under_a_tilde_goes_home(tmp_path, monkeypatch, toy_overrides):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", *toy_overrides, "train.iterations=1", "log.run_dir=~/runs/x"]) == 0
+    assert (tmp_path / "home" / "runs" / "x" / "summary.json").is_file()
+    assert not (tmp_path / "~").exists()

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 OBJECTIVES = {
     "dppo": "dppo",
@@ -42,6 +51,21 @@ PAPER_ALGORITHMS = ("dppo", "grpo", "cps", "guard", "nft", "dppo+cps")
 
 class ConfigError(ValueError):
     """A configuration problem, with a message meant for the user."""
+
+
+def _expand_user(value: str | None) -> str | None:
+    """``~`` or ``~user`` at the start of a path key, expanded as ``model.path`` always was
+    (a shell leaves ``log.run_dir=~/runs/x`` alone: the tilde is not at a word's start)."""
+    if value is None or not value.startswith("~"):
+        return value
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        raise ValueError(f"cannot expand {value!r}: no home directory is known (HOME is not set)")
+    return expanded
+
+
+#: A config key that names a file or directory.
+PathKey = Annotated[str | None, AfterValidator(_expand_user)]
 
 
 class _Section(BaseModel):
@@ -415,7 +439,7 @@ MODEL_KINDS = ("task", *DIFFUSERS_KINDS)
 
 
 class ModelConfig(_Section):
-    weights: str | None = Field(None, description="base weights path; null: the task's shipped")
+    weights: PathKey = Field(None, description="base weights path; null: the task's shipped")
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
@@ -427,7 +451,7 @@ class ModelConfig(_Section):
         "model.path's pipeline class; or one adapter by name (sd3, flux, wan, flux2, "
         "qwen_image, z_image, hunyuan_video15); null: auto when model.path is set, else task",
     )
-    path: str | None = Field(None, description="local diffusers pipeline directory")
+    path: PathKey = Field(None, description="local diffusers pipeline directory")
     adapter: str | None = Field(
         None, description="a user adapter class by import path, package.module:Class"
     )
@@ -490,10 +514,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_prompts: str | None = Field(
+    train_prompts: PathKey = Field(
         None, description="task prompts: text file, one training prompt per line"
     )
-    heldout_prompts: str | None = Field(
+    heldout_prompts: PathKey = Field(
         None, description="task prompts: text file of prompts never trained on (optional)"
     )
     eval_prompts: int = Field(
@@ -502,7 +526,7 @@ class DataConfig(_Section):
 
 
 class LogConfig(_Section):
-    run_dir: str | None = Field(None, description="null: runs/<name>-<time>")
+    run_dir: PathKey = Field(None, description="null: runs/<name>-<time>")
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(
