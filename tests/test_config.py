@@ -152,3 +152,5 @@ def test_a_tilde_in_every_path_key_is_the_home_directory(tmp_path, monkeypatch):
     assert (d.train_prompts, d.heldout_prompts) == (f"{home}/train.txt", f"{home}/heldout.txt")
     # Only a leading tilde is a home directory.
     assert load_config(None, ["log.run_dir=runs/~x"]).log.run_dir == "runs/~x"
+    with pytest.raises(ConfigError, match="log.run_dir.*there is no user 'no-such-user-x'"):
+        load_config(None, ["log.run_dir=~no-such-user-x/runs"])

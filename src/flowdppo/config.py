@@ -60,7 +60,9 @@ def _expand_user(value: str | None) -> str | None:
         return value
     expanded = os.path.expanduser(value)
     if expanded.startswith("~"):
-        raise ValueError(f"cannot expand {value!r}: no home directory is known (HOME is not set)")
+        user = value[1:].split("/", 1)[0]
+        why = f"there is no user {user!r}" if user else "no home directory is known (HOME unset)"
+        raise ValueError(f"cannot expand {value!r}: {why}")
     return expanded
 
 
