@@ -361,6 +361,7 @@ def _eval(ns) -> int:
     from flowdppo.evaluate import Evaluator
     from flowdppo.rewards import get_reward
     from flowdppo.runs import load_run
+    from flowdppo.trainer.checkpoint import write_text_atomic
     from flowdppo.trainer.loop import make_sampler_spec, reward_options
 
     ns.steps = _step_counts(ns.steps)
@@ -387,18 +388,19 @@ def _eval(ns) -> int:
 
         rows = measure(cfg, model, ev, task.eval_split(), ns.steps)
         text = json.dumps({"rows": rows}, indent=1)
-        (Path(ns.run) / "inference_cost.json").write_text(text)
+        # Whole or not at all: a kill mid-write keeps the previous table the report reads.
+        write_text_atomic(Path(ns.run) / "inference_cost.json", text)
         echo(format_table(rows, iteration))
         echo(f"wrote {Path(ns.run) / 'inference_cost.json'}")
         if ns.out:
-            Path(ns.out).write_text(text)
+            write_text_atomic(Path(ns.out), text)
         return 0
     metrics = ev.run(*task.eval_split())
     metrics["iteration"] = iteration
     text = json.dumps(metrics, indent=1)
     echo(text)
     if ns.out:
-        Path(ns.out).write_text(text)
+        write_text_atomic(Path(ns.out), text)
     return 0
 
 

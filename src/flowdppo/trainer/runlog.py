@@ -234,7 +234,26 @@ def truncate_metrics(path: Path, keep_through: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of ``metrics.jsonl``; a line that is not a JSON object (the last one cut by
+    a kill while it was written) is a ValueError naming the file, the line and the fix."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            row, why = None, str(exc)
+        else:
+            why = "not a JSON object"
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}, line {n}, is not a metrics row ({why}): a run killed while writing "
+                f"it leaves its last line cut. `flowdppo train --resume {Path(path).parent}` "
+                "drops it (and redoes that iteration), or delete that line"
+            )
+        rows.append(row)
+    return rows
 
 
 class Progress:
