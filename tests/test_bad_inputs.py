@@ -632,3 +632,48 @@ def test_a_run_dir_under_a_tilde_goes_home(tmp_path, monkeypatch, toy_overrides)
     assert cli.main(["train", *toy_overrides, "train.iterations=1", "log.run_dir=~/runs/x"]) == 0
     assert (tmp_path / "home" / "runs" / "x" / "summary.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+# ---------------------------------------------------------------- Ctrl-C, a hung reward
+@pytest.mark.parametrize("where", ["train start-up", "eval"])
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(
+    finished_run, monkeypatch, capsys, where
+):
+    from flowdppo import runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run, _ = finished_run
+    if where == "eval":
+        monkeypatch.setattr(runs, "load_run", interrupted)
+        args = ["eval", str(run)]
+    else:
+        monkeypatch.setattr(loop, "task_for_config", interrupted)  # the model is loading
+        args = ["train", "--resume", str(run), "train.iterations=5"]
+    capsys.readouterr()
+    assert cli.main(args) == 130
+    assert capsys.readouterr().err == "flowdppo: interrupted (Ctrl-C)\n"
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(run)]) == 0  # the run's lock was let go
+
+
+def test_a_reward_that_never_returns_stops_the_run_naming_it(tmp_path, toy_overrides, capsys):
+    import threading
+
+    release = threading.Event()
+
+    def hangs(images, prompts):
+        release.wait(20)  # forever, as far as the run can tell
+        return _brightness(images, prompts)
+
+    _register("toy_hangs", hangs)
+    run = tmp_path / "run"
+    args = ["reward.names=[toy_hangs]", "reward.timeout_s=0.3", f"log.run_dir={run}"]
+    try:
+        assert cli.main(["train", *toy_overrides, *args]) == 2
+    finally:
+        release.set()
+    err = capsys.readouterr().err
+    assert err.startswith("error: reward 'toy_hangs' did not return within reward.timeout_s")
+    assert "= 0.3 s" in err and err.count("\n") == 1

@@ -178,11 +178,14 @@ def test_an_interrupted_eval_keeps_the_previous_inference_cost_table(
     shutil.copytree(two_runs[1], run)
     table = (run / "inference_cost.json").read_text()
 
+    class Killed(BaseException):
+        pass
+
     def killed(fd):
-        raise KeyboardInterrupt  # the table is written, not yet in place
+        raise Killed  # the table is written, not yet in place
 
     monkeypatch.setattr(checkpoint.os, "fsync", killed)
-    with pytest.raises(KeyboardInterrupt) as err:
+    with pytest.raises(Killed) as err:
         main(["eval", str(run), "--steps", "2", "-n", "1"])
     assert err.traceback[-2].name == "write_text_atomic"
     assert (run / "inference_cost.json").read_text() == table

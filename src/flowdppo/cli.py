@@ -362,13 +362,14 @@ def _eval(ns) -> int:
     from flowdppo.rewards import get_reward
     from flowdppo.runs import load_run
     from flowdppo.trainer.checkpoint import write_text_atomic
+    from flowdppo.trainer.guards import bounded
     from flowdppo.trainer.loop import make_sampler_spec, reward_options
 
     ns.steps = _step_counts(ns.steps)
     _check_sampling_options(ns)
     cfg, task, model, iteration = load_run(ns.run, raw_weights=ns.raw_weights)
     rewards = {
-        n: get_reward(n, **reward_options(cfg, n))
+        n: bounded(n, get_reward(n, **reward_options(cfg, n)), cfg.reward.timeout_s)
         for n in (cfg.reward.names or task.default_rewards)
     }
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
@@ -451,9 +452,18 @@ def _pretrain(ns) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flowdppo.config import ConfigError
-    from flowdppo.trainer.checkpoint import CheckpointError
-    from flowdppo.trainer.loop import TrainingError
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C where no stop handler runs: while a command starts (imports, a model
+        # loading), in eval, sample, report... Training's own loop stops at an iteration
+        # boundary with a checkpoint instead (exit 75). Files are replaced whole, so what
+        # was written before stays good.
+        print("flowdppo: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 128 + 2
+
+
+def _main(argv: list[str] | None) -> int:
     from flowdppo.verbosity import drop_closed_output, set_verbose
 
     parser = _parser()
@@ -463,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         ns.overrides += extra  # key=value given after the options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from flowdppo.config import ConfigError
+    from flowdppo.trainer.checkpoint import CheckpointError
+    from flowdppo.trainer.loop import TrainingError
+
     handlers = {
         "train": _train,
         "sample": _sample,

@@ -137,8 +137,10 @@ class Trainer:
                 f"reward.options names {stray}, which this run does not use (its rewards: "
                 f"{reward_names})"
             )
+        timeout = cfg.reward.timeout_s  # a reward that hangs stops the run, naming it
         self.rewards = {
-            name: get_reward(name, **reward_options(cfg, name)) for name in reward_names
+            name: guards.bounded(name, get_reward(name, **reward_options(cfg, name)), timeout)
+            for name in reward_names
         }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
