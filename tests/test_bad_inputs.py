@@ -677,3 +677,77 @@ def test_a_reward_that_never_returns_stops_the_run_naming_it(tmp_path, toy_overr
     err = capsys.readouterr().err
     assert err.startswith("error: reward 'toy_hangs' did not return within reward.timeout_s")
     assert "= 0.3 s" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- writes other than checkpoints
+def test_full_disk_while_writing_a_grid(tmp_path, toy_overrides, monkeypatch, capsys):
+    from PIL import Image
+
+    original = Image.Image.save
+
+    def fill_up(self, fp, *args, **kwargs):
+        if "iter-000002" in str(fp):
+            _enospc()
+        return original(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fill_up)
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    grid = run / "grids" / "iter-000002.png"
+    assert err == (
+        f"error: could not write {grid}: No space left on device. Free disk space; the last "
+        f"complete checkpoint, {run / 'ckpt-000001'}, is intact: flowdppo train --resume {run}\n"
+    )
+    assert sorted(p.name for p in (run / "grids").iterdir()) == ["iter-000000.png"]
+
+
+def test_a_tensorboard_failure_is_named_and_not_hidden_by_its_close(
+    tmp_path, toy_overrides, monkeypatch, capsys
+):
+    """TensorBoard's writer thread fails (a file-size limit: EFBIG, no file name): the error
+    names the tensorboard folder, not metrics.jsonl, and its re-raise when the writer
+    closes does not replace that account with a traceback."""
+    from flowdppo.trainer.runlog import TensorBoardLogger
+
+    def too_large(*args):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    original = TensorBoardLogger.scalars
+    monkeypatch.setattr(
+        TensorBoardLogger,
+        "scalars",
+        lambda self, it, m: too_large() if it == 2 else original(self, it, m),
+    )
+    monkeypatch.setattr(TensorBoardLogger, "close", lambda self: too_large())
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, "log.tensorboard=true", f"log.run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not append to {run / 'tensorboard'} (File too large)")
+    assert "metrics.jsonl" not in err and "ulimit -f" in err and err.count("\n") == 1
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000001"
+
+
+def test_a_run_dir_near_the_path_length_limit_fails_before_any_work(tmp_path, toy_overrides):
+    # Long enough that a short probe name fits and config.yaml's temporary name does not.
+    run = tmp_path
+    while len(str(run)) < 4082 - 250:
+        run = run / ("d" * 200)
+    run = run / ("r" * (4082 - len(str(run)) - 1))
+    assert len(str(run)) == 4082  # PATH_MAX is 4096 with its NUL
+    with pytest.raises(TrainingError, match="is not writable.*File name too long"):
+        Trainer(load_config(None, toy_overrides), run)
+    assert not (run / "config.yaml").exists()
+
+
+def test_other_commands_name_the_file_they_cannot_write(finished_run, tmp_path, capsys):
+    run, _ = finished_run
+    assert cli.main(["report", str(run), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {tmp_path} is a directory; name the HTML file, e.g. " + (
+        f"{tmp_path}/report.html\n"
+    )
+    out = tmp_path / "missing" / "metrics.json"
+    assert cli.main(["eval", str(run), "-n", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: No such file or directory (") and err.count("\n") == 1

@@ -496,3 +496,9 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except OSError as exc:  # a file the command writes or reads: its name and the cause
+        from flowdppo.trainer.checkpoint import describe_failure, failure_fix
+
+        place = Path(exc.filename).parent if exc.filename else Path.cwd()
+        print(f"error: {describe_failure(exc)} ({failure_fix(exc, place)})", file=sys.stderr)
+        return 2

@@ -63,15 +63,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all; a failed write leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise named(exc, path) from exc
     except BaseException:
         _remove(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """``exc`` as the failure to write ``path`` (not its temporary name, or no name)."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -152,20 +160,36 @@ def check_layout(run_dir: Path, doing: str) -> None:
         )
 
 
-def _advice(exc: BaseException, run_dir: Path) -> str:
-    """What to do about a failed write, by its cause (only a full disk is the disk's)."""
+def failure_fix(exc: BaseException, place: Path) -> str:
+    """What to do about a failed write into ``place``, by its cause (only a full disk is
+    the disk's)."""
     code = getattr(exc, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
-        what = "Free disk space"
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        what = f"Make {run_dir} writable"
-    elif code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY):
-        what = f"Move away what replaced flowdppo's files in {run_dir}"
-    elif code == errno.ENAMETOOLONG:
-        what = "Choose a shorter log.run_dir"
-    else:
-        what = "Fix the cause above"
-    return f"{what}, then continue with --resume {run_dir}"
+    if code is None:  # safetensors reports the kernel's error as text: "(os error 28)"
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "Free disk space"
+    if code == errno.EFBIG:
+        return "Free disk space or raise the file-size limit (ulimit -f)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Make {place} writable"
+    if code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY):
+        return f"Move away what stands where flowdppo writes in {place}"
+    if code == errno.ENAMETOOLONG:
+        return "Choose a shorter path"
+    return "Fix the cause above"
+
+
+def describe_failure(exc: OSError) -> str:
+    """``PATH: cause`` of a failed file operation (the cause alone when no path is known)."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {cause}" if exc.filename else cause
+
+
+def _advice(exc: BaseException, run_dir: Path) -> str:
+    if latest_checkpoint(run_dir) is None:  # nothing to resume: the run starts again
+        return f"{failure_fix(exc, run_dir)}, then start the run again with the same command"
+    return f"{failure_fix(exc, run_dir)}, then continue with --resume {run_dir}"
 
 
 def save_checkpoint(

@@ -233,11 +233,15 @@ class Trainer:
         print(line, file=sys.stderr, flush=True)
 
     def _start_run_dir(self) -> None:
-        probe = self.run_dir / ".write-test"
+        # As deep and long as the names a run writes (checkpoint files, TensorBoard's event
+        # files): a run directory near the path-length limit fails here, not at its end.
+        probe = self.run_dir / ".write-probe" / ("p" * 96)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.parent.mkdir(exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
+            probe.parent.rmdir()
         except OSError as exc:
             raise TrainingError(f"run directory {self.run_dir} is not writable: {exc}") from exc
         self.lock.acquire()
@@ -246,7 +250,13 @@ class Trainer:
                 f"run directory {self.run_dir} already holds checkpoints; continue it with "
                 f"--resume {self.run_dir} or choose another log.run_dir"
             )
-        ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+        try:
+            ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {ckpt.describe_failure(exc)} "
+                f"({ckpt.failure_fix(exc, self.run_dir)})"
+            ) from exc
 
     def _resume(self) -> None:
         ckpt.check_layout(self.run_dir, f"cannot resume {self.run_dir}")
@@ -647,6 +657,11 @@ class Trainer:
                 return json.loads((self.run_dir / SUMMARY).read_text())
             self._train()
             return self._write_summary()
+        except OSError as exc:  # a grid, TensorBoard, the summary: one account, not a trace
+            raise TrainingError(
+                f"could not write {ckpt.describe_failure(exc)}. "
+                f"{ckpt.failure_fix(exc, self.run_dir)}; {self._surviving_checkpoint()}"
+            ) from exc
         finally:
             self._release_run_dir()
 
@@ -678,9 +693,10 @@ class Trainer:
             log.log(self.iteration, metrics)
         except OSError as exc:
             raise TrainingError(
-                f"could not append to {log.path} ({exc}); the checkpoints and the "
-                f"metrics already written are intact. Free disk space, then continue "
-                f"with --resume {self.run_dir}"
+                f"could not append to {exc.filename or log.path} ({exc.strerror or exc}); "
+                "the checkpoints and the metrics already written are intact. "
+                f"{ckpt.failure_fix(exc, self.run_dir)}, then continue with --resume "
+                f"{self.run_dir}"
             ) from exc
         progress.update(self.iteration - 1, cfg.train.iterations, metrics)
         signum, due = self._safe_point(stop)
