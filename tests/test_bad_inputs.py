@@ -751,3 +751,12 @@ def test_other_commands_name_the_file_they_cannot_write(finished_run, tmp_path, 
     assert cli.main(["eval", str(run), "-n", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out}: No such file or directory (") and err.count("\n") == 1
+
+
+def test_sample_refuses_more_samples_than_memory_holds_before_any_work(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    args = ["--task", "digits", "--prompts", "three", "-n", "1000000000000", "--out", str(out)]
+    code = cli.main(["sample", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: -n 1000000000000 x 1 prompts asks for")
+    assert "memory" in err and err.count("\n") == 1 and not out.exists()

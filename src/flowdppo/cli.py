@@ -318,6 +318,7 @@ def _step_counts(text: str | None) -> list[int] | None:
 def _sample(ns) -> int:
     import torch
 
+    from flowdppo.trainer.budget import check_sample_memory
     from flowdppo.trainer.loop import make_sampler_spec
     from flowdppo.trainer.media import write_grid
     from flowdppo.trainer.rollout import ForwardCounter, sample
@@ -348,6 +349,7 @@ def _sample(ns) -> int:
         cfg.sampler.guidance_scale = ns.guidance
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     gen = torch.Generator().manual_seed(ns.seed)
+    check_sample_memory(model, len(prompts) * ns.n, f"-n {ns.n} x {len(prompts)} prompts")
     batch = [p for p in prompts for _ in range(ns.n)]
     noise = model.initial_noise(len(batch), gen)
     final, _ = sample(model, model.encode(batch), noise, spec, [], gen, ForwardCounter())
