@@ -190,3 +190,22 @@ def test_an_interrupted_eval_keeps_the_previous_inference_cost_table(
     assert err.traceback[-2].name == "write_text_atomic"
     assert (run / "inference_cost.json").read_text() == table
     assert not list(run.glob("*.tmp"))
+
+
+def test_a_unicode_run_dir_under_an_ascii_locale(tmp_path, toy_run):
+    """Without Python's UTF-8 mode, under the C locale, a path's non-ASCII bytes reach the
+    report as lone surrogates: its title and plots still show the run's name."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "rün-ü"
+    shutil.copytree(toy_run, run)
+    env = dict(os.environ, LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowdppo", "report", str(run)],
+        env=env,
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert "flowdppo run: rün-ü" in (run / "report.html").read_text(encoding="utf-8")

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 from flowdppo.config import ConfigError
-from flowdppo.report.runs import collect, is_compare_dir
+from flowdppo.report.runs import collect, is_compare_dir, shown
 from flowdppo.trainer.checkpoint import write_text_atomic
 
 __all__ = ["write_report"]
@@ -41,5 +41,5 @@ def write_report(
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; name the HTML file, e.g. {out}/report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, render(groups, title, command))
+    write_text_atomic(out, shown(render(groups, title, command)))
     return out
