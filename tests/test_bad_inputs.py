@@ -760,3 +760,26 @@ def test_sample_refuses_more_samples_than_memory_holds_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: -n 1000000000000 x 1 prompts asks for")
     assert "memory" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_resume_while_the_disk_is_still_full(finished_run, monkeypatch, capsys):
+    """A continuation whose first write (config.yaml's new budget) fails: one line naming
+    the file and the cause; the run is as it was."""
+    import stat
+
+    run, _ = finished_run
+    config = (run / "config.yaml").read_text()
+    fsync = os.fsync
+
+    def full(fd):  # the data of a file cannot reach the disk
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            _enospc()
+        fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    assert cli.main(["train", "--resume", str(run), "train.iterations=5"]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err == f"error: {run / 'config.yaml'}: No space left on device (Free disk space)\n"
+    assert (run / "config.yaml").read_text() == config and not list(run.glob("*.tmp"))
+    assert cli.main(["train", "--resume", str(run), "train.iterations=4"]) == 0  # space is back

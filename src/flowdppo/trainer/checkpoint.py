@@ -44,11 +44,14 @@ class CheckpointError(RuntimeError):
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise named(exc, path) from exc
 
 
 def _sha256(path: Path) -> str:
