@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from flowdppo.verbosity import echo
+
 EPILOG_TRAIN = """examples:
   flowdppo train                                  # the default Flow-DPPO run on digits
   flowdppo train --task shapes                    # Flow-DPPO on the compositional shapes task
@@ -171,7 +173,7 @@ def _report(ns) -> int:
     from flowdppo.report import write_report
 
     out = write_report(ns.paths, ns.out)
-    print(f"wrote {out}")
+    echo(f"wrote {out}")
     return 0
 
 
@@ -240,24 +242,22 @@ def _train(ns) -> int:
     if trainer.finished:
         trainer.train()  # returns at once, releasing the run
         if rank0:
-            print(
+            echo(
                 f"flowdppo: {run_dir} is finished ({trainer.iteration} of "
                 f"{trainer.cfg.train.iterations} iterations); nothing to do. Its results: "
                 f"{run_dir / 'summary.json'}; to train it further: flowdppo train --resume "
                 f"{run_dir} train.iterations=N with N > {trainer.cfg.train.iterations}",
-                flush=True,
             )
         distributed.finish_distributed()
         return 0
     if rank0:
         from flowdppo.config import describe_trust_region
 
-        print(
+        echo(
             f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> "
             f"{run_dir}"
             + (f" ({trainer.world_size} processes, {trainer.backend})" if multi else "")
             + f"\n  {describe_trust_region(trainer.cfg)}",
-            flush=True,
         )
     try:
         summary = trainer.train()
@@ -274,25 +274,25 @@ def _train(ns) -> int:
 
 def _print_summary(summary: dict, cfg) -> None:
     before, after = summary["before"], summary["after"]
-    print("\nreward (ODE samples, fixed noise)      before -> after")
+    echo("\nreward (ODE samples, fixed noise)      before -> after")
     for key in sorted(after):
         if "/reward/" in key or "/kl_ref/" in key:
             b = before.get(key, float("nan"))
-            print(
+            echo(
                 f"  {key:<38} {b:.4f} -> {after[key]:.4f}"
                 if "reward" in key
                 else f"  {key:<38} {b:.2e} -> {after[key]:.2e}"
             )
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_per_phase_s"].items())
-    print(f"time per phase: {times}")
+    echo(f"time per phase: {times}")
     run = summary["run_dir"]
     logs = [f"{run}/metrics.jsonl"] + ([f"{run}/tensorboard"] if cfg.log.tensorboard else [])
     logs += [f"wandb ({cfg.log.wandb_project})"] if cfg.log.wandb else []
-    print(
+    echo(
         f"logs: {', '.join(logs)}; grids: {run}/grids/; checkpoints: {run}/ckpt-*; "
         f"summary: {run}/summary.json"
     )
-    print(f"see it in a browser: flowdppo report {run}")
+    echo(f"see it in a browser: flowdppo report {run}")
 
 
 def _check_at_least(option: str, value, low: float, what: str) -> None:
@@ -326,6 +326,7 @@ def _step_counts(text: str | None) -> list[int] | None:
 def _sample(ns) -> int:
     import torch
 
+    from flowdppo.trainer.budget import check_sample_memory
     from flowdppo.trainer.loop import make_sampler_spec
     from flowdppo.trainer.media import write_grid
     from flowdppo.trainer.rollout import ForwardCounter, sample
@@ -358,12 +359,13 @@ def _sample(ns) -> int:
         cfg.sampler.solver = ns.solver
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     gen = torch.Generator().manual_seed(ns.seed)
+    check_sample_memory(model, len(prompts) * ns.n, f"-n {ns.n} x {len(prompts)} prompts")
     batch = [p for p in prompts for _ in range(ns.n)]
     noise = model.initial_noise(len(batch), gen)
     final, _ = sample(model, model.encode(batch), noise, spec, [], gen, ForwardCounter())
     pages = write_grid(model.decode(final), batch, Path(ns.out), columns=min(ns.n, 8))
     files = [str(f) for p in pages for f in (p.png, p.gif, p.mp4) if f is not None]
-    print(f"wrote {len(batch)} samples to {', '.join(files)}")
+    echo(f"wrote {len(batch)} samples to {', '.join(files)}")
     return 0
 
 
@@ -371,6 +373,8 @@ def _eval(ns) -> int:
     from flowdppo.evaluate import Evaluator
     from flowdppo.rewards import get_reward
     from flowdppo.runs import load_run
+    from flowdppo.trainer.checkpoint import write_text_atomic
+    from flowdppo.trainer.guards import bounded
     from flowdppo.trainer.loop import make_sampler_spec, reward_options
 
     ns.steps = _step_counts(ns.steps)
@@ -379,7 +383,7 @@ def _eval(ns) -> int:
     if ns.solver is not None:
         cfg.sampler.solver = ns.solver
     rewards = {
-        n: get_reward(n, **reward_options(cfg, n))
+        n: bounded(n, get_reward(n, **reward_options(cfg, n)), cfg.reward.timeout_s)
         for n in (cfg.reward.names or task.default_rewards)
     }
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
@@ -399,18 +403,19 @@ def _eval(ns) -> int:
 
         rows = measure(cfg, model, ev, task.eval_split(), ns.steps)
         text = json.dumps({"rows": rows}, indent=1)
-        (Path(ns.run) / "inference_cost.json").write_text(text)
-        print(format_table(rows, iteration))
-        print(f"wrote {Path(ns.run) / 'inference_cost.json'}")
+        # Whole or not at all: a kill mid-write keeps the previous table the report reads.
+        write_text_atomic(Path(ns.run) / "inference_cost.json", text)
+        echo(format_table(rows, iteration))
+        echo(f"wrote {Path(ns.run) / 'inference_cost.json'}")
         if ns.out:
-            Path(ns.out).write_text(text)
+            write_text_atomic(Path(ns.out), text)
         return 0
     metrics = ev.run(*task.eval_split())
     metrics["iteration"] = iteration
     text = json.dumps(metrics, indent=1)
-    print(text)
+    echo(text)
     if ns.out:
-        Path(ns.out).write_text(text)
+        write_text_atomic(Path(ns.out), text)
     return 0
 
 
@@ -436,7 +441,7 @@ def _export_lora(ns) -> int:
 
     _, _, model, iteration = load_run(run_dir, raw_weights=ns.raw_weights)
     out = save_lora_for_diffusers(model, ns.out)
-    print(
+    echo(
         f"wrote the LoRA of {run_dir} (iteration {iteration}) to {out}; load it with "
         f"{lora_load_hint(model, out)}"
     )
@@ -456,15 +461,24 @@ def _pretrain(ns) -> int:
     pretrain(out, ns.seed)
     base = out / f"{ns.task}_base.safetensors"
     use = f"; train on the base model with model.weights={base}" if base.is_file() else ""
-    print(f"wrote task {ns.task!r}'s pretrained weights to {out}/{use}")
+    echo(f"wrote task {ns.task!r}'s pretrained weights to {out}/{use}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flowdppo.config import ConfigError
-    from flowdppo.trainer.checkpoint import CheckpointError
-    from flowdppo.trainer.loop import TrainingError
-    from flowdppo.verbosity import set_verbose
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C where no stop handler runs: while a command starts (imports, a model
+        # loading), in eval, sample, report... Training's own loop stops at an iteration
+        # boundary with a checkpoint instead (exit 75). Files are replaced whole, so what
+        # was written before stays good.
+        print("flowdppo: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 128 + 2
+
+
+def _main(argv: list[str] | None) -> int:
+    from flowdppo.verbosity import drop_closed_output, set_verbose
 
     parser = _parser()
     ns, extra = parser.parse_known_args(argv)
@@ -473,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         ns.overrides += extra  # key=value given after the options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from flowdppo.config import ConfigError
+    from flowdppo.trainer.checkpoint import CheckpointError
+    from flowdppo.trainer.loop import TrainingError
+
     handlers = {
         "train": _train,
         "sample": _sample,
@@ -484,6 +502,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[ns.command](ns)
+    except BrokenPipeError:
+        # Output printed outside echo() whose reader went away: no traceback, and the
+        # status a shell gives a command ended by SIGPIPE.
+        drop_closed_output(sys.stdout)
+        return 128 + 13
     except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except OSError as exc:  # a file the command writes or reads: its name and the cause
+        from flowdppo.trainer.checkpoint import describe_failure, failure_fix
+
+        place = Path(exc.filename).parent if exc.filename else Path.cwd()
+        print(f"error: {describe_failure(exc)} ({failure_fix(exc, place)})", file=sys.stderr)
+        return 2

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from flowdppo.config.base import _Section
+from flowdppo.config.base import PathKey, _Section
 
 
 class DataConfig(_Section):
-    train_prompts: str | None = Field(
+    train_prompts: PathKey = Field(
         None, description="task prompts: text file, one training prompt per line"
     )
-    heldout_prompts: str | None = Field(
+    heldout_prompts: PathKey = Field(
         None, description="task prompts: text file of prompts never trained on (optional)"
     )
     eval_prompts: int = Field(

@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from flowdppo.config.base import _Section
+from flowdppo.config.base import PathKey, _Section
 
 
 class LogConfig(_Section):
-    run_dir: str | None = Field(None, description="null: runs/<name>-<time>")
+    run_dir: PathKey = Field(None, description="null: runs/<name>-<time>")
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(

@@ -44,6 +44,12 @@ class RewardConfig(_Section):
         description="score a batch with all rewards at once, each in its own thread (false: "
         "one after the other, for rewards that are not thread-safe)",
     )
+    timeout_s: float | None = Field(
+        3600.0,
+        gt=0,
+        description="seconds one reward call may take before the run stops naming it (a hung "
+        "reward); null: no limit",
+    )
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)

@@ -12,14 +12,33 @@ frame count the pipeline cannot take) is reported here, before any weight is rea
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from flowdppo.config import DIFFUSERS_KINDS, Config, ConfigError
 from flowdppo.tasks import Task
 
 
+def _visible(line: str) -> str:
+    """``line`` without the invisible characters at either end: whitespace, and format and
+    control characters (a zero-width space, a byte-order mark, a soft hyphen) that editors
+    and copied web text leave in. Those inside a prompt (a zero-width joiner in an emoji)
+    stay."""
+    start, end = 0, len(line)
+    while start < end and _invisible(line[start]):
+        start += 1
+    while end > start and _invisible(line[end - 1]):
+        end -= 1
+    return line[start:end]
+
+
+def _invisible(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char) in ("Cf", "Cc")
+
+
 def read_prompts(path: str, key: str) -> list[str]:
-    """Non-blank lines of ``path``, stripped; ``key`` names the config key in errors."""
+    """Lines of ``path`` that show something, stripped of invisible characters at their
+    ends (a UTF-8 byte-order mark included); ``key`` names the config key in errors."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(
@@ -27,10 +46,10 @@ def read_prompts(path: str, key: str) -> list[str]:
             "fix the path"
         )
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not the prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}: cannot read prompt file {path!r} as UTF-8 text: {exc}") from exc
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line for line in map(_visible, text.splitlines()) if line]
     if not prompts:
         raise ConfigError(f"{key}: prompt file {path!r} holds no prompts (one per line)")
     return prompts

@@ -56,6 +56,8 @@ from flowdppo.trainer.update import (
     step_loss,
 )
 
+#: Written when a run reaches the end of its budget, and only then (removed when continued).
+SUMMARY = "summary.json"
 #: Checkpoint tensor names of DiffusionNFT's old model (next to the trainable tensors).
 OLD_MODEL_PREFIX = "nft_old_model."
 
@@ -138,8 +140,10 @@ class Trainer:
                 f"reward.options names {stray}, which this run does not use (its rewards: "
                 f"{reward_names})"
             )
+        timeout = cfg.reward.timeout_s  # a reward that hangs stops the run, naming it
         self.rewards = {
-            name: get_reward(name, **reward_options(cfg, name)) for name in reward_names
+            name: guards.bounded(name, get_reward(name, **reward_options(cfg, name)), timeout)
+            for name in reward_names
         }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
@@ -233,11 +237,15 @@ class Trainer:
         print(line, file=sys.stderr, flush=True)
 
     def _start_run_dir(self) -> None:
-        probe = self.run_dir / ".write-test"
+        # As deep and long as the names a run writes (checkpoint files, TensorBoard's event
+        # files): a run directory near the path-length limit fails here, not at its end.
+        probe = self.run_dir / ".write-probe" / ("p" * 96)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.parent.mkdir(exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
+            probe.parent.rmdir()
         except OSError as exc:
             raise TrainingError(f"run directory {self.run_dir} is not writable: {exc}") from exc
         self.lock.acquire()
@@ -246,9 +254,16 @@ class Trainer:
                 f"run directory {self.run_dir} already holds checkpoints; continue it with "
                 f"--resume {self.run_dir} or choose another log.run_dir"
             )
-        ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+        try:
+            ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {ckpt.describe_failure(exc)} "
+                f"({ckpt.failure_fix(exc, self.run_dir)})"
+            ) from exc
 
     def _resume(self) -> None:
+        ckpt.check_layout(self.run_dir, f"cannot resume {self.run_dir}")
         path, warning = ckpt.resolve_latest(self.run_dir)
         if warning:
             self._notice(f"warning: {warning}")
@@ -299,7 +314,16 @@ class Trainer:
 
     def _record_continuation(self, iteration: int) -> None:
         """A run continued past its budget (``--resume RUN train.iterations=N``): its
-        config.yaml gets the new budget and the continuation's entry in ``history``."""
+        config.yaml gets the new budget and the continuation's entry in ``history``.
+
+        First, a summary.json that does not describe this run's last iteration (the
+        continued run's old one, or one left by a continuation stopped before its end) is
+        removed, before config.yaml records the longer budget: a run stopped from now on has
+        no summary, so ``[ -f RUN/summary.json ]`` answers "finished" truthfully."""
+        summary = self.run_dir / SUMMARY
+        if summary.exists() and not self.finished:
+            summary.unlink(missing_ok=True)
+            ckpt.fsync_dir(self.run_dir)
         path = self.run_dir / "config.yaml"
         own = read_yaml(path).get("train", {}).get("iterations")
         if isinstance(own, int) and own != self.cfg.train.iterations:
@@ -693,19 +717,25 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        """Resumed at the end of its budget with its summary written: nothing left to do."""
+        """Resumed at the end of its budget with a summary of that very iteration: nothing
+        left to do. A summary of an earlier iteration (a continued run) does not count."""
         return (
             self.iteration >= self.cfg.train.iterations
-            and (self.run_dir / "summary.json").is_file()
+            and summary_iteration(self.run_dir) == self.iteration
         )
 
     def train(self) -> dict:
         """Train to the end of the budget; a finished run returns its summary unchanged."""
         try:
             if self.finished:
-                return json.loads((self.run_dir / "summary.json").read_text())
+                return json.loads((self.run_dir / SUMMARY).read_text())
             self._train()
             return self._write_summary()
+        except OSError as exc:  # a grid, TensorBoard, the summary: one account, not a trace
+            raise TrainingError(
+                f"could not write {ckpt.describe_failure(exc)}. "
+                f"{ckpt.failure_fix(exc, self.run_dir)}; {self._surviving_checkpoint()}"
+            ) from exc
         finally:
             self._release_run_dir()
 
@@ -737,9 +767,10 @@ class Trainer:
             log.log(self.iteration, metrics)
         except OSError as exc:
             raise TrainingError(
-                f"could not append to {log.path} ({exc}); the checkpoints and the "
-                f"metrics already written are intact. Free disk space, then continue "
-                f"with --resume {self.run_dir}"
+                f"could not append to {exc.filename or log.path} ({exc.strerror or exc}); "
+                "the checkpoints and the metrics already written are intact. "
+                f"{ckpt.failure_fix(exc, self.run_dir)}, then continue with --resume "
+                f"{self.run_dir}"
             ) from exc
         progress.update(self.iteration - 1, cfg.train.iterations, metrics)
         signum, due = self._safe_point(stop)
@@ -791,8 +822,17 @@ class Trainer:
             "counts": self.counter.as_dict(),
             "run_dir": str(self.run_dir),
         }
-        ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        ckpt.write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=1))
         return summary
+
+
+def summary_iteration(run_dir: str | Path) -> int | None:
+    """The iteration ``RUN/summary.json`` describes; None without a readable one."""
+    try:
+        value = json.loads((Path(run_dir) / SUMMARY).read_text()).get("iterations")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def trust_region_of(cfg: Config) -> dict:
