@@ -185,3 +185,18 @@ def test_dpm2_approaches_the_euler_limit_at_second_order_on_tiny_sd3(tiny_pipes)
     assert 0.9 < _order(steps, err["euler"]) < 1.1, err
     assert 1.8 < _order(steps, err["dpm2"]) < 2.6, err
     assert err["dpm2"][-1] < err["euler"][-1] / 5, err
+
+
+def test_evaluations_can_use_another_solver_than_the_rollouts(tmp_path, toy_overrides):
+    """DiffusionNFT's trainer samples its rollouts with dpm2 and evaluates with Euler."""
+    from flowdppo.trainer.loop import Trainer
+
+    over = [*toy_overrides, "sampler.solver=dpm2", f"log.run_dir={tmp_path / 'run'}"]
+    trainer = Trainer(load_config(None, [*over, "log.eval_solver=euler"]), tmp_path / "run")
+    assert (trainer.spec.solver, trainer.evaluator.spec.solver) == ("dpm2", "euler")
+    trainer._release_run_dir()
+    same = Trainer(load_config(None, over), tmp_path / "same")  # null: the sampler's
+    assert same.evaluator.spec.solver == "dpm2"
+    same._release_run_dir()
+    with pytest.raises(ConfigError, match="eval_solver"):
+        load_config(None, ["log.eval_solver=rk4"])

@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 RAW_WEIGHTS = "use the trained weights themselves, not their EMA (runs with train.ema)"
 SOLVER_CHOICES = ("euler", "dpm2")  # flowdppo.solvers.SOLVERS, without importing torch
 SOLVER_HELP = (
-    "ODE solver (default: the run's sampler.solver, euler for a task's base model): euler, "
+    "ODE solver (default: the run's log.eval_solver or sampler.solver, euler for a task's "
+    "base model): euler, "
     "or dpm2, the second-order multistep DPM-Solver++ that DiffusionNFT samples with "
     "(how close each gets to the many-step limit, per schedule: docs/method.md, ODE solvers)"
 )
@@ -355,8 +356,8 @@ def _sample(ns) -> int:
         cfg.sampler.num_sde_steps = 1
     if ns.guidance is not None:
         cfg.sampler.guidance_scale = ns.guidance
-    if ns.solver is not None:
-        cfg.sampler.solver = ns.solver
+    if ns.solver is not None or cfg.log.eval_solver is not None:
+        cfg.sampler.solver = ns.solver or cfg.log.eval_solver
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     gen = torch.Generator().manual_seed(ns.seed)
     check_sample_memory(model, len(prompts) * ns.n, f"-n {ns.n} x {len(prompts)} prompts")
@@ -380,8 +381,8 @@ def _eval(ns) -> int:
     ns.steps = _step_counts(ns.steps)
     _check_sampling_options(ns)
     cfg, task, model, iteration = load_run(ns.run, raw_weights=ns.raw_weights)
-    if ns.solver is not None:
-        cfg.sampler.solver = ns.solver
+    if ns.solver is not None or cfg.log.eval_solver is not None:
+        cfg.sampler.solver = ns.solver or cfg.log.eval_solver
     rewards = {
         n: bounded(n, get_reward(n, **reward_options(cfg, n)), cfg.reward.timeout_s)
         for n in (cfg.reward.names or task.default_rewards)

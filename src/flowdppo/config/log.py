@@ -17,6 +17,11 @@ class LogConfig(_Section):
         10, ge=0, description="iterations between evaluations and their sample grids (0: end only)"
     )
     eval_samples_per_prompt: int = Field(16, ge=1)
+    eval_solver: Literal["euler", "dpm2"] | None = Field(
+        None,
+        description="the ODE solver of evaluations, `flowdppo eval` and `flowdppo sample --run` "
+        "(DiffusionNFT trains on dpm2 rollouts but evaluates with euler); null: sampler.solver",
+    )
     eval_prompts: int | None = Field(
         None,
         ge=1,

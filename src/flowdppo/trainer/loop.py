@@ -8,6 +8,7 @@ function called in :func:`flowdppo.trainer.update.step_loss`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -202,7 +203,7 @@ class Trainer:
         self.evaluator = Evaluator(
             self.model,
             self.rewards,
-            self.spec,
+            dataclasses.replace(self.spec, solver=cfg.log.eval_solver or self.spec.solver),
             cfg.sampler.num_sde_steps,
             cfg.sampler.sde_window,
             cfg.log.eval_samples_per_prompt,
