@@ -200,3 +200,87 @@ def test_third_party_warnings_and_logs_are_quiet_unless_verbose(monkeypatch):
             logging.getLogger(name).setLevel(level)
         verbosity.set_verbose(True)
     assert len(shown[True]) == 2 and len(shown[False]) == 1  # only flowdppo's own warning
+
+
+# ---------------------------------------------------------------- recipes, fast answers
+def test_version_and_the_missing_equals_sign(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("flowdppo 0.")
+    assert cli.main(["train", "train.iterations", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "write train.iterations=VALUE" in err
+
+
+def test_recipes_are_found_by_name_and_print_with_every_key_explained(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # no clone here: the package's own recipes
+    assert cli.main(["recipes"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("sd3/grpo ") for line in listed)
+    assert any(line.startswith("experiments/table_digits ") for line in listed)
+    assert cli.main(["train", "sd3/grpo", "train.lr=2e-4", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "algorithm: grpo  # " in out and "  lr: 0.0002" in out
+    assert "  num_steps: 10  # denoising steps per sample" in out
+    # The docs' form, configs/..., is the same recipe from anywhere.
+    assert cli.main(["train", "configs/sd3/grpo.yaml", "train.lr=2e-4", "--print-config"]) == 0
+    assert capsys.readouterr().out == out
+    assert cli.main(["train", "sd3/grpoo"]) == 2
+    assert "did you mean the recipe 'sd3/grpo'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_built_wheel_carries_the_recipes(tmp_path):
+    """A non-editable install's view: the wheel built from the project holds every recipe,
+    and, unpacked alone, finds one by name from another directory."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "project"  # build from a copy: nothing is written into the checkout
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", str(tmp_path / "dist"), str(src)], check=True)
+    (wheel,) = (tmp_path / "dist").glob("flowdppo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n for n in names if n.startswith("flowdppo/recipes/") and n.endswith(".yaml")}
+    ours = {
+        f"flowdppo/recipes/{p.relative_to(root / 'src/flowdppo/recipes').as_posix()}"
+        for p in (root / "src/flowdppo/recipes").rglob("*.yaml")
+    }
+    assert shipped == ours and "flowdppo/recipes/sd3/grpo.yaml" in shipped
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "flowdppo", "train", "sd3/nft", "--print-config"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "algorithm: nft" in done.stdout and "rollout_model: old" in done.stdout
+    probe = [sys.executable, "-c", "import flowdppo; print(flowdppo.__file__)"]
+    where = subprocess.run(
+        probe, cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True
+    )
+    assert where.stdout.decode().startswith(str(site))  # the wheel's copy, not the checkout's
+
+
+def test_train_writes_nothing_in_the_working_directory_but_runs(
+    tmp_path, monkeypatch, toy_overrides
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)
+    assert cli.main(["train", *toy_overrides, "log.tensorboard=true"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "summary.json").is_file()

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS, "
         "GRPO-Guard, DiffusionNFT.",
     )
+    from flowdppo import __version__
+
+    p.add_argument("--version", action="version", version=f"flowdppo {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--verbose",
@@ -52,14 +55,22 @@ def _parser() -> argparse.ArgumentParser:
         "args",
         nargs="*",
         metavar="[CONFIG] [key=value ...]",
-        help="an optional YAML config, then overrides such as train.lr=3e-4",
+        help="an optional recipe name (sd3/grpo; `flowdppo recipes` lists them) or YAML file, "
+        "then overrides such as train.lr=3e-4",
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, each key with its meaning, and exit (trains nothing)",
+    )
     t.add_argument(
         "--task",
         help="a built-in task (digits, shapes, text) with its recommended budget; same as task=NAME "
         "plus that budget, under any CONFIG and overrides",
     )
+
+    add("recipes", help="list the recipes that ship with the package, one line each")
 
     s = add("sample", help="sample images from a trained run or a task's base model")
     src = s.add_mutually_exclusive_group(required=True)
@@ -202,27 +213,15 @@ def _compare(ns) -> int:
 
 
 def _train(ns) -> int:
-    from flowdppo.config import load_config
-    from flowdppo.trainer import distributed
-    from flowdppo.trainer.loop import Trainer
-    from flowdppo.trainer.preemption import EXIT_PREEMPTED, Preempted
+    from flowdppo.config import ConfigError, load_config
 
-    multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
-    if multi:
-        Trainer = distributed.DistributedTrainer  # noqa: N806
-    if ns.resume:
-        from flowdppo.config import ConfigError
-        from flowdppo.runs import resume_config
-
-        if ns.task or (ns.args and "=" not in ns.args[0]):
-            raise ConfigError(
-                "--resume takes the run's own config; drop the other arguments (the one "
-                "override it takes is train.iterations=N, to continue a run further)"
-            )
-        run_dir = Path(ns.resume)
-        cfg = resume_config(run_dir, ns.args)
-        trainer = Trainer(cfg, run_dir, resume=True)
-    else:
+    if ns.print_config and ns.resume:
+        raise ConfigError(
+            "--print-config shows a new run's config; a run's own is RUN_DIR/config.yaml"
+        )
+    if not ns.resume:
+        # The config first: a bad key or file is one line before the trainer (and torch)
+        # is imported.
         path = None
         overrides = list(ns.args)
         if overrides and "=" not in overrides[0]:
@@ -234,6 +233,30 @@ def _train(ns) -> int:
             base = get_task(ns.task).extra.get("recommended", {})
             overrides.insert(0, f"task={ns.task}")
         cfg = load_config(path, overrides, base=base)
+        if ns.print_config:
+            from flowdppo.config import explain_config
+
+            echo(explain_config(cfg).rstrip("\n"))
+            return 0
+    from flowdppo.trainer import distributed
+    from flowdppo.trainer.loop import Trainer
+    from flowdppo.trainer.preemption import EXIT_PREEMPTED, Preempted
+
+    multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
+    if multi:
+        Trainer = distributed.DistributedTrainer  # noqa: N806
+    if ns.resume:
+        from flowdppo.runs import resume_config
+
+        if ns.task or (ns.args and "=" not in ns.args[0]):
+            raise ConfigError(
+                "--resume takes the run's own config; drop the other arguments (the one "
+                "override it takes is train.iterations=N, to continue a run further)"
+            )
+        run_dir = Path(ns.resume)
+        cfg = resume_config(run_dir, ns.args)
+        trainer = Trainer(cfg, run_dir, resume=True)
+    else:
         run_dir = Path(cfg.log.run_dir or f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if multi:  # rank 0 names the run, so a clock tick between processes cannot split it
             distributed.init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
@@ -488,10 +511,6 @@ def _main(argv: list[str] | None) -> int:
         ns.overrides += extra  # key=value given after the options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from flowdppo.config import ConfigError
-    from flowdppo.trainer.checkpoint import CheckpointError
-    from flowdppo.trainer.loop import TrainingError
-
     handlers = {
         "train": _train,
         "sample": _sample,
@@ -500,6 +519,7 @@ def _main(argv: list[str] | None) -> int:
         "export-lora": _export_lora,
         "compare": _compare,
         "report": _report,
+        "recipes": _recipes,
     }
     try:
         return handlers[ns.command](ns)
@@ -508,12 +528,45 @@ def _main(argv: list[str] | None) -> int:
         # status a shell gives a command ended by SIGPIPE.
         drop_closed_output(sys.stdout)
         return 128 + 13
-    except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    except OSError as exc:  # a file the command writes or reads: its name and the cause
+    except Exception as exc:
+        if _user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return getattr(exc, "exit_code", 2)
+        if not isinstance(exc, OSError):
+            raise
+        # A file the command writes or reads: its name and the cause.
         from flowdppo.trainer.checkpoint import describe_failure, failure_fix
 
         place = Path(exc.filename).parent if exc.filename else Path.cwd()
         print(f"error: {describe_failure(exc)} ({failure_fix(exc, place)})", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: Exception) -> bool:
+    """A configuration, checkpoint or training error meant for the user (one line).
+
+    Their classes are looked up among the modules already imported: an error of a module
+    that was never imported cannot have been raised, and a command that fails early (a bad
+    key, --help) never pays for importing the trainer and torch.
+    """
+    kinds: list[type] = [ValueError]  # ConfigError is one
+    for module, name in (
+        ("flowdppo.trainer.checkpoint", "CheckpointError"),
+        ("flowdppo.trainer.guards", "TrainingError"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(exc, tuple(kinds))
+
+
+def _recipes(ns) -> int:
+    from flowdppo.config.recipes import describe, recipe_names
+
+    names = recipe_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        echo(f"{name:<{width}}  {describe(name)}")
+    echo(
+        "run one with: flowdppo train NAME [key=value ...]; see it: flowdppo train NAME --print-config"
+    )
+    return 0

@@ -50,6 +50,7 @@ from flowdppo.config import (
     drop_foreign_options,
     parse_algorithm,
     read_yaml,
+    recipes,
 )
 
 DEFAULT_ALGORITHMS = PAPER_ALGORITHMS  # the six methods of the paper's comparison table
@@ -296,7 +297,7 @@ def load_experiment(
 ) -> Experiment:
     """Read an experiment (or plain run config) file; command-line values take precedence."""
     source = str(path)
-    tree = read_yaml(path)
+    tree = read_yaml(recipes.resolve(path))
     section = tree.pop("compare", None) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: the compare section must be a mapping")

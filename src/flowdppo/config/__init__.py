@@ -31,6 +31,7 @@ from flowdppo.config.loader import _source_of as _source_of
 from flowdppo.config.loader import (
     config_from_dict,
     dump_config,
+    explain_config,
     load_config,
     parse_overrides,
     read_yaml,
@@ -90,6 +91,7 @@ __all__ = [
     "describe_trust_region",
     "drop_foreign_options",
     "dump_config",
+    "explain_config",
     "load_config",
     "parse_algorithm",
     "parse_overrides",
