@@ -200,3 +200,16 @@ def test_evaluations_can_use_another_solver_than_the_rollouts(tmp_path, toy_over
     same._release_run_dir()
     with pytest.raises(ConfigError, match="eval_solver"):
         load_config(None, ["log.eval_solver=rk4"])
+
+
+def test_evaluations_measure_the_kl_on_their_own_sde_steps(tmp_path, toy_overrides):
+    """Methods that explore on other steps (GRPO-Guard: all of them) are compared on one KL."""
+    from flowdppo.trainer.loop import Trainer
+
+    every = [*toy_overrides, "sampler.num_sde_steps=6", "sampler.sde_window=[0,1]"]
+    over = [*every, "log.eval_sde_steps=2", "log.eval_sde_window=[0,0.5]"]
+    trainer = Trainer(load_config(None, over), tmp_path / "run")
+    assert (trainer.evaluator.num_sde_steps, trainer.evaluator.sde_window) == (2, (0.0, 0.5))
+    trainer._release_run_dir()
+    with pytest.raises(ConfigError, match="log.eval_sde_steps"):
+        load_config(None, [*every, "log.eval_sde_steps=4", "log.eval_sde_window=[0,0.5]"])

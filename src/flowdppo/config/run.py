@@ -89,6 +89,19 @@ class Config(_Section):
                 f"{in_window} steps in sampler.sde_window {list(s.sde_window)} of "
                 f"sampler.num_steps = {s.num_steps}: widen the window or draw fewer"
             )
+        lg = self.log
+        eval_window = lg.eval_sde_window or s.sde_window
+        if not 0.0 <= eval_window[0] < eval_window[1] <= 1.0:
+            raise ValueError(
+                f"log.eval_sde_window must satisfy 0 <= lo < hi <= 1, got {list(eval_window)}"
+            )
+        eval_first, eval_stop = sde_window_bounds(s.num_steps, eval_window)
+        if (lg.eval_sde_steps or s.num_sde_steps) > eval_stop - eval_first:
+            raise ValueError(
+                f"log.eval_sde_steps ({lg.eval_sde_steps or s.num_sde_steps}) is more than the "
+                f"{eval_stop - eval_first} steps in the window {list(eval_window)} of "
+                f"sampler.num_steps = {s.num_steps}: widen log.eval_sde_window or draw fewer"
+            )
         if self.kernel == "cps" and s.eta > 1:
             raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")
         if s.eta == 0:
