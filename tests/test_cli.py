@@ -284,3 +284,21 @@ def test_train_writes_nothing_in_the_working_directory_but_runs(
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file()
+
+
+def test_eval_prints_the_train_table_and_json_on_request(toy_run, capsys):
+    run, _ = toy_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert cli.main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    trained, heldout = out.index("trained prompts"), out.index("held-out prompts")
+    assert trained < heldout  # trained and held-out apart, never averaged together
+    line = next(x for x in out.splitlines() if "eval/heldout/reward/mean" in x)
+    base = summary["before"]["eval/heldout/reward/mean"]
+    assert line.split()[1] == f"{base:.4f}" and "->" in line  # before: the base model
+    assert cli.main(["eval", str(run), "-n", "1"]) == 0  # another sample count: no base
+    out = capsys.readouterr().out
+    assert next(x for x in out.splitlines() if "eval/heldout/reward/mean" in x).split()[1] == "-"
+    assert cli.main(["eval", str(run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["iteration"] == 2 and "eval/heldout/reward/mean" in metrics

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-n", type=int, default=None, help="samples per prompt (default: the run's)")
     e.add_argument("--out", default=None, help="write the metrics as JSON here")
     e.add_argument(
+        "--json", action="store_true", help="print the metrics as JSON instead of the table"
+    )
+    e.add_argument(
         "--steps",
         default=None,
         metavar="N[,N...]",
@@ -296,17 +299,28 @@ def _train(ns) -> int:
     return 0
 
 
+def _print_before_after(before: dict, after: dict) -> None:
+    """The evaluation table ``train`` ends with and ``eval`` prints: trained prompts, then
+    held-out ones, each metric before (the base model) -> after; "-" where no base value."""
+    for split, title in (("train", "trained prompts"), ("heldout", "held-out prompts")):
+        keys = [
+            k
+            for k in sorted(after)
+            if k.startswith(f"eval/{split}/") and ("/reward/" in k or "/kl_ref/" in k)
+        ]
+        if not keys:
+            continue
+        width = max(len(k) for k in keys)
+        echo(f"\n{title} (ODE samples, fixed noise)")
+        echo(f"  {'':<{width}} {'before':>8} -> after")
+        for key in keys:
+            fmt = ".4f" if "/reward/" in key else ".2e"
+            b = f"{before[key]:{fmt}}" if key in before else "-"
+            echo(f"  {key:<{width}} {b:>8} -> {after[key]:{fmt}}")
+
+
 def _print_summary(summary: dict, cfg) -> None:
-    before, after = summary["before"], summary["after"]
-    echo("\nreward (ODE samples, fixed noise)      before -> after")
-    for key in sorted(after):
-        if "/reward/" in key or "/kl_ref/" in key:
-            b = before.get(key, float("nan"))
-            echo(
-                f"  {key:<38} {b:.4f} -> {after[key]:.4f}"
-                if "reward" in key
-                else f"  {key:<38} {b:.2e} -> {after[key]:.2e}"
-            )
+    _print_before_after(summary["before"], summary["after"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_per_phase_s"].items())
     echo(f"time per phase: {times}")
     run = summary["run_dir"]
@@ -437,7 +451,16 @@ def _eval(ns) -> int:
     metrics = ev.run(*task.eval_split())
     metrics["iteration"] = iteration
     text = json.dumps(metrics, indent=1)
-    echo(text)
+    if ns.json:
+        echo(text)
+    else:
+        # The base model's evaluation, recorded when the run started, when it is comparable
+        # (the run's own number of samples per prompt).
+        summary = Path(ns.run) / "summary.json"
+        same = ns.n is None or ns.n == cfg.log.eval_samples_per_prompt
+        before = json.loads(summary.read_text()).get("before", {}) if summary.is_file() else {}
+        echo(f"{ns.run} at iteration {iteration} ({ev.n} samples per prompt)")
+        _print_before_after(before if same else {}, metrics)
     if ns.out:
         write_text_atomic(Path(ns.out), text)
     return 0
