@@ -457,3 +457,329 @@ def test_a_broken_latest_pointer_is_reported_with_the_fallback(finished_run, cap
     (warning,) = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert str(run / "latest") in warning
     assert "using ckpt-000003, the newest checkpoint in" in warning
+
+
+# ---------------------------------------------------------------- a continued run
+REQUEUE = '[ -f "$RUN/summary.json" ] || echo requeue'  # docs/RELIABILITY.md's recipes
+
+
+def _recipe_requeues(run) -> bool:
+    import subprocess
+
+    out = subprocess.run(["bash", "-c", REQUEUE], env={"RUN": str(run)}, capture_output=True)
+    return out.stdout.decode().strip() == "requeue"
+
+
+def test_a_continued_run_stopped_before_its_end_is_not_finished(
+    tmp_path, toy_overrides, monkeypatch, capsys
+):
+    """A 2-iteration run continued to 4 and killed after its last checkpoint (before its
+    summary), and again with a summary of iteration 2 put back as older versions left it:
+    not finished, the recipe requeues, the next --resume writes the summary of iteration 4."""
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 0
+    old = (run / "summary.json").read_text()
+    assert json.loads(old)["iterations"] == 2 and not _recipe_requeues(run)
+
+    def killed(self):
+        raise Crash
+
+    monkeypatch.setattr(Trainer, "_write_summary", killed)
+    with pytest.raises(Crash):
+        cli.main(["train", "--resume", str(run), "train.iterations=4"])
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000004"
+    assert not (run / "summary.json").exists() and _recipe_requeues(run)
+
+    (run / "summary.json").write_text(old)  # a stale summary, as left before this fix
+    trainer = _resume(run, toy_overrides + ["train.iterations=4"])
+    assert not trainer.finished and not (run / "summary.json").exists()
+    trainer._release_run_dir()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is finished" not in out and "before -> after" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iterations"] == 4 and summary["after"]
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2, 3, 4]
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert "is finished (4 of 4 iterations)" in capsys.readouterr().out
+
+
+def test_a_preempted_continuation_is_requeued_by_the_recipe(
+    tmp_path, toy_overrides, monkeypatch, capsys
+):
+    """SIGTERM (as the scheduler sends it) in iteration 3 of a continuation from 2 to 4:
+    exit 75, no summary.json, so the recipe requeues; the requeued job finishes."""
+    import signal
+
+    from flowdppo.trainer.preemption import EXIT_PREEMPTED
+
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 0
+    original = Trainer._safe_point
+
+    def signalled_in_iteration_3(self, stop):
+        signum, due = original(self, stop)
+        return (signal.SIGTERM if self.iteration == 3 else signum), due
+
+    monkeypatch.setattr(Trainer, "_safe_point", signalled_in_iteration_3)
+    code = cli.main(["train", "--resume", str(run), "train.iterations=4"])
+    assert code == EXIT_PREEMPTED
+    assert "stopped by SIGTERM after iteration 3 of 4" in capsys.readouterr().err
+    assert _recipe_requeues(run)
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(run)]) == 0  # the requeued job
+    assert not _recipe_requeues(run)
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 4
+
+
+@pytest.mark.parametrize("damage", ["checkpoint is a file", "latest is a directory"])
+def test_replaced_checkpoint_files_are_named_before_any_work(finished_run, capsys, damage):
+    run, _ = finished_run
+    if damage == "checkpoint is a file":
+        shutil.rmtree(run / "ckpt-000003")
+        (run / "ckpt-000003").write_text("not a checkpoint")
+        named = "ckpt-000003 is not a checkpoint directory"
+    else:
+        (run / "latest").unlink()
+        (run / "latest").mkdir()
+        named = "latest is a directory"
+    assert cli.main(["train", "--resume", str(run), "train.iterations=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume {run}: ") and named in err
+    assert err.count("\n") == 1 and "Traceback" not in err and "disk" not in err
+    assert f"Move it out of {run}" in err
+    assert not list(run.glob(".ckpt-*")) and (run / "summary.json").exists()
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2, 3]
+
+
+def test_latest_turned_into_a_directory_during_a_run(tmp_path, toy_overrides, monkeypatch):
+    """``latest`` replaced by a directory after the first checkpoint: the second checkpoint
+    is refused with a message that names it and does not claim it intact or blame the disk;
+    nothing hidden is left behind."""
+    original = Trainer.run_iteration
+
+    def replace_latest(self):
+        if self.iteration == 1:
+            (self.run_dir / "latest").unlink()
+            (self.run_dir / "latest").mkdir()
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "run_iteration", replace_latest)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _run(tmp_path, toy_overrides)
+    run = tmp_path / "run"
+    msg = str(err.value)
+    assert msg.startswith(f"could not write checkpoint {run / 'ckpt-000002'}")
+    assert "ckpt-000001, is intact" in msg and "latest is a directory" in msg
+    assert "ckpt-000002 is intact" not in msg and "disk" not in msg
+    assert not (run / "ckpt-000002").exists() and not list(run.glob(".ckpt-*"))
+    assert not (run / "summary.json").exists()
+
+
+# ---------------------------------------------------------------- output that goes away
+def test_a_closed_stdout_does_not_stop_training(tmp_path, toy_overrides, monkeypatch):
+    """``flowdppo train ... | head -1``: the reader is gone before the first progress line.
+    The progress falls silent; the run trains to its end and checkpoints."""
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader went away: writes fail with EPIPE
+    stdout = open(write, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    run = tmp_path / "run"
+    try:
+        assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 0
+        print("more output", flush=True)  # now goes to /dev/null
+    finally:
+        monkeypatch.undo()
+        stdout.close()
+    assert [r["iteration"] for r in metrics_of(run)] == [1, 2]
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000002"
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 2
+
+
+# ---------------------------------------------------------------- prompt files
+def test_prompt_files_lose_a_byte_order_mark_and_invisible_lines(tmp_path):
+    from flowdppo.config import ConfigError
+    from flowdppo.tasks.prompts import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(
+        "\ufeffa red fox on snow\r\n"
+        "\u200b\n"  # a zero-width space alone: no prompt
+        " \u2060\u00ad\ufeff \t\n"  # word joiner, soft hyphen, a stray mark: no prompt
+        "\u200btwo cats\u200b \n"  # invisible ends go, the prompt stays
+        "a family \U0001f468\u200d\U0001f469\u200d\U0001f467\n".encode()  # a joiner inside stays
+    )
+    assert read_prompts(str(path), "data.train_prompts") == [
+        "a red fox on snow",
+        "two cats",
+        "a family \U0001f468\u200d\U0001f469\u200d\U0001f467",
+    ]
+    path.write_bytes("\ufeff\n\u200b\n\u200c \n".encode())
+    with pytest.raises(ConfigError, match="data.heldout_prompts: prompt file .* holds no prompts"):
+        read_prompts(str(path), "data.heldout_prompts")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_a_run_dir_under_a_tilde_goes_home(tmp_path, monkeypatch, toy_overrides):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", *toy_overrides, "train.iterations=1", "log.run_dir=~/runs/x"]) == 0
+    assert (tmp_path / "home" / "runs" / "x" / "summary.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+# ---------------------------------------------------------------- Ctrl-C, a hung reward
+@pytest.mark.parametrize("where", ["train start-up", "eval"])
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(
+    finished_run, monkeypatch, capsys, where
+):
+    from flowdppo import runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run, _ = finished_run
+    if where == "eval":
+        monkeypatch.setattr(runs, "load_run", interrupted)
+        args = ["eval", str(run)]
+    else:
+        monkeypatch.setattr(loop, "task_for_config", interrupted)  # the model is loading
+        args = ["train", "--resume", str(run), "train.iterations=5"]
+    capsys.readouterr()
+    assert cli.main(args) == 130
+    assert capsys.readouterr().err == "flowdppo: interrupted (Ctrl-C)\n"
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(run)]) == 0  # the run's lock was let go
+
+
+def test_a_reward_that_never_returns_stops_the_run_naming_it(tmp_path, toy_overrides, capsys):
+    import threading
+
+    release = threading.Event()
+
+    def hangs(images, prompts):
+        release.wait(20)  # forever, as far as the run can tell
+        return _brightness(images, prompts)
+
+    _register("toy_hangs", hangs)
+    run = tmp_path / "run"
+    args = ["reward.names=[toy_hangs]", "reward.timeout_s=0.3", f"log.run_dir={run}"]
+    try:
+        assert cli.main(["train", *toy_overrides, *args]) == 2
+    finally:
+        release.set()
+    err = capsys.readouterr().err
+    assert err.startswith("error: reward 'toy_hangs' did not return within reward.timeout_s")
+    assert "= 0.3 s" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- writes other than checkpoints
+def test_full_disk_while_writing_a_grid(tmp_path, toy_overrides, monkeypatch, capsys):
+    from PIL import Image
+
+    original = Image.Image.save
+
+    def fill_up(self, fp, *args, **kwargs):
+        if "iter-000002" in str(fp):
+            _enospc()
+        return original(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fill_up)
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, f"log.run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    grid = run / "grids" / "iter-000002.png"
+    assert err == (
+        f"error: could not write {grid}: No space left on device. Free disk space; the last "
+        f"complete checkpoint, {run / 'ckpt-000001'}, is intact: flowdppo train --resume {run}\n"
+    )
+    assert sorted(p.name for p in (run / "grids").iterdir()) == ["iter-000000.png"]
+
+
+def test_a_tensorboard_failure_is_named_and_not_hidden_by_its_close(
+    tmp_path, toy_overrides, monkeypatch, capsys
+):
+    """TensorBoard's writer thread fails (a file-size limit: EFBIG, no file name): the error
+    names the tensorboard folder, not metrics.jsonl, and its re-raise when the writer
+    closes does not replace that account with a traceback."""
+    from flowdppo.trainer.runlog import TensorBoardLogger
+
+    def too_large(*args):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    original = TensorBoardLogger.scalars
+    monkeypatch.setattr(
+        TensorBoardLogger,
+        "scalars",
+        lambda self, it, m: too_large() if it == 2 else original(self, it, m),
+    )
+    monkeypatch.setattr(TensorBoardLogger, "close", lambda self: too_large())
+    run = tmp_path / "run"
+    assert cli.main(["train", *toy_overrides, "log.tensorboard=true", f"log.run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not append to {run / 'tensorboard'} (File too large)")
+    assert "metrics.jsonl" not in err and "ulimit -f" in err and err.count("\n") == 1
+    assert ckpt.latest_checkpoint(run).name == "ckpt-000001"
+
+
+def test_a_run_dir_near_the_path_length_limit_fails_before_any_work(tmp_path, toy_overrides):
+    # Long enough that a short probe name fits and config.yaml's temporary name does not.
+    run = tmp_path
+    while len(str(run)) < 4082 - 250:
+        run = run / ("d" * 200)
+    run = run / ("r" * (4082 - len(str(run)) - 1))
+    assert len(str(run)) == 4082  # PATH_MAX is 4096 with its NUL
+    with pytest.raises(TrainingError, match="is not writable.*File name too long"):
+        Trainer(load_config(None, toy_overrides), run)
+    assert not (run / "config.yaml").exists()
+
+
+def test_other_commands_name_the_file_they_cannot_write(finished_run, tmp_path, capsys):
+    run, _ = finished_run
+    assert cli.main(["report", str(run), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {tmp_path} is a directory; name the HTML file, e.g. " + (
+        f"{tmp_path}/report.html\n"
+    )
+    out = tmp_path / "missing" / "metrics.json"
+    assert cli.main(["eval", str(run), "-n", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: No such file or directory (") and err.count("\n") == 1
+
+
+def test_sample_refuses_more_samples_than_memory_holds_before_any_work(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    args = ["--task", "digits", "--prompts", "three", "-n", "1000000000000", "--out", str(out)]
+    code = cli.main(["sample", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: -n 1000000000000 x 1 prompts asks for")
+    assert "memory" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_resume_while_the_disk_is_still_full(finished_run, monkeypatch, capsys):
+    """A continuation whose first write (config.yaml's new budget) fails: one line naming
+    the file and the cause; the run is as it was."""
+    import stat
+
+    run, _ = finished_run
+    config = (run / "config.yaml").read_text()
+    fsync = os.fsync
+
+    def full(fd):  # the data of a file cannot reach the disk
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            _enospc()
+        fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    assert cli.main(["train", "--resume", str(run), "train.iterations=5"]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err == f"error: {run / 'config.yaml'}: No space left on device (Free disk space)\n"
+    assert (run / "config.yaml").read_text() == config and not list(run.glob("*.tmp"))
+    assert cli.main(["train", "--resume", str(run), "train.iterations=4"]) == 0  # space is back

@@ -91,7 +91,7 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
     out = capsys.readouterr().out
     assert "inference cost" in out and "ms/image" in out and "merged" in out
     rows = json.loads((run / "inference_cost.json").read_text())["rows"]
-    keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora"}
+    keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora", "solver"}
     assert all(set(r) == keys for r in rows)
     # The toy model has LoRA: the base, and the trained model unmerged and merged.
     assert [(r["model"], r["lora"], r["steps"]) for r in rows] == [
@@ -105,6 +105,22 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
     unmerged, merged = rows[2:4], rows[4:6]
     for a, b in zip(unmerged, merged, strict=True):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-5)
+
+
+def test_sample_and_eval_take_the_ode_solver(toy_run, tmp_path, capsys):
+    run, _ = toy_run
+    out = tmp_path / "dpm2.png"
+    argv = ["sample", "--task", "toy", "--prompts", "bright", "-n", "2", "--solver", "dpm2"]
+    assert cli.main([*argv, "--out", str(out)]) == 0 and out.is_file()
+    assert cli.main(["eval", str(run), "--steps", "4", "-n", "2", "--solver", "dpm2"]) == 0
+    assert "dpm2 solver" in capsys.readouterr().out
+    rows = json.loads((run / "inference_cost.json").read_text())["rows"]
+    assert {r["solver"] for r in rows} == {"dpm2"}
+    with pytest.raises(SystemExit):  # argparse: the choices, one usage error
+        cli.main(["sample", "--task", "toy", "--prompts", "bright", "--solver", "rk4"])
+    assert "invalid choice: 'rk4'" in capsys.readouterr().err
+    help_text = cli._parser()._subparsers._group_actions[0].choices["sample"].format_help()
+    assert "--solver {euler,dpm2}" in help_text and "DPM-Solver++" in help_text
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(toy_run, capsys):
@@ -184,3 +200,105 @@ def test_third_party_warnings_and_logs_are_quiet_unless_verbose(monkeypatch):
             logging.getLogger(name).setLevel(level)
         verbosity.set_verbose(True)
     assert len(shown[True]) == 2 and len(shown[False]) == 1  # only flowdppo's own warning
+
+
+# ---------------------------------------------------------------- recipes, fast answers
+def test_version_and_the_missing_equals_sign(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("flowdppo 0.")
+    assert cli.main(["train", "train.iterations", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "write train.iterations=VALUE" in err
+
+
+def test_recipes_are_found_by_name_and_print_with_every_key_explained(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # no clone here: the package's own recipes
+    assert cli.main(["recipes"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("sd3/grpo ") for line in listed)
+    assert any(line.startswith("experiments/table_digits ") for line in listed)
+    assert cli.main(["train", "sd3/grpo", "train.lr=2e-4", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "algorithm: grpo  # " in out and "  lr: 0.0002" in out
+    assert "  num_steps: 10  # denoising steps per sample" in out
+    # The docs' form, configs/..., is the same recipe from anywhere.
+    assert cli.main(["train", "configs/sd3/grpo.yaml", "train.lr=2e-4", "--print-config"]) == 0
+    assert capsys.readouterr().out == out
+    assert cli.main(["train", "sd3/grpoo"]) == 2
+    assert "did you mean the recipe 'sd3/grpo'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_built_wheel_carries_the_recipes(tmp_path):
+    """A non-editable install's view: the wheel built from the project holds every recipe,
+    and, unpacked alone, finds one by name from another directory."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "project"  # build from a copy: nothing is written into the checkout
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", str(tmp_path / "dist"), str(src)], check=True)
+    (wheel,) = (tmp_path / "dist").glob("flowdppo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n for n in names if n.startswith("flowdppo/recipes/") and n.endswith(".yaml")}
+    ours = {
+        f"flowdppo/recipes/{p.relative_to(root / 'src/flowdppo/recipes').as_posix()}"
+        for p in (root / "src/flowdppo/recipes").rglob("*.yaml")
+    }
+    assert shipped == ours and "flowdppo/recipes/sd3/grpo.yaml" in shipped
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "flowdppo", "train", "sd3/nft", "--print-config"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "algorithm: nft" in done.stdout and "rollout_model: old" in done.stdout
+    probe = [sys.executable, "-c", "import flowdppo; print(flowdppo.__file__)"]
+    where = subprocess.run(
+        probe, cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True
+    )
+    assert where.stdout.decode().startswith(str(site))  # the wheel's copy, not the checkout's
+
+
+def test_train_writes_nothing_in_the_working_directory_but_runs(
+    tmp_path, monkeypatch, toy_overrides
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)
+    assert cli.main(["train", *toy_overrides, "log.tensorboard=true"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "summary.json").is_file()
+
+
+def test_eval_prints_the_train_table_and_json_on_request(toy_run, capsys):
+    run, _ = toy_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert cli.main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    trained, heldout = out.index("trained prompts"), out.index("held-out prompts")
+    assert trained < heldout  # trained and held-out apart, never averaged together
+    line = next(x for x in out.splitlines() if "eval/heldout/reward/mean" in x)
+    base = summary["before"]["eval/heldout/reward/mean"]
+    assert line.split()[1] == f"{base:.4f}" and "->" in line  # before: the base model
+    assert cli.main(["eval", str(run), "-n", "1"]) == 0  # another sample count: no base
+    out = capsys.readouterr().out
+    assert next(x for x in out.splitlines() if "eval/heldout/reward/mean" in x).split()[1] == "-"
+    assert cli.main(["eval", str(run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["iteration"] == 2 and "eval/heldout/reward/mean" in metrics

@@ -190,3 +190,30 @@ def test_seed_arguments():
         parse_seeds("0")
     with pytest.raises(ConfigError, match="distinct"):
         parse_seeds("1,1")
+
+
+def test_per_algorithm_wiring_applies_to_that_method_under_every_variant(tmp_path, toy_overrides):
+    path = _experiment(
+        tmp_path,
+        toy_overrides,
+        {
+            "algorithms": ["dppo", "nft"],
+            "seeds": 1,
+            "variants": [
+                {"label": "I=1", "overrides": {"train.inner_epochs": 1}},
+                {"label": "I=2", "overrides": {"train.inner_epochs": 2, "sampler.solver": "euler"}},
+            ],
+            "per_algorithm": {"nft": {"nft.rollout_model": "old", "sampler.solver": "dpm2"}},
+        },
+    )
+    runs = {(r.algorithm, r.variant): r.config for r in load_experiment(path).plan(tmp_path)}
+    assert runs["nft", "I=1"].nft.rollout_model == "old"
+    assert runs["nft", "I=1"].sampler.solver == "dpm2"
+    assert runs["nft", "I=2"].sampler.solver == "euler"  # the variant's knob wins
+    assert runs["dppo", "I=1"].sampler.solver == "euler"  # other methods keep the shared ones
+    bad = _experiment(tmp_path, toy_overrides, {"per_algorithm": {"ppo": {"train.lr": 0.1}}})
+    with pytest.raises(ConfigError, match="unknown algorithm 'ppo'"):
+        load_experiment(bad)
+    bad = _experiment(tmp_path, toy_overrides, {"per_algorithm": {"nft": {"train.seed": 1}}})
+    with pytest.raises(ConfigError, match="use --seeds"):
+        load_experiment(bad)

@@ -129,3 +129,28 @@ def test_an_error_from_an_override_names_the_override(tmp_path):
     # A check across keys names the source and every override that fed it.
     with pytest.raises(ConfigError, match=r"\(defaults with overrides sampler\.num_sde_steps=40\)"):
         load_config(None, ["sampler.num_sde_steps=40"])
+
+
+def test_a_tilde_in_every_path_key_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = str(tmp_path / "home")
+    cfg = load_config(None, ["log.run_dir=~/runs/x", "model.weights=~/w.safetensors"])
+    assert cfg.log.run_dir == f"{home}/runs/x" and cfg.model.weights == f"{home}/w.safetensors"
+    cfg = load_config(
+        None,
+        [
+            "task=prompts",
+            "model.kind=sd3",
+            "model.path=~/sd3",
+            "data.train_prompts=~/train.txt",
+            "data.heldout_prompts=~/heldout.txt",
+            "reward.names=[pickscore]",
+        ],
+    )
+    assert cfg.model.path == f"{home}/sd3"
+    d = cfg.data
+    assert (d.train_prompts, d.heldout_prompts) == (f"{home}/train.txt", f"{home}/heldout.txt")
+    # Only a leading tilde is a home directory.
+    assert load_config(None, ["log.run_dir=runs/~x"]).log.run_dir == "runs/~x"
+    with pytest.raises(ConfigError, match="log.run_dir.*there is no user 'no-such-user-x'"):
+        load_config(None, ["log.run_dir=~no-such-user-x/runs"])

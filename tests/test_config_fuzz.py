@@ -174,7 +174,7 @@ def test_valid_mutations_of_a_toy_run_train_or_stop_clearly(edits):
             assert message.startswith("error: ") and "Traceback" not in message
             assert any(n in message for n in names), message
         else:
-            assert code == 0 and "reward (ODE samples" in out.getvalue()
+            assert code == 0 and "(ODE samples, fixed noise)" in out.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -158,10 +158,8 @@ FULL = ["model.finetune=full", "train.lr=1e-3", "train.iterations=2", "log.check
 
 
 @pytest.fixture(scope="module")
-def fsdp_two_processes(tmp_path_factory):
-    run = tmp_path_factory.mktemp("fsdp") / "run"
-    _torchrun(*TINY, *FSDP, f"log.run_dir={run}")
-    return run
+def fsdp_two_processes(matrix):
+    return matrix["tiny", "fsdp"]
 
 
 def test_fsdp_two_processes_match_one_process(fsdp_two_processes, one_process):
@@ -210,7 +208,7 @@ def test_fsdp_run_resumes_under_fsdp_and_in_one_process(tmp_path, fsdp_two_proce
     assert max(float((ref_params[k] - p).abs().max()) for k, p in params.items()) < PARAM_ATOL
 
 
-def test_fsdp_full_finetuning_matches_one_process(tmp_path):
+def test_fsdp_full_finetuning_matches_one_process(tmp_path, matrix):
     reference = tmp_path / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -218,9 +216,7 @@ def test_fsdp_full_finetuning_matches_one_process(tmp_path):
         Trainer(load_config(None, TINY + FULL + [f"log.run_dir={reference}"]), reference).train()
     finally:
         torch.set_num_threads(threads)
-    run = tmp_path / "fsdp"
-    _torchrun(*TINY, *FULL, *FSDP, f"log.run_dir={run}")
-    _assert_same_run(run, reference, world_size=2, iterations=2)
+    _assert_same_run(matrix["full", "fsdp"], reference, world_size=2, iterations=2)
 
 
 # ---------------------------------------------------------------- every algorithm, DDP and FSDP
@@ -240,37 +236,71 @@ MATRIX = [
 ]
 MATRIX_TOL = {"rel": 1e-4, "abs": 1e-9}
 
+# ---------------------------------------------------------------- the official trainers' wiring
+# Every process drops the same zero-advantage samples (the advantages are the global
+# batch's), samples with DiffusionNFT's old model, and replays the same range of steps.
+WIRING = [
+    *MATRIX,
+    "reward.names=[distributed_matrix:thresholded_digit_prob]",
+    "reward.adv_eps=1e-4",
+    "train.drop_zero_advantage=true",
+    "sampler.num_sde_steps=4",
+    "sampler.sde_window=[0,1]",
+    "train.trained_steps=[0,3]",
+    "nft.rollout_model=old",
+    "nft.decay_rate=0.3",
+]
+
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    """{(algorithm, mode): run dir}: the 2-process runs, one torchrun launch for all, and
-    the 1-process references (mode "one"); the NFT runs are also killed and resumed."""
+    """{(algorithm, mode): run dir}: the 2-process runs, all in one torchrun launch (with the
+    tiny dppo run under FSDP, LoRA and full fine-tuning: keys ("tiny" / "full", "fsdp")),
+    and the 1-process references (mode "one"); the NFT runs are also killed and resumed.
+    The "wiring" runs (keys ("wiring", algorithm, mode)): the official trainers' options."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from distributed_matrix import run_dir
+    from distributed_matrix import own_overrides, run_dir
 
     out = tmp_path_factory.mktemp("matrix")
-    specs = [f"{a}:{m}" for a in ALGORITHMS for m in ("ddp", "fsdp")]
-    specs += ["resume@nft:ddp", "resume@nft:fsdp"]
+    variants = out / "variants.json"
+    variants.write_text(
+        json.dumps({"tiny": TINY, "full": TINY + FULL, "matrix": MATRIX, "wiring": WIRING})
+    )
+    specs = ["tiny/dppo:fsdp", "full/dppo:fsdp"]
+    specs += [f"matrix/{a}:{m}" for a in ALGORITHMS for m in ("ddp", "fsdp")]
+    specs += ["resume@matrix/nft:ddp", "resume@matrix/nft:fsdp"]
+    specs += [f"wiring/{a}:{m}" for a in ("guard", "nft") for m in ("ddp", "fsdp")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     script = str(Path(__file__).with_name("distributed_matrix.py"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [*cmd, script, str(out), *specs, "--", *MATRIX],
+        [*cmd, script, str(out), str(variants), *specs],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = {(a, m): run_dir(out, a, m) for a in ALGORITHMS for m in ("ddp", "fsdp")}
+    runs = {(v, "fsdp"): run_dir(out, f"{v}/dppo:fsdp") for v in ("tiny", "full")}
+    runs.update(
+        {(a, m): run_dir(out, f"matrix/{a}:{m}") for a in ALGORITHMS for m in ("ddp", "fsdp")}
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for a in ALGORITHMS:
-            run = run_dir(out, a, "one")
+            run = run_dir(out, f"matrix/{a}:one")
             cfg = load_config(None, [*MATRIX, f"algorithm={a}", f"log.run_dir={run}"])
             Trainer(cfg, run).train()
             runs[a, "one"] = run
+        for a in ("guard", "nft"):
+            run = run_dir(out, f"wiring/{a}:one")
+            over = own_overrides(a, WIRING)
+            Trainer(load_config(None, [*over, f"algorithm={a}", f"log.run_dir={run}"]), run).train()
+            runs.update(
+                {("wiring", a, m): run_dir(out, f"wiring/{a}:{m}") for m in ("ddp", "fsdp")}
+            )
+            runs["wiring", a, "one"] = run
     finally:
         torch.set_num_threads(threads)
     return runs
@@ -570,3 +600,20 @@ def test_the_watchdog_names_the_rank_that_stopped_progressing_first(monkeypatch)
         guard.stop()
     assert ended and ended[0].startswith("no process made progress for 0.5 s")
     assert "rank 1 (PID 2 on" in ended[0] and "phase 'reward' of iteration 3" in ended[0]
+
+
+@pytest.mark.parametrize("algorithm", ["guard", "nft"])
+def test_dropped_samples_old_model_rollouts_and_trained_steps_match_one_process(matrix, algorithm):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed_matrix import own_overrides
+
+    reference = matrix["wiring", algorithm, "one"]
+    rows = metrics_of(reference)
+    assert sum(r["update/dropped_samples"] for r in rows) > 0  # not vacuous
+    for mode in ("ddp", "fsdp"):
+        _assert_same_metrics(matrix["wiring", algorithm, mode], reference, MATRIX_TOL)
+    if algorithm == "guard":
+        assert all(r["update/trained_step_mask"] == 0b0111 for r in rows)
+    else:
+        assert all(r["rollout/old_model"] == 1 for r in rows)
+    assert own_overrides(algorithm, WIRING) != WIRING  # each drops the other's options

@@ -130,9 +130,9 @@ def test_wandb_offline_logs_scalars_and_grids(tmp_path, monkeypatch, toy_overrid
     from flowdppo.config import load_config
     from flowdppo.trainer.loop import Trainer
 
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     monkeypatch.setenv("WANDB_SILENT", "true")
-    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR"):
         monkeypatch.delenv(key, raising=False)
     run_dir = tmp_path / "run"
     cfg = load_config(
@@ -148,7 +148,8 @@ def test_wandb_offline_logs_scalars_and_grids(tmp_path, monkeypatch, toy_overrid
     torch.set_num_threads(1)
     Trainer(cfg, run_dir).train()
     run_id = (run_dir / "wandb_id").read_text().strip()
-    (offline,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
     history = {}
     for rec in _wandb_records(offline / f"run-{run_id}.wandb"):
         if rec.WhichOneof("record_type") == "history":
@@ -171,7 +172,7 @@ def test_wandb_offline_logs_scalars_and_grids(tmp_path, monkeypatch, toy_overrid
     logger.close()
     logger.wandb.teardown()  # the service writes the offline file; wait for it to stop
     assert logger.run.id == run_id
-    (resumed,) = (o for o in (tmp_path / "wandb").glob(f"offline-run-*-{run_id}") if o != offline)
+    (resumed,) = (o for o in (run_dir / "wandb").glob(f"offline-run-*-{run_id}") if o != offline)
     videos = [
         {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
         for rec in _wandb_records(resumed / f"run-{run_id}.wandb")

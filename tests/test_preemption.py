@@ -9,8 +9,11 @@ stall there, standing for a step that takes long.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
+import pytest
 from test_faults import CONFIG, _checkpoints, _flowdppo, _latest, _metrics, _start
 
 from flowdppo.trainer import checkpoint as ckpt
@@ -170,3 +173,54 @@ def test_checkpoints_by_the_clock_as_well_as_by_the_iteration(tmp_path, toy_over
     # Due at every iteration end (a microsecond has always passed), or never before the end.
     assert checkpoints("1e-8", "often") == ["ckpt-000001", "ckpt-000002", "ckpt-000003"]
     assert checkpoints("60", "rarely") == ["ckpt-000003"]
+
+
+# What a stopped process does between leaving the trainer and its exit, stood for by
+# sleeps: the rest of the command, then the interpreter's teardown of its modules (torch's
+# take most of a second; a module global's __del__ runs then). A repeat of the signal lands
+# in one of them; the process must still exit 75 as the trainer asked.
+SHUTDOWN = """
+import os, signal, sys, time
+from flowdppo.trainer import preemption
+preemption.REPEAT_WINDOW_S = {window}
+with preemption.StopSignals(lambda: "checkpoint ckpt-000001 is intact") as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    while stop.signum is None:
+        time.sleep(0.01)
+
+class Teardown:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sleep=time.sleep):
+        if {in_teardown}:
+            kill(pid, signal.{second})
+        sleep(0.3)
+
+teardown = Teardown()
+time.sleep({delay})
+if not {in_teardown}:
+    os.kill(os.getpid(), signal.{second})
+time.sleep(0.3)
+sys.exit(preemption.EXIT_PREEMPTED)
+"""
+
+
+def _shut_down(window: float, delay: float, second: str, in_teardown: bool = False):
+    script = SHUTDOWN.format(window=window, delay=delay, second=second, in_teardown=in_teardown)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "delay,second,in_teardown",
+    [(0.05, "SIGTERM", False), (0.2, "SIGINT", False), (0.05, "SIGTERM", True)],
+)
+def test_a_repeat_during_shutdown_is_still_the_same_request(delay, second, in_teardown):
+    proc = _shut_down(2.0, delay, second, in_teardown)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
+    assert "stopping now" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_second_signal_after_the_window_during_shutdown_stops_at_once():
+    proc = _shut_down(0.2, 0.3, "SIGTERM")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "second signal (SIGTERM): stopping now; checkpoint ckpt-000001 is intact" in (
+        proc.stderr
+    )

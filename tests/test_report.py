@@ -120,3 +120,92 @@ def test_report_loads_in_headless_chromium(run_report, two_runs, tmp_path):
         assert all(w > 0 for w in videos)
         assert browser.console_errors() == []
     assert Image.open(shot).size == (1280, 1000)
+
+
+@pytest.mark.parametrize(
+    "damage,named",
+    [
+        (lambda run: (run / "grids" / "iter-000002.png").write_bytes(b""), "empty (0 bytes)"),
+        (
+            lambda run: (run / "grids" / "iter-000002.png").write_bytes(
+                (run / "grids" / "iter-000002.png").read_bytes()[:100]
+            ),
+            "a cut PNG image",
+        ),
+        (
+            lambda run: (run / "metrics.jsonl").write_text(
+                (run / "metrics.jsonl").read_text()[:-30]
+            ),
+            "line 6, is not a metrics row",
+        ),
+    ],
+    ids=["empty grid", "cut grid", "cut metrics line"],
+)
+def test_a_file_cut_by_a_kill_is_one_error_naming_it(tmp_path, capsys, toy_run, damage, named):
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    damage(run)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err
+    name = "metrics.jsonl" if "metrics" in named else "iter-000002.png"
+    assert str(run / ("" if "metrics" in named else "grids") / name) in err
+    assert not (run / "report.html").exists()
+
+
+def test_grids_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "grids" / "iter-000002.png"
+    media.write_grid(torch.rand(2, 1, 4, 4), ["bright"] * 2, path, 2)
+    before = path.read_bytes()
+
+    def killed_mid_write(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG")  # the first bytes, then the process is gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        media.write_grid(torch.rand(2, 1, 4, 4), ["dark"] * 2, path, 2)
+    assert path.read_bytes() == before  # the previous grid, whole
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing half-written
+
+
+def test_an_interrupted_eval_keeps_the_previous_inference_cost_table(
+    tmp_path, monkeypatch, two_runs
+):
+    from flowdppo.trainer import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[1], run)
+    table = (run / "inference_cost.json").read_text()
+
+    class Killed(BaseException):
+        pass
+
+    def killed(fd):
+        raise Killed  # the table is written, not yet in place
+
+    monkeypatch.setattr(checkpoint.os, "fsync", killed)
+    with pytest.raises(Killed) as err:
+        main(["eval", str(run), "--steps", "2", "-n", "1"])
+    assert err.traceback[-2].name == "write_text_atomic"
+    assert (run / "inference_cost.json").read_text() == table
+    assert not list(run.glob("*.tmp"))
+
+
+def test_a_unicode_run_dir_under_an_ascii_locale(tmp_path, toy_run):
+    """Without Python's UTF-8 mode, under the C locale, a path's non-ASCII bytes reach the
+    report as lone surrogates: its title and plots still show the run's name."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "rün-ü"
+    shutil.copytree(toy_run, run)
+    env = dict(os.environ, LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowdppo", "report", str(run)],
+        env=env,
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert "flowdppo run: rün-ü" in (run / "report.html").read_text(encoding="utf-8")

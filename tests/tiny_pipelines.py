@@ -130,6 +130,24 @@ def build_sd3(
     return _save(pipe, out_dir)
 
 
+def smooth_in_sigma(transformer, max_rad_per_sigma: float = 10.0) -> None:
+    """Drop the timestep embedding's sinusoids faster than ``max_rad_per_sigma`` (in place).
+
+    The diffusers embedding of ``timestep = 1000 sigma`` reaches 1 rad per timestep unit,
+    so a random transformer's velocity oscillates in sigma with a period of 0.006: no ODE
+    solver shows its order before its steps are that small. A trained model's velocity is
+    smooth in sigma; with the columns of the faster sinusoids zeroed, the random one is too
+    (the order checks of ``sampler.solver``)."""
+    import math
+
+    lin = transformer.time_text_embed.timestep_embedder.linear_1
+    half = lin.weight.shape[1] // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    keep = (1000 * freqs <= max_rad_per_sigma).to(lin.weight.dtype)
+    with torch.no_grad():
+        lin.weight.mul_(torch.cat([keep, keep])[None])
+
+
 def build_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """A tiny FluxPipeline (dev-style guidance embedding by default) saved to ``out_dir``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel

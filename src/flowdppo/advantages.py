@@ -40,11 +40,13 @@ def group_advantages(
     *,
     std: str = "global",
     clip: float | None = None,
+    eps: float = EPS,
 ) -> torch.Tensor:
-    """``(R - mean_group) / (std + 1e-8)`` with the group's own std or one batch-wide std.
+    """``(R - mean_group) / (std + eps)`` with the group's own std or one batch-wide std.
 
     A group whose rewards are all equal gets 0 (never NaN). ``clip`` bounds the result to
-    ``[-clip, clip]``.
+    ``[-clip, clip]``. ``eps`` is 1e-8 by default; Flow-GRPO and DiffusionNFT add 1e-4
+    (``flow_grpo/stat_tracking.py``), the ``reward.adv_eps`` of their recipes.
     """
     _check(rewards, group)
     if std not in STD_MODES:
@@ -52,7 +54,9 @@ def group_advantages(
     r = rewards.detach().double()
     mean, group_std = _group_moments(r, group)
     scale = r.std(unbiased=False) if std == "global" else group_std
-    adv = (r - mean) / (scale + EPS)
+    if not eps > 0:
+        raise ValueError(f"advantage eps must be > 0, got {eps}")
+    adv = (r - mean) / (scale + eps)
     if clip is not None:
         if not clip > 0:
             raise ValueError(f"advantage clip must be > 0, got {clip}")
@@ -68,8 +72,9 @@ def combine_rewards(
     method: str = "weighted",
     std: str = "global",
     clip: float | None = None,
+    eps: float = EPS,
 ) -> torch.Tensor:
-    """Advantages from several rewards.
+    """Advantages from several rewards (``eps``: the constant added to every std).
 
     ``weighted``: weighted sum of the raw rewards, then group normalisation.
     ``gdpo``: normalise each reward within its group, weighted sum, then normalise over
@@ -86,9 +91,11 @@ def combine_rewards(
     w = {name: float(weights.get(name, 1.0)) for name in rewards}
     if method == "weighted":
         total = sum(w[n] * r.double() for n, r in rewards.items())
-        return group_advantages(total, group, std=std, clip=clip)
-    total = sum(w[n] * group_advantages(r, group, std="group").double() for n, r in rewards.items())
-    adv = (total - total.mean()) / (total.std(unbiased=False) + EPS)
+        return group_advantages(total, group, std=std, clip=clip, eps=eps)
+    total = sum(
+        w[n] * group_advantages(r, group, std="group", eps=eps).double() for n, r in rewards.items()
+    )
+    adv = (total - total.mean()) / (total.std(unbiased=False) + eps)
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.float()

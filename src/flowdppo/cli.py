@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from flowdppo.verbosity import echo
+
 EPILOG_TRAIN = """examples:
   flowdppo train                                  # the default Flow-DPPO run on digits
   flowdppo train --task shapes                    # Flow-DPPO on the compositional shapes task
@@ -29,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Online RL for flow-matching generators: Flow-DPPO, Flow-GRPO, Flow-CPS, "
         "GRPO-Guard, DiffusionNFT.",
     )
+    from flowdppo import __version__
+
+    p.add_argument("--version", action="version", version=f"flowdppo {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--verbose",
@@ -50,14 +55,22 @@ def _parser() -> argparse.ArgumentParser:
         "args",
         nargs="*",
         metavar="[CONFIG] [key=value ...]",
-        help="an optional YAML config, then overrides such as train.lr=3e-4",
+        help="an optional recipe name (sd3/grpo; `flowdppo recipes` lists them) or YAML file, "
+        "then overrides such as train.lr=3e-4",
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, each key with its meaning, and exit (trains nothing)",
+    )
     t.add_argument(
         "--task",
         help="a built-in task (digits, shapes, text) with its recommended budget; same as task=NAME "
         "plus that budget, under any CONFIG and overrides",
     )
+
+    add("recipes", help="list the recipes that ship with the package, one line each")
 
     s = add("sample", help="sample images from a trained run or a task's base model")
     src = s.add_mutually_exclusive_group(required=True)
@@ -67,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=8, help="samples per prompt (default 8)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale")
+    s.add_argument("--solver", choices=SOLVER_CHOICES, default=None, help=SOLVER_HELP)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--out",
@@ -85,12 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-n", type=int, default=None, help="samples per prompt (default: the run's)")
     e.add_argument("--out", default=None, help="write the metrics as JSON here")
     e.add_argument(
+        "--json", action="store_true", help="print the metrics as JSON instead of the table"
+    )
+    e.add_argument(
         "--steps",
         default=None,
         metavar="N[,N...]",
         help="sampling step counts, e.g. 4,10,20,40: reward against NFE and milliseconds per "
         "image of the base and trained models, written to RUN_DIR/inference_cost.json",
     )
+    e.add_argument("--solver", choices=SOLVER_CHOICES, default=None, help=SOLVER_HELP)
     e.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS)
 
     x = add(
@@ -150,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 RAW_WEIGHTS = "use the trained weights themselves, not their EMA (runs with train.ema)"
+SOLVER_CHOICES = ("euler", "dpm2")  # flowdppo.solvers.SOLVERS, without importing torch
+SOLVER_HELP = (
+    "ODE solver (default: the run's log.eval_solver or sampler.solver, euler for a task's "
+    "base model): euler, "
+    "or dpm2, the second-order multistep DPM-Solver++ that DiffusionNFT samples with "
+    "(how close each gets to the many-step limit, per schedule: docs/method.md, ODE solvers)"
+)
 
 EPILOG_REPORT = """examples:
   flowdppo report runs/dppo-digits-20261124-120000
@@ -163,7 +188,7 @@ def _report(ns) -> int:
     from flowdppo.report import write_report
 
     out = write_report(ns.paths, ns.out)
-    print(f"wrote {out}")
+    echo(f"wrote {out}")
     return 0
 
 
@@ -191,27 +216,15 @@ def _compare(ns) -> int:
 
 
 def _train(ns) -> int:
-    from flowdppo.config import load_config
-    from flowdppo.trainer import distributed
-    from flowdppo.trainer.loop import Trainer
-    from flowdppo.trainer.preemption import EXIT_PREEMPTED, Preempted
+    from flowdppo.config import ConfigError, load_config
 
-    multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
-    if multi:
-        Trainer = distributed.DistributedTrainer  # noqa: N806
-    if ns.resume:
-        from flowdppo.config import ConfigError
-        from flowdppo.runs import resume_config
-
-        if ns.task or (ns.args and "=" not in ns.args[0]):
-            raise ConfigError(
-                "--resume takes the run's own config; drop the other arguments (the one "
-                "override it takes is train.iterations=N, to continue a run further)"
-            )
-        run_dir = Path(ns.resume)
-        cfg = resume_config(run_dir, ns.args)
-        trainer = Trainer(cfg, run_dir, resume=True)
-    else:
+    if ns.print_config and ns.resume:
+        raise ConfigError(
+            "--print-config shows a new run's config; a run's own is RUN_DIR/config.yaml"
+        )
+    if not ns.resume:
+        # The config first: a bad key or file is one line before the trainer (and torch)
+        # is imported.
         path = None
         overrides = list(ns.args)
         if overrides and "=" not in overrides[0]:
@@ -223,6 +236,30 @@ def _train(ns) -> int:
             base = get_task(ns.task).extra.get("recommended", {})
             overrides.insert(0, f"task={ns.task}")
         cfg = load_config(path, overrides, base=base)
+        if ns.print_config:
+            from flowdppo.config import explain_config
+
+            echo(explain_config(cfg).rstrip("\n"))
+            return 0
+    from flowdppo.trainer import distributed
+    from flowdppo.trainer.loop import Trainer
+    from flowdppo.trainer.preemption import EXIT_PREEMPTED, Preempted
+
+    multi = distributed.launched_distributed()  # torchrun / accelerate launch: one per rank
+    if multi:
+        Trainer = distributed.DistributedTrainer  # noqa: N806
+    if ns.resume:
+        from flowdppo.runs import resume_config
+
+        if ns.task or (ns.args and "=" not in ns.args[0]):
+            raise ConfigError(
+                "--resume takes the run's own config; drop the other arguments (the one "
+                "override it takes is train.iterations=N, to continue a run further)"
+            )
+        run_dir = Path(ns.resume)
+        cfg = resume_config(run_dir, ns.args)
+        trainer = Trainer(cfg, run_dir, resume=True)
+    else:
         run_dir = Path(cfg.log.run_dir or f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if multi:  # rank 0 names the run, so a clock tick between processes cannot split it
             distributed.init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout_s)
@@ -232,24 +269,22 @@ def _train(ns) -> int:
     if trainer.finished:
         trainer.train()  # returns at once, releasing the run
         if rank0:
-            print(
+            echo(
                 f"flowdppo: {run_dir} is finished ({trainer.iteration} of "
                 f"{trainer.cfg.train.iterations} iterations); nothing to do. Its results: "
                 f"{run_dir / 'summary.json'}; to train it further: flowdppo train --resume "
                 f"{run_dir} train.iterations=N with N > {trainer.cfg.train.iterations}",
-                flush=True,
             )
         distributed.finish_distributed()
         return 0
     if rank0:
         from flowdppo.config import describe_trust_region
 
-        print(
+        echo(
             f"flowdppo: {cfg.algorithm} on {cfg.task}, {cfg.train.iterations} iterations -> "
             f"{run_dir}"
             + (f" ({trainer.world_size} processes, {trainer.backend})" if multi else "")
             + f"\n  {describe_trust_region(trainer.cfg)}",
-            flush=True,
         )
     try:
         summary = trainer.train()
@@ -264,27 +299,38 @@ def _train(ns) -> int:
     return 0
 
 
+def _print_before_after(before: dict, after: dict) -> None:
+    """The evaluation table ``train`` ends with and ``eval`` prints: trained prompts, then
+    held-out ones, each metric before (the base model) -> after; "-" where no base value."""
+    for split, title in (("train", "trained prompts"), ("heldout", "held-out prompts")):
+        keys = [
+            k
+            for k in sorted(after)
+            if k.startswith(f"eval/{split}/") and ("/reward/" in k or "/kl_ref/" in k)
+        ]
+        if not keys:
+            continue
+        width = max(len(k) for k in keys)
+        echo(f"\n{title} (ODE samples, fixed noise)")
+        echo(f"  {'':<{width}} {'before':>8} -> after")
+        for key in keys:
+            fmt = ".4f" if "/reward/" in key else ".2e"
+            b = f"{before[key]:{fmt}}" if key in before else "-"
+            echo(f"  {key:<{width}} {b:>8} -> {after[key]:{fmt}}")
+
+
 def _print_summary(summary: dict, cfg) -> None:
-    before, after = summary["before"], summary["after"]
-    print("\nreward (ODE samples, fixed noise)      before -> after")
-    for key in sorted(after):
-        if "/reward/" in key or "/kl_ref/" in key:
-            b = before.get(key, float("nan"))
-            print(
-                f"  {key:<38} {b:.4f} -> {after[key]:.4f}"
-                if "reward" in key
-                else f"  {key:<38} {b:.2e} -> {after[key]:.2e}"
-            )
+    _print_before_after(summary["before"], summary["after"])
     times = ", ".join(f"{k} {v:.1f}s" for k, v in summary["time_per_phase_s"].items())
-    print(f"time per phase: {times}")
+    echo(f"time per phase: {times}")
     run = summary["run_dir"]
     logs = [f"{run}/metrics.jsonl"] + ([f"{run}/tensorboard"] if cfg.log.tensorboard else [])
     logs += [f"wandb ({cfg.log.wandb_project})"] if cfg.log.wandb else []
-    print(
+    echo(
         f"logs: {', '.join(logs)}; grids: {run}/grids/; checkpoints: {run}/ckpt-*; "
         f"summary: {run}/summary.json"
     )
-    print(f"see it in a browser: flowdppo report {run}")
+    echo(f"see it in a browser: flowdppo report {run}")
 
 
 def _check_at_least(option: str, value, low: float, what: str) -> None:
@@ -318,6 +364,7 @@ def _step_counts(text: str | None) -> list[int] | None:
 def _sample(ns) -> int:
     import torch
 
+    from flowdppo.trainer.budget import check_sample_memory
     from flowdppo.trainer.loop import make_sampler_spec
     from flowdppo.trainer.media import write_grid
     from flowdppo.trainer.rollout import ForwardCounter, sample
@@ -346,14 +393,17 @@ def _sample(ns) -> int:
         cfg.sampler.num_sde_steps = 1
     if ns.guidance is not None:
         cfg.sampler.guidance_scale = ns.guidance
+    if ns.solver is not None or cfg.log.eval_solver is not None:
+        cfg.sampler.solver = ns.solver or cfg.log.eval_solver
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
     gen = torch.Generator().manual_seed(ns.seed)
+    check_sample_memory(model, len(prompts) * ns.n, f"-n {ns.n} x {len(prompts)} prompts")
     batch = [p for p in prompts for _ in range(ns.n)]
     noise = model.initial_noise(len(batch), gen)
     final, _ = sample(model, model.encode(batch), noise, spec, [], gen, ForwardCounter())
     pages = write_grid(model.decode(final), batch, Path(ns.out), columns=min(ns.n, 8))
     files = [str(f) for p in pages for f in (p.png, p.gif, p.mp4) if f is not None]
-    print(f"wrote {len(batch)} samples to {', '.join(files)}")
+    echo(f"wrote {len(batch)} samples to {', '.join(files)}")
     return 0
 
 
@@ -361,13 +411,17 @@ def _eval(ns) -> int:
     from flowdppo.evaluate import Evaluator
     from flowdppo.rewards import get_reward
     from flowdppo.runs import load_run
+    from flowdppo.trainer.checkpoint import write_text_atomic
+    from flowdppo.trainer.guards import bounded
     from flowdppo.trainer.loop import make_sampler_spec, reward_options
 
     ns.steps = _step_counts(ns.steps)
     _check_sampling_options(ns)
     cfg, task, model, iteration = load_run(ns.run, raw_weights=ns.raw_weights)
+    if ns.solver is not None or cfg.log.eval_solver is not None:
+        cfg.sampler.solver = ns.solver or cfg.log.eval_solver
     rewards = {
-        n: get_reward(n, **reward_options(cfg, n))
+        n: bounded(n, get_reward(n, **reward_options(cfg, n)), cfg.reward.timeout_s)
         for n in (cfg.reward.names or task.default_rewards)
     }
     spec = make_sampler_spec(cfg, model.shift, getattr(model, "num_train_timesteps", None), model)
@@ -375,8 +429,8 @@ def _eval(ns) -> int:
         model,
         rewards,
         spec,
-        cfg.sampler.num_sde_steps,
-        cfg.sampler.sde_window,
+        cfg.log.eval_sde_steps or cfg.sampler.num_sde_steps,
+        cfg.log.eval_sde_window or cfg.sampler.sde_window,
         ns.n or cfg.log.eval_samples_per_prompt,
         seed=cfg.train.seed + 1,
         concurrent=cfg.reward.concurrent,
@@ -387,18 +441,28 @@ def _eval(ns) -> int:
 
         rows = measure(cfg, model, ev, task.eval_split(), ns.steps)
         text = json.dumps({"rows": rows}, indent=1)
-        (Path(ns.run) / "inference_cost.json").write_text(text)
-        print(format_table(rows, iteration))
-        print(f"wrote {Path(ns.run) / 'inference_cost.json'}")
+        # Whole or not at all: a kill mid-write keeps the previous table the report reads.
+        write_text_atomic(Path(ns.run) / "inference_cost.json", text)
+        echo(format_table(rows, iteration))
+        echo(f"wrote {Path(ns.run) / 'inference_cost.json'}")
         if ns.out:
-            Path(ns.out).write_text(text)
+            write_text_atomic(Path(ns.out), text)
         return 0
     metrics = ev.run(*task.eval_split())
     metrics["iteration"] = iteration
     text = json.dumps(metrics, indent=1)
-    print(text)
+    if ns.json:
+        echo(text)
+    else:
+        # The base model's evaluation, recorded when the run started, when it is comparable
+        # (the run's own number of samples per prompt).
+        summary = Path(ns.run) / "summary.json"
+        same = ns.n is None or ns.n == cfg.log.eval_samples_per_prompt
+        before = json.loads(summary.read_text()).get("before", {}) if summary.is_file() else {}
+        echo(f"{ns.run} at iteration {iteration} ({ev.n} samples per prompt)")
+        _print_before_after(before if same else {}, metrics)
     if ns.out:
-        Path(ns.out).write_text(text)
+        write_text_atomic(Path(ns.out), text)
     return 0
 
 
@@ -424,7 +488,7 @@ def _export_lora(ns) -> int:
 
     _, _, model, iteration = load_run(run_dir, raw_weights=ns.raw_weights)
     out = save_lora_for_diffusers(model, ns.out)
-    print(
+    echo(
         f"wrote the LoRA of {run_dir} (iteration {iteration}) to {out}; load it with "
         f"{lora_load_hint(model, out)}"
     )
@@ -444,15 +508,24 @@ def _pretrain(ns) -> int:
     pretrain(out, ns.seed)
     base = out / f"{ns.task}_base.safetensors"
     use = f"; train on the base model with model.weights={base}" if base.is_file() else ""
-    print(f"wrote task {ns.task!r}'s pretrained weights to {out}/{use}")
+    echo(f"wrote task {ns.task!r}'s pretrained weights to {out}/{use}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flowdppo.config import ConfigError
-    from flowdppo.trainer.checkpoint import CheckpointError
-    from flowdppo.trainer.loop import TrainingError
-    from flowdppo.verbosity import set_verbose
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C where no stop handler runs: while a command starts (imports, a model
+        # loading), in eval, sample, report... Training's own loop stops at an iteration
+        # boundary with a checkpoint instead (exit 75). Files are replaced whole, so what
+        # was written before stays good.
+        print("flowdppo: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 128 + 2
+
+
+def _main(argv: list[str] | None) -> int:
+    from flowdppo.verbosity import drop_closed_output, set_verbose
 
     parser = _parser()
     ns, extra = parser.parse_known_args(argv)
@@ -469,9 +542,54 @@ def main(argv: list[str] | None = None) -> int:
         "export-lora": _export_lora,
         "compare": _compare,
         "report": _report,
+        "recipes": _recipes,
     }
     try:
         return handlers[ns.command](ns)
-    except (ConfigError, CheckpointError, TrainingError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+    except BrokenPipeError:
+        # Output printed outside echo() whose reader went away: no traceback, and the
+        # status a shell gives a command ended by SIGPIPE.
+        drop_closed_output(sys.stdout)
+        return 128 + 13
+    except Exception as exc:
+        if _user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return getattr(exc, "exit_code", 2)
+        if not isinstance(exc, OSError):
+            raise
+        # A file the command writes or reads: its name and the cause.
+        from flowdppo.trainer.checkpoint import describe_failure, failure_fix
+
+        place = Path(exc.filename).parent if exc.filename else Path.cwd()
+        print(f"error: {describe_failure(exc)} ({failure_fix(exc, place)})", file=sys.stderr)
+        return 2
+
+
+def _user_error(exc: Exception) -> bool:
+    """A configuration, checkpoint or training error meant for the user (one line).
+
+    Their classes are looked up among the modules already imported: an error of a module
+    that was never imported cannot have been raised, and a command that fails early (a bad
+    key, --help) never pays for importing the trainer and torch.
+    """
+    kinds: list[type] = [ValueError]  # ConfigError is one
+    for module, name in (
+        ("flowdppo.trainer.checkpoint", "CheckpointError"),
+        ("flowdppo.trainer.guards", "TrainingError"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(exc, tuple(kinds))
+
+
+def _recipes(ns) -> int:
+    from flowdppo.config.recipes import describe, recipe_names
+
+    names = recipe_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        echo(f"{name:<{width}}  {describe(name)}")
+    echo(
+        "run one with: flowdppo train NAME [key=value ...]; see it: flowdppo train NAME --print-config"
+    )
+    return 0

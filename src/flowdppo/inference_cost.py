@@ -3,11 +3,11 @@
 
 For the base model and the trained one (with LoRA: adapters applied on the fly, and merged
 into the weights), at each sampling step count: the mean reward of deterministic ODE
-samples on the evaluation prompts (fixed noise, as in evaluation) and the wall-clock
-milliseconds per image of sampling and decoding on this machine, after one untimed
-warm-up batch. NFE counts velocity evaluations per image: one per step, two with
+samples on the evaluation prompts (fixed noise, as in evaluation; the solver is the run's
+``sampler.solver`` or ``--solver``) and the wall-clock milliseconds per image of sampling
+and decoding on this machine, after one untimed warm-up batch. NFE counts velocity evaluations per image: one per step, two with
 classifier-free guidance. Rows go to ``RUN/inference_cost.json`` as
-``{"rows": [{"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora"}]}``.
+``{"rows": [{"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora", "solver"}]}``.
 """
 
 from __future__ import annotations
@@ -96,14 +96,17 @@ def measure(
                         "reward_mean": reward,
                         "ms_per_image": 1000 * seconds / (len(prompts) * ev.n),
                         "lora": lora,
+                        "solver": cfg.sampler.solver,
                     }
                 )
     return rows
 
 
 def format_table(rows: list[dict], iteration: int) -> str:
+    solver = rows[0]["solver"] if rows else "euler"
     lines = [
-        f"inference cost (ODE samples; reward: mean over the trained and held-out evaluation "
+        f"inference cost (ODE samples, {solver} solver; reward: mean over the trained and "
+        "held-out evaluation "
         f"prompts; trained = checkpoint of iteration {iteration}; times measured on this "
         "machine)",
         f"  {'model':<8} {'lora':<9} {'steps':>5} {'NFE':>5} {'reward':>8} {'ms/image':>9}",

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import TextIO
 
 LIBRARIES = ("transformers", "diffusers", "peft", "huggingface_hub", "accelerate")
 _ENVIRONMENT = {
@@ -53,3 +54,30 @@ def quiet_progress_bars() -> None:
             lib = sys.modules[f"{name}.utils.logging"]
             lib.disable_progress_bar()
             lib.set_verbosity_error()
+
+
+def echo(text: str = "", file: TextIO | None = None) -> None:
+    """``print(text, flush=True)`` that outlives its reader: when the pipe it writes to is
+    closed (``flowdppo train ... | head -1``, a dying ``tee`` or pager), the output falls
+    silent and the command goes on (training keeps going and checkpointing)."""
+    stream = sys.stdout if file is None else file
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        drop_closed_output(stream)
+
+
+def drop_closed_output(stream: TextIO) -> None:
+    """Point a stream whose reader went away at /dev/null, as Python's documentation of
+    SIGPIPE recommends: what is still written, and the flush at exit (which would otherwise
+    end the process with "Exception ignored ... BrokenPipeError" and status 120), go
+    nowhere."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a real file (a test's capture): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)

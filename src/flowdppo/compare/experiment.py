@@ -14,8 +14,15 @@ extra top-level section, ``compare``::
         - {label: "G=8 I=2", overrides: {train.inner_epochs: 2}}
         - {label: "thr=1e-5", overrides: {objective.dppo_threshold: 1.0e-5}, algorithms: [dppo]}
         - {label: "I=2 clip=10", overrides: {objective.clip_range_per_step: 10}, frontier: "I=2"}
+      per_algorithm:                 # optional; one method's own wiring, in every variant
+        nft: {nft.rollout_model: old, sampler.solver: dpm2}
       quick: {train.iterations: 40}  # applied with --quick
       probe: ratio_noise             # optional extra measurement (see ratio_noise.py)
+
+``per_algorithm`` holds the settings that make a method the method its authors run (the
+released trainer's wiring: which model samples, which solver, which steps): they apply to
+every run of that algorithm, on top of the shared settings, and a variant's overrides
+(the knob it varies) apply on top of them.
 
 Variants that share a ``frontier`` label are settings of one knob swept to trace a
 reward-KL frontier (e.g. thresholds and clip ranges at two inner epochs): the report
@@ -43,12 +50,21 @@ from flowdppo.config import (
     drop_foreign_options,
     parse_algorithm,
     read_yaml,
+    recipes,
 )
 
 DEFAULT_ALGORITHMS = PAPER_ALGORITHMS  # the six methods of the paper's comparison table
 DEFAULT_SEEDS = 3
 PROBES = ("ratio_noise",)
-_COMPARE_KEYS = {"algorithms", "seeds", "variants", "quick", "probe", "description"}
+_COMPARE_KEYS = {
+    "algorithms",
+    "seeds",
+    "variants",
+    "quick",
+    "probe",
+    "description",
+    "per_algorithm",
+}
 _VARIANT_KEYS = {"label", "overrides", "algorithms", "frontier"}
 # Keys compare sets itself for every run; an override of them would be silently lost.
 _OWNED = {"algorithm": "--algorithms", "train.seed": "--seeds", "log.run_dir": "--out"}
@@ -90,6 +106,7 @@ class Experiment:
     probe: str | None
     quick: bool
     source: str
+    per_algorithm: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted overrides
 
     def algorithms_of(self, variant: Variant) -> list[str]:
         """A variant's own algorithms, restricted to the experiment's (or --algorithms)."""
@@ -115,7 +132,8 @@ class Experiment:
             for algorithm in self.algorithms_of(v):
                 label = group_label(algorithm, v.label)
                 for seed in self.seeds:
-                    tree = _merge(self.base, _tree(v.overrides))
+                    own = _tree(self.per_algorithm.get(algorithm, {}))
+                    tree = _merge(_merge(self.base, own), _tree(v.overrides))
                     run_dir = out_dir / "runs" / f"{_slug(label)}-seed{seed}"
                     tree = _merge(
                         tree,
@@ -279,7 +297,7 @@ def load_experiment(
 ) -> Experiment:
     """Read an experiment (or plain run config) file; command-line values take precedence."""
     source = str(path)
-    tree = read_yaml(path)
+    tree = read_yaml(recipes.resolve(path))
     section = tree.pop("compare", None) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: the compare section must be a mapping")
@@ -307,6 +325,7 @@ def load_experiment(
     if quick:
         base = _merge(base, _tree(quick_overrides))
     base = _merge(base, _tree(cli))
+    per_algorithm = _per_algorithm(section.get("per_algorithm"), source)
     probe = section.get("probe")
     if probe is not None and probe not in PROBES:
         raise ConfigError(f"{source}: compare.probe {probe!r} is unknown; valid: {PROBES}")
@@ -322,4 +341,22 @@ def load_experiment(
         probe=probe,
         quick=quick,
         source=source,
+        per_algorithm=per_algorithm,
     )
+
+
+def _per_algorithm(raw: Any, source: str) -> dict[str, dict[str, Any]]:
+    where = f"{source}: compare.per_algorithm"
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must map algorithm names to overrides, e.g. {{nft: {{...}}}}")
+    out = {}
+    for name, mapping in raw.items():
+        (algorithm,) = parse_algorithms([str(name)])
+        overrides = _dotted_overrides(mapping, f"{where}.{algorithm}")
+        for key in overrides:
+            if key in _OWNED:
+                raise ConfigError(f"{where}.{algorithm} sets {key}; it cannot (use {_OWNED[key]})")
+        out[algorithm] = overrides
+    return out

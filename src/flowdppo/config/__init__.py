@@ -31,6 +31,7 @@ from flowdppo.config.loader import _source_of as _source_of
 from flowdppo.config.loader import (
     config_from_dict,
     dump_config,
+    explain_config,
     load_config,
     parse_overrides,
     read_yaml,
@@ -47,7 +48,7 @@ from flowdppo.config.objective import (
 from flowdppo.config.reward import RewardConfig, WeightSchedule, reward_weights
 from flowdppo.config.run import Config, Continuation, ref_kl_plan
 from flowdppo.config.sampler import SamplerConfig, sde_window_bounds
-from flowdppo.config.train import EmaConfig, TrainConfig
+from flowdppo.config.train import TRAIN_OPTION_OWNERS, EmaConfig, TrainConfig
 from flowdppo.config.trust_region import (
     CPS_CLIP_RANGE_PER_STEP,
     CPS_RECIPE,
@@ -70,6 +71,7 @@ __all__ = [
     "OBJECTIVES",
     "OBJECTIVE_OPTION_OWNERS",
     "PAPER_ALGORITHMS",
+    "TRAIN_OPTION_OWNERS",
     "TRUST_REGION_KEYS",
     "Config",
     "ConfigError",
@@ -89,6 +91,7 @@ __all__ = [
     "describe_trust_region",
     "drop_foreign_options",
     "dump_config",
+    "explain_config",
     "load_config",
     "parse_algorithm",
     "parse_overrides",

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from flowdppo.config.base import _Section
+from flowdppo.config.base import PathKey, _Section
 
 
 class DataConfig(_Section):
-    train_prompts: str | None = Field(
+    train_prompts: PathKey = Field(
         None,
         description="task prompts (or a built-in task with a grammar): text file, one "
         "training prompt per line",
     )
-    heldout_prompts: str | None = Field(
+    heldout_prompts: PathKey = Field(
         None,
         description="task prompts (or a built-in task with a grammar): text file of prompts "
         "never trained on (optional)",

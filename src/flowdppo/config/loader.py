@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from flowdppo.config import recipes
 from flowdppo.config.base import ConfigError
 from flowdppo.config.errors import _explain
 from flowdppo.config.run import Config
@@ -120,6 +121,8 @@ def load_config(
     YAML file, the overrides.
     """
     overrides = list(overrides or [])
+    if path is not None:
+        path = recipes.resolve(path)
     tree = _merge(base or {}, read_yaml(path) if path is not None else {})
     tree = _merge(tree, parse_overrides(overrides))
     origin = str(path) if path else "the task's recommended settings" if base else "defaults"
@@ -159,3 +162,27 @@ def dump_config(cfg: Config) -> str:
     # Only a DiffusionNFT run records the nft section (every other method refuses it).
     exclude = None if cfg.objective_name == "nft" else {"nft"}
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
+
+
+def explain_config(cfg: Config) -> str:
+    """The resolved config as YAML, each key followed by its description (``flowdppo train
+    --print-config``): what ``config.yaml`` would hold, with the meaning of every key."""
+    data = yaml.safe_load(dump_config(cfg))
+    lines: list[str] = []
+
+    def walk(model, values: dict, indent: str) -> None:
+        fields = type(model).model_fields
+        for key, value in values.items():
+            info = fields.get(key)
+            note = f"  # {info.description}" if info is not None and info.description else ""
+            child = getattr(model, key, None)
+            if isinstance(value, dict) and isinstance(child, BaseModel):
+                lines.append(f"{indent}{key}:{note}")
+                walk(child, value, indent + "  ")
+                continue
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            text = text.removesuffix("\n...").strip()
+            lines.append(f"{indent}{key}: {text}{note}")
+
+    walk(cfg, data, "")
+    return "\n".join(lines) + "\n"

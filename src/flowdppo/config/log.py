@@ -6,17 +6,31 @@ from typing import Literal
 
 from pydantic import Field
 
-from flowdppo.config.base import _Section
+from flowdppo.config.base import PathKey, _Section
 
 
 class LogConfig(_Section):
-    run_dir: str | None = Field(None, description="null: runs/<name>-<time>")
+    run_dir: PathKey = Field(None, description="null: runs/<name>-<time>")
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(
         10, ge=0, description="iterations between evaluations and their sample grids (0: end only)"
     )
     eval_samples_per_prompt: int = Field(16, ge=1)
+    eval_sde_steps: int | None = Field(
+        None,
+        ge=1,
+        description="SDE steps per evaluation sample the KL to the reference is measured on; "
+        "null: sampler.num_sde_steps (methods compared on one KL set it alike)",
+    )
+    eval_sde_window: tuple[float, float] | None = Field(
+        None, description="the schedule window they are drawn from; null: sampler.sde_window"
+    )
+    eval_solver: Literal["euler", "dpm2"] | None = Field(
+        None,
+        description="the ODE solver of evaluations, `flowdppo eval` and `flowdppo sample --run` "
+        "(DiffusionNFT trains on dpm2 rollouts but evaluates with euler); null: sampler.solver",
+    )
     eval_prompts: int | None = Field(
         None,
         ge=1,

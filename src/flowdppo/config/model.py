@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flowdppo.config.base import _Section
+from flowdppo.config.base import PathKey, _Section
 
 #: ``auto`` and the adapter modules of ``flowdppo.models.diffusers_adapters`` (kept in step
 #: with its ADAPTER_MODULES; a test checks).
@@ -25,7 +25,7 @@ MODEL_KINDS = ("task", *DIFFUSERS_KINDS)
 
 
 class ModelConfig(_Section):
-    weights: str | None = Field(None, description="base weights path; null: the task's shipped")
+    weights: PathKey = Field(None, description="base weights path; null: the task's shipped")
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
@@ -37,7 +37,7 @@ class ModelConfig(_Section):
         "model.path's pipeline class; or one adapter by name (sd3, flux, wan, flux2, "
         "qwen_image, z_image, hunyuan_video15); null: auto when model.path is set, else task",
     )
-    path: str | None = Field(None, description="local diffusers pipeline directory")
+    path: PathKey = Field(None, description="local diffusers pipeline directory")
     adapter: str | None = Field(
         None, description="a user adapter class by import path, package.module:Class"
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from flowdppo.config.base import _Section
@@ -28,6 +30,13 @@ class NftConfig(_Section):
     decay_start: int = Field(0, ge=0, description="optimizer steps before the old model lags")
     decay_rate: float = Field(0.001, ge=0, description="old-model decay gained per optimizer step")
     decay_max: float = Field(0.5, ge=0, lt=1, description="largest old-model decay")
+    # scripts/train_nft_sd3.py samples every rollout with the "old" adapter (set_adapter("old")
+    # around pipeline_with_logprob); "current" samples with the policy being trained.
+    rollout_model: Literal["current", "old"] = Field(
+        "current",
+        description="the weights that sample the rollouts: current (the policy) or old (the "
+        "lagging old model, as the official trainer does)",
+    )
     # config/base.py: train.beta = 0.0001, on mean((v - v_ref)^2).
     ref_beta: float = Field(
         1e-4, ge=0, description="weight of the velocity distance to the reference model"

@@ -40,9 +40,8 @@ class ObjectiveConfig(_Section):
     )
     beta: float = Field(0.0, ge=0, description="weight of the exact KL to the reference model")
     # GRPO-Guard's clip range on its normalised log-ratio std * (log r + D) (element-mean,
-    # docs/method.md). 2e-6 is the clip ratio of the public GRPO-Guard recipe in verl-omni
-    # (docs/algo/grpo_guard.md: diffusion_loss.clip_ratio=2e-6); the paper's own code is
-    # not released.
+    # docs/method.md). 2e-6 is train.clip_range of the released GRPO-Guard recipes for OCR
+    # and GenEval (yifan123/flow_grpo config/grpo_guard.py, commit 9745241; PickScore: 4e-6).
     guard_clip_range: float = Field(
         2e-6, gt=0, description="guard: clip range of the normalised ratio (element mean)"
     )
@@ -86,4 +85,6 @@ def drop_foreign_options(tree: dict) -> dict:
         }
     if objective != "nft":
         out.pop("nft", None)
+    elif isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k != "trained_steps"}
     return out

@@ -44,9 +44,21 @@ class RewardConfig(_Section):
         description="score a batch with all rewards at once, each in its own thread (false: "
         "one after the other, for rewards that are not thread-safe)",
     )
+    timeout_s: float | None = Field(
+        3600.0,
+        gt=0,
+        description="seconds one reward call may take before the run stops naming it (a hung "
+        "reward); null: no limit",
+    )
     combine: Literal["weighted", "gdpo"] = "weighted"
     adv_std: Literal["global", "group"] = "global"
     adv_clip: float | None = Field(None, gt=0)
+    adv_eps: float = Field(
+        1e-8,
+        gt=0,
+        description="added to the advantage's std, (R - mean) / (std + adv_eps); Flow-GRPO "
+        "and DiffusionNFT add 1e-4 (flow_grpo/stat_tracking.py)",
+    )
     max_invalid_fraction: float = Field(
         0.25,
         ge=0,

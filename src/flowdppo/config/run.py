@@ -15,7 +15,7 @@ from flowdppo.config.nft import NftConfig
 from flowdppo.config.objective import OBJECTIVE_OPTION_OWNERS, ObjectiveConfig
 from flowdppo.config.reward import RewardConfig
 from flowdppo.config.sampler import SamplerConfig, sde_window_bounds
-from flowdppo.config.train import TrainConfig
+from flowdppo.config.train import TRAIN_OPTION_OWNERS, TrainConfig
 from flowdppo.config.trust_region import (
     CPS_CLIP_RANGE_PER_STEP,
     CPS_RECIPE,
@@ -89,12 +89,26 @@ class Config(_Section):
                 f"{in_window} steps in sampler.sde_window {list(s.sde_window)} of "
                 f"sampler.num_steps = {s.num_steps}: widen the window or draw fewer"
             )
+        lg = self.log
+        eval_window = lg.eval_sde_window or s.sde_window
+        if not 0.0 <= eval_window[0] < eval_window[1] <= 1.0:
+            raise ValueError(
+                f"log.eval_sde_window must satisfy 0 <= lo < hi <= 1, got {list(eval_window)}"
+            )
+        eval_first, eval_stop = sde_window_bounds(s.num_steps, eval_window)
+        if (lg.eval_sde_steps or s.num_sde_steps) > eval_stop - eval_first:
+            raise ValueError(
+                f"log.eval_sde_steps ({lg.eval_sde_steps or s.num_sde_steps}) is more than the "
+                f"{eval_stop - eval_first} steps in the window {list(eval_window)} of "
+                f"sampler.num_steps = {s.num_steps}: widen log.eval_sde_window or draw fewer"
+            )
         if self.kernel == "cps" and s.eta > 1:
             raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")
         if s.eta == 0:
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
         check_trust_region_forms(self.objective, s.log_prob_reduce)
         self._check_algorithm_options()
+        self._check_trained_steps(first, stop)
         if self.log.ref_kl_samples is not None and self.log.ref_kl_samples > self.train.group_size:
             raise ValueError(
                 f"log.ref_kl_samples ({self.log.ref_kl_samples}) is more than the "
@@ -126,6 +140,13 @@ class Config(_Section):
             raise ValueError(
                 f"nft.{key} is an option of algorithm nft, not of {self.algorithm!r}: drop it"
             )
+        for key, allowed in TRAIN_OPTION_OWNERS.items():
+            if name not in allowed and getattr(self.train, key) is not None:
+                users = ", ".join(a for a in OBJECTIVES if OBJECTIVES[a] in allowed)
+                raise ValueError(
+                    f"train.{key} is an option of {users} (and their OBJECTIVE+KERNEL forms), "
+                    f"not of algorithm {self.algorithm!r}: drop it"
+                )
         s = self.sampler
         if name in ("guard", "nft") and s.score != "gaussian":
             raise ValueError(
@@ -136,6 +157,27 @@ class Config(_Section):
             raise ValueError(
                 "algorithm guard normalises element-mean log-probs (its published form): "
                 "drop sampler.log_prob_reduce = sum"
+            )
+
+    def _check_trained_steps(self, first: int, stop: int) -> None:
+        # Every iteration must replay at least one step: the SDE steps are drawn anew each
+        # time, so fewer candidates than draws may lie outside the trained range.
+        span = self.train.trained_steps
+        if span is None:
+            return
+        n = self.sampler.num_steps
+        if span[1] > n:
+            raise ValueError(
+                f"train.trained_steps {list(span)} reaches past the sampler.num_steps = {n} "
+                f"steps (0 to {n - 1}): use a stop <= {n}"
+            )
+        outside = sum(1 for k in range(first, stop) if not span[0] <= k < span[1])
+        if outside >= self.sampler.num_sde_steps:
+            raise ValueError(
+                f"train.trained_steps {list(span)} can miss every SDE step: "
+                f"{self.sampler.num_sde_steps} drawn from sampler.sde_window "
+                f"{list(self.sampler.sde_window)} (steps {first} to {stop - 1}) may all fall "
+                "outside it; widen the range or draw more steps"
             )
 
     def _check_summed_clip_window(self) -> None:

@@ -1,4 +1,5 @@
-"""The ``sampler`` section: steps, noise level and where the SDE steps are drawn."""
+"""The ``sampler`` section: steps, noise level, where the SDE steps are drawn and the ODE
+solver of the other steps."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ class SamplerConfig(_Section):
     log_prob_reduce: Literal["mean", "sum"] = "mean"
     score: Literal["gaussian", "cps"] = Field(
         "gaussian", description="cps: the CPS authors' unnormalised -(x' - mean)^2 score"
+    )
+    solver: Literal["euler", "dpm2"] = Field(
+        "euler",
+        description="ODE solver of the deterministic steps (rollouts' non-SDE steps, "
+        "evaluation, flowdppo sample / eval): euler, or dpm2, the second-order multistep "
+        "DPM-Solver++ of DiffusionNFT's trainer (first-order on the first step, after each "
+        "SDE step and on the step to sigma 0); SDE steps keep their kernel",
     )
 
     @field_validator("sde_window")

@@ -8,6 +8,11 @@ from pydantic import Field, field_validator
 
 from flowdppo.config.base import _Section
 
+#: The objectives that read each train option that not every objective reads (as
+#: OBJECTIVE_OPTION_OWNERS): DiffusionNFT replays no recorded step, it draws its own noise
+#: levels (nft.timestep_fraction).
+TRAIN_OPTION_OWNERS = {"trained_steps": ("dppo", "clip", "guard")}
+
 
 class EmaConfig(_Section):
     """An exponential moving average of the trained weights (docs/method.md, "EMA")."""
@@ -36,6 +41,18 @@ class TrainConfig(_Section):
         ge=1,
         description="samples per forward and backward in the update (a minibatch is split "
         "into micro-batches whose gradients add up to its own); null: the whole minibatch",
+    )
+    drop_zero_advantage: bool = Field(
+        False,
+        description="train only on samples whose advantage is not exactly 0 (a group of "
+        "equal rewards): the kept samples fill as many minibatches as the whole batch would, "
+        "as Flow-GRPO's and GRPO-Guard's trainers do",
+    )
+    trained_steps: tuple[int, int] | None = Field(
+        None,
+        description="[first, stop): replay only the recorded SDE steps k with first <= k < "
+        "stop (GRPO-Guard's trainer: all 10 steps stochastic, [0, 9) trained); null: every "
+        "recorded step",
     )
     max_grad_norm: float | None = Field(1.0, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -84,6 +101,13 @@ class TrainConfig(_Section):
         "the last checkpoint; null: only every log.checkpoint_every iterations",
     )
     ema: EmaConfig = Field(default_factory=EmaConfig)
+
+    @field_validator("trained_steps")
+    @classmethod
+    def _trained_steps(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"must be [first, stop) with 0 <= first < stop, got {list(v)}")
+        return v
 
     @field_validator("adam_betas")
     @classmethod

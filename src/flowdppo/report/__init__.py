@@ -8,7 +8,9 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from flowdppo.report.runs import collect, is_compare_dir
+from flowdppo.config import ConfigError
+from flowdppo.report.runs import collect, is_compare_dir, shown
+from flowdppo.trainer.checkpoint import write_text_atomic
 
 __all__ = ["write_report"]
 
@@ -36,8 +38,8 @@ def write_report(
         title = f"flowdppo: {len(runs)} runs"
     command = command or shlex.join(["flowdppo", "report", *map(str, paths)])
     out = Path(out) if out else default_out(paths)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name the HTML file, e.g. {out}/report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(groups, title, command), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, shown(render(groups, title, command)))
     return out

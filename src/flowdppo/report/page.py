@@ -10,6 +10,7 @@ from pathlib import Path
 from flowdppo.compare.frontier import KL_UNIT
 from flowdppo.compare.report import add_matched_kl, aggregate, format_cell
 from flowdppo.compare.results import PHASES
+from flowdppo.config import ConfigError
 from flowdppo.report import figures
 from flowdppo.report.runs import Evaluation, ReportRun
 
@@ -45,7 +46,28 @@ document.querySelectorAll('.evals').forEach(function (box) {
 
 
 def file_uri(path: Path) -> str:
-    return f"data:{_MIME[path.suffix]};base64," + base64.b64encode(path.read_bytes()).decode()
+    data = path.read_bytes()
+    problem = media_damage(path.suffix, data)
+    if problem is not None:
+        raise ConfigError(
+            f"{path} is {problem}, as a kill while it was written leaves one (flowdppo now "
+            "writes grids whole): delete it or move it away, then make the report again"
+        )
+    return f"data:{_MIME[path.suffix]};base64," + base64.b64encode(data).decode()
+
+
+def media_damage(suffix: str, data: bytes) -> str | None:
+    """Why a grid file of this suffix could not be shown, or None when it looks whole."""
+    if not data:
+        return "empty (0 bytes)"
+    if suffix == ".png":
+        if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+            return "not a PNG image"
+        if not data.endswith(b"IEND\xaeB`\x82"):
+            return "a cut PNG image (it ends before its last chunk)"
+    if suffix == ".gif" and not data.endswith(b";"):
+        return "a cut GIF image (no trailer)"
+    return None
 
 
 COLUMNS = [

@@ -169,7 +169,15 @@ def collect(paths: list[str | Path]) -> list[ReportRun]:
         if not runs:
             raise ConfigError(f"compare folder {compares[0]} holds no run directory")
         return runs
-    labels = [p.resolve().name for p in paths]
+    labels = [shown(p.resolve().name) for p in paths]
     if len(set(labels)) < len(labels):  # two runs of one name in different folders
-        labels = [str(p) for p in paths]
+        labels = [shown(str(p)) for p in paths]
     return [load_run(p, label) for p, label in zip(paths, labels)]
+
+
+def shown(text: str) -> str:
+    """``text`` as it reads. Under an ASCII locale without Python's UTF-8 mode, a path's
+    non-ASCII bytes arrive as lone surrogates ('r\\udcc3\\udcbcn' for 'rün'), which
+    matplotlib cannot draw and UTF-8 cannot encode: they are decoded as the UTF-8 they
+    almost always are (anything else becomes U+FFFD)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

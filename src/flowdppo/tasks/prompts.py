@@ -12,19 +12,39 @@ frame count the pipeline cannot take) is reported here, before any weight is rea
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from flowdppo.config import DIFFUSERS_KINDS, Config, ConfigError
 from flowdppo.tasks import Task
 
 
+def _visible(line: str) -> str:
+    """``line`` without the invisible characters at either end: whitespace, and format and
+    control characters (a zero-width space, a byte-order mark, a soft hyphen) that editors
+    and copied web text leave in. Those inside a prompt (a zero-width joiner in an emoji)
+    stay."""
+    start, end = 0, len(line)
+    while start < end and _invisible(line[start]):
+        start += 1
+    while end > start and _invisible(line[end - 1]):
+        end -= 1
+    return line[start:end]
+
+
+def _invisible(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char) in ("Cf", "Cc")
+
+
 def read_prompts(path: str, key: str) -> list[str]:
-    """Non-blank lines of ``path``, stripped; ``key`` names the config key in errors."""
+    """Lines of ``path`` that show something, stripped of invisible characters at their
+    ends (a UTF-8 byte-order mark included); ``key`` names the config key in errors."""
     return [prompt for _, prompt in read_prompt_lines(path, key)]
 
 
 def read_prompt_lines(path: str, key: str) -> list[tuple[int, str]]:
-    """(line number, prompt) of the non-blank lines of ``path``, stripped."""
+    """(line number, prompt) of the lines of ``path`` that show something, as
+    :func:`read_prompts` reads them."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(
@@ -32,10 +52,11 @@ def read_prompt_lines(path: str, key: str) -> list[tuple[int, str]]:
             "fix the path"
         )
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not the prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{key}: cannot read prompt file {path!r} as UTF-8 text: {exc}") from exc
-    prompts = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = enumerate(map(_visible, text.splitlines()), 1)
+    prompts = [(n, line) for n, line in lines if line]
     if not prompts:
         raise ConfigError(f"{key}: prompt file {path!r} holds no prompts (one per line)")
     return prompts

@@ -54,6 +54,22 @@ def check_batch_memory(cfg: Config, model, processes: int, eval_split) -> None:
         )
 
 
+def check_sample_memory(model, samples: int, option: str) -> None:
+    """Raise ValueError (``option`` names the setting) when ``samples`` samples drawn in one
+    batch (``flowdppo sample``: their latents while sampling, then the decoded grid) cannot
+    fit in memory, before any forward pass; the forwards themselves go in batches of
+    ``model.forward_batch_size``."""
+    probe = model.initial_noise(1, torch.Generator().manual_seed(0))
+    need = samples * probe.numel() * 4 * (WORKING + 1)
+    limit, where = memory_limit(probe.device)
+    if need > limit:
+        raise ValueError(
+            f"{option} asks for {samples} samples, which need about {_size(need)} for their "
+            f"latents alone ({probe[0].numel()} floats a sample, {WORKING + 1} copies), more "
+            f"than the {_size(limit)} of {where}: ask for fewer"
+        )
+
+
 def memory_limit(device: torch.device) -> tuple[int, str]:
     """Bytes a process may use on ``device``, and a phrase naming that memory."""
     if device.type == "cuda":

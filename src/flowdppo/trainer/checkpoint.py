@@ -17,6 +17,7 @@ hidden leftovers (``.tmp``, ``.trash``) are cleared by the next save. A write th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -42,12 +43,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise named(exc, path) from exc
 
 
 def _sha256(path: Path) -> str:
@@ -59,13 +63,26 @@ def _sha256(path: Path) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all; a failed write leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise named(exc, path) from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """``exc`` as the failure to write ``path`` (not its temporary name, or no name)."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -89,19 +106,93 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree if it is there; errors are left to the caller's
+    next check (a leftover is cleared by the next save)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def _discard(path: Path) -> None:
     """Remove a checkpoint directory so that a kill midway leaves no half-deleted ckpt-*."""
     trash = path.with_name(f".{path.name}.trash")
-    if trash.exists():
-        shutil.rmtree(trash)
+    _remove(trash)
     os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove(trash)
 
 
 def _clear_leftovers(run_dir: Path) -> None:
-    """Temporary and half-removed directories left behind by a killed save."""
-    for p in list(run_dir.glob(".ckpt-*.tmp")) + list(run_dir.glob(".ckpt-*.trash")):
-        shutil.rmtree(p, ignore_errors=True)
+    """Temporary and half-removed checkpoints (and pointer files) left by a killed save."""
+    for p in [*run_dir.glob(".ckpt-*.tmp"), *run_dir.glob(".ckpt-*.trash")]:
+        _remove(p)
+    _remove(run_dir / f"{LATEST}.tmp")
+
+
+def layout_problem(run_dir: Path) -> str | None:
+    """What replaced flowdppo's files in ``run_dir``, if anything: a ``latest`` that is not a
+    file, or a ``ckpt-*`` that is not a directory. Saving would overwrite it, and resuming
+    would silently skip it."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_dir():
+        return (
+            f"{pointer} is a directory, not the one-line file naming the newest checkpoint "
+            "that flowdppo writes there"
+        )
+    for p in sorted(run_dir.glob("ckpt-*")):
+        if _NAME.fullmatch(p.name) and not p.is_dir():
+            return (
+                f"{p} is not a checkpoint directory (flowdppo writes each checkpoint as a "
+                "directory; this is a file or a broken link)"
+            )
+    return None
+
+
+def check_layout(run_dir: Path, doing: str) -> None:
+    """Raise :class:`CheckpointError` (``doing``: what cannot be done) on a
+    :func:`layout_problem`, naming the path and the fix."""
+    problem = layout_problem(run_dir)
+    if problem is not None:
+        raise CheckpointError(
+            f"{doing}: {problem}. Move it out of {run_dir}, then continue with --resume {run_dir}"
+        )
+
+
+def failure_fix(exc: BaseException, place: Path) -> str:
+    """What to do about a failed write into ``place``, by its cause (only a full disk is
+    the disk's)."""
+    code = getattr(exc, "errno", None)
+    if code is None:  # safetensors reports the kernel's error as text: "(os error 28)"
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "Free disk space"
+    if code == errno.EFBIG:
+        return "Free disk space or raise the file-size limit (ulimit -f)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Make {place} writable"
+    if code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY):
+        return f"Move away what stands where flowdppo writes in {place}"
+    if code == errno.ENAMETOOLONG:
+        return "Choose a shorter path"
+    return "Fix the cause above"
+
+
+def describe_failure(exc: OSError) -> str:
+    """``PATH: cause`` of a failed file operation (the cause alone when no path is known)."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {cause}" if exc.filename else cause
+
+
+def _advice(exc: BaseException, run_dir: Path) -> str:
+    if latest_checkpoint(run_dir) is None:  # nothing to resume: the run starts again
+        return f"{failure_fix(exc, run_dir)}, then start the run again with the same command"
+    return f"{failure_fix(exc, run_dir)}, then continue with --resume {run_dir}"
 
 
 def save_checkpoint(
@@ -119,32 +210,44 @@ def save_checkpoint(
     name = name_of(iteration)
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
+    stage, kept = "write", "no earlier checkpoint exists"
     try:
         mark("checkpoint")
         _clear_leftovers(run_dir)
+        newest = latest_checkpoint(run_dir)
+        if newest is not None:
+            kept = f"the newest complete checkpoint, {newest.name}, is intact"
+        check_layout(run_dir, f"could not write checkpoint {final} ({kept})")
         tmp.mkdir(parents=True)
         _write_files(tmp, model_state, optimizer, rng, state, iteration, ema)
         if final.exists():  # a checkpoint of this iteration from a run that was killed later
             _discard(final)
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
+        stage = "pointer"
         fault_point("checkpoint:renamed")
         write_text_atomic(run_dir / LATEST, name + "\n")
+        stage = "prune"
         for old in list_checkpoints(run_dir)[:-keep]:
             fault_point("checkpoint:pruning")
             _discard(old)
+    except CheckpointError:
+        _remove(tmp)
+        raise
     except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        newest = latest_checkpoint(run_dir)
-        kept = (
-            f"the newest complete checkpoint, {newest.name}, is intact"
-            if newest is not None
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({exc}); {kept}. Free disk space or fix the "
-            f"directory's permissions, then continue with --resume {run_dir}"
-        ) from exc
+        _remove(tmp)
+        _clear_leftovers(run_dir)
+        advice = _advice(exc, run_dir)
+        if stage == "write":
+            what = f"could not write checkpoint {final} ({exc}); {kept}"
+        elif stage == "pointer":
+            what = (
+                f"checkpoint {final} is written, but {run_dir / LATEST} could not be moved to "
+                f"it ({exc})"
+            )
+        else:
+            what = f"checkpoint {final} is written, but an older one could not be removed ({exc})"
+        raise CheckpointError(f"{what}. {advice}") from exc
     return final
 
 
@@ -208,16 +311,19 @@ def resolve_latest(run_dir: Path) -> tuple[Path | None, str | None]:
         return fallback, None
     try:
         name = pointer.read_text(encoding="utf-8").strip()
+    except IsADirectoryError:
+        problem = f"{pointer} is a directory, not the pointer file flowdppo writes"
     except (OSError, UnicodeDecodeError) as exc:
         problem = f"{pointer} cannot be read ({exc})"
     else:
         if _NAME.fullmatch(name) and (run_dir / name).is_dir():
             return run_dir / name, None
-        problem = (
-            f"{pointer} names {name!r}, which does not exist"
-            if _NAME.fullmatch(name)
-            else f"{pointer} holds {name[:40]!r}, not a checkpoint name"
-        )
+        if not _NAME.fullmatch(name):
+            problem = f"{pointer} holds {name[:40]!r}, not a checkpoint name"
+        elif (run_dir / name).exists() or (run_dir / name).is_symlink():
+            problem = f"{pointer} names {name!r}, which is not a checkpoint directory"
+        else:
+            problem = f"{pointer} names {name!r}, which does not exist"
     then = (
         f"using {fallback.name}, the newest checkpoint in {run_dir}"
         if fallback is not None

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from flowdppo.trainer.fsdp import copy_full
+from flowdppo.trainer.sharding import copy_full
 
 
 class WeightAverage:

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from flowdppo.trainer.guards import TrainingError
 
@@ -130,12 +130,3 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
         for name, t in tensors.items()
     }
-
-
-def copy_full(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy the full tensor ``src`` into ``dst``; a sharded ``dst`` keeps its own part."""
-    if isinstance(dst, DTensor) and not isinstance(src, DTensor):
-        src = distribute_tensor(
-            src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None
-        )
-    dst.copy_(src)

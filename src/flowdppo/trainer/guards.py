@@ -15,6 +15,8 @@ are skipped in a row.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +30,76 @@ class TrainingError(RuntimeError):
     """A training run cannot go on; the message says why and what to change."""
 
 
+#: How long an interrupted reward call is waited for before the interrupt goes on.
+INTERRUPTED_WAIT_S = 30.0
+
+
+class BoundedReward:
+    """A reward held to ``reward.timeout_s``: each call runs in a daemon thread, and one that
+    has not returned in time is a :class:`TrainingError` naming the reward. A reward that
+    never returns (a deadlock, a stalled device, a socket without a timeout) would otherwise
+    hang the run until someone kills it. The hung thread is left behind (Python cannot stop
+    a thread); being a daemon, it does not keep the process from exiting. Other attributes
+    (``annotate``), read or set, are the reward's own."""
+
+    _OWN = ("name", "fn", "timeout_s")
+
+    def __init__(self, name: str, fn: Reward, timeout_s: float) -> None:
+        for attr, value in zip(self._OWN, (name, fn, timeout_s)):
+            object.__setattr__(self, attr, value)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.fn, attr)
+
+    def __setattr__(self, attr: str, value) -> None:
+        if attr in self._OWN:
+            object.__setattr__(self, attr, value)
+        else:
+            setattr(self.fn, attr, value)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]):
+        box: dict = {}
+        # Thread-local state the caller's thread set: gradient mode and the CUDA device.
+        grad = torch.is_grad_enabled()
+        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+        def run() -> None:
+            try:
+                if device is not None:
+                    torch.cuda.set_device(device)
+                with torch.set_grad_enabled(grad):
+                    box["value"] = self.fn(images, prompts)
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=run, name=f"reward-{self.name}", daemon=True)
+        worker.start()
+        try:
+            worker.join(self.timeout_s)
+        except BaseException:
+            # Interrupted (Ctrl-C) while the reward computes: let its current call end
+            # first, as it would on this thread (the process aborts at exit if torch is
+            # still computing in a thread); a second interrupt stops waiting.
+            with contextlib.suppress(BaseException):
+                worker.join(INTERRUPTED_WAIT_S)
+            raise
+        if worker.is_alive():
+            raise TrainingError(
+                f"reward {self.name!r} did not return within reward.timeout_s = "
+                f"{self.timeout_s:g} s: it hangs, or is slower than allowed. Fix the reward, "
+                "or raise reward.timeout_s (for a run to resume: in its config.yaml); the "
+                "checkpoints already written are intact"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
+def bounded(name: str, fn: Reward, timeout_s: float | None) -> Reward:
+    """``fn`` held to ``timeout_s`` seconds a call (None: as it is)."""
+    return fn if timeout_s is None else BoundedReward(name, fn, timeout_s)
+
+
 def call_reward(name: str, fn: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """``fn(images, prompts)`` as a float vector of one value per prompt (may hold NaN).
 
@@ -36,6 +108,8 @@ def call_reward(name: str, fn: Reward, images: torch.Tensor, prompts: list[str])
     """
     try:
         out = fn(images, prompts)
+    except TrainingError:
+        raise
     except Exception as exc:
         raise TrainingError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
     try:

@@ -65,9 +65,14 @@ class RunLock:
                 flush=True,
             )
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+        except OSError:
+            # A full disk: the lock holds without its note (a second trainer is still
+            # refused, only without this one's name); the run's own writes say what failed.
+            pass
         self._fd = fd
 
     def release(self) -> None:

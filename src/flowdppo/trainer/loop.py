@@ -8,6 +8,7 @@ function called in :func:`flowdppo.trainer.update.step_loss`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -56,6 +57,8 @@ from flowdppo.trainer.update import (
     step_loss,
 )
 
+#: Written when a run reaches the end of its budget, and only then (removed when continued).
+SUMMARY = "summary.json"
 #: Checkpoint tensor names of DiffusionNFT's old model (next to the trainable tensors).
 OLD_MODEL_PREFIX = "nft_old_model."
 
@@ -75,7 +78,9 @@ def make_sampler_spec(
     # A deterministic training sampler (DiffusionNFT's default) still measures its KL to
     # the reference with the Flow-SDE kernel, as every other method does.
     kernel = "flow" if cfg.kernel == "ode" else cfg.kernel
-    return SamplerSpec(kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score)
+    return SamplerSpec(
+        kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score, s.solver
+    )
 
 
 def reward_options(cfg: Config, name: str) -> dict:
@@ -136,8 +141,10 @@ class Trainer:
                 f"reward.options names {stray}, which this run does not use (its rewards: "
                 f"{reward_names})"
             )
+        timeout = cfg.reward.timeout_s  # a reward that hangs stops the run, naming it
         self.rewards = {
-            name: get_reward(name, **reward_options(cfg, name)) for name in reward_names
+            name: guards.bounded(name, get_reward(name, **reward_options(cfg, name)), timeout)
+            for name in reward_names
         }
         unknown = set(cfg.reward.weights) - set(self.rewards)
         if unknown:
@@ -196,9 +203,9 @@ class Trainer:
         self.evaluator = Evaluator(
             self.model,
             self.rewards,
-            self.spec,
-            cfg.sampler.num_sde_steps,
-            cfg.sampler.sde_window,
+            dataclasses.replace(self.spec, solver=cfg.log.eval_solver or self.spec.solver),
+            cfg.log.eval_sde_steps or cfg.sampler.num_sde_steps,
+            cfg.log.eval_sde_window or cfg.sampler.sde_window,
             cfg.log.eval_samples_per_prompt,
             seed=t.seed + 1,
             counter=self.counter,
@@ -231,11 +238,15 @@ class Trainer:
         print(line, file=sys.stderr, flush=True)
 
     def _start_run_dir(self) -> None:
-        probe = self.run_dir / ".write-test"
+        # As deep and long as the names a run writes (checkpoint files, TensorBoard's event
+        # files): a run directory near the path-length limit fails here, not at its end.
+        probe = self.run_dir / ".write-probe" / ("p" * 96)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.parent.mkdir(exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
+            probe.parent.rmdir()
         except OSError as exc:
             raise TrainingError(f"run directory {self.run_dir} is not writable: {exc}") from exc
         self.lock.acquire()
@@ -244,9 +255,16 @@ class Trainer:
                 f"run directory {self.run_dir} already holds checkpoints; continue it with "
                 f"--resume {self.run_dir} or choose another log.run_dir"
             )
-        ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+        try:
+            ckpt.write_text_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {ckpt.describe_failure(exc)} "
+                f"({ckpt.failure_fix(exc, self.run_dir)})"
+            ) from exc
 
     def _resume(self) -> None:
+        ckpt.check_layout(self.run_dir, f"cannot resume {self.run_dir}")
         path, warning = ckpt.resolve_latest(self.run_dir)
         if warning:
             self._notice(f"warning: {warning}")
@@ -297,7 +315,16 @@ class Trainer:
 
     def _record_continuation(self, iteration: int) -> None:
         """A run continued past its budget (``--resume RUN train.iterations=N``): its
-        config.yaml gets the new budget and the continuation's entry in ``history``."""
+        config.yaml gets the new budget and the continuation's entry in ``history``.
+
+        First, a summary.json that does not describe this run's last iteration (the
+        continued run's old one, or one left by a continuation stopped before its end) is
+        removed, before config.yaml records the longer budget: a run stopped from now on has
+        no summary, so ``[ -f RUN/summary.json ]`` answers "finished" truthfully."""
+        summary = self.run_dir / SUMMARY
+        if summary.exists() and not self.finished:
+            summary.unlink(missing_ok=True)
+            ckpt.fsync_dir(self.run_dir)
         path = self.run_dir / "config.yaml"
         own = read_yaml(path).get("train", {}).get("iterations")
         if isinstance(own, int) and own != self.cfg.train.iterations:
@@ -421,7 +448,10 @@ class Trainer:
         stats = UpdateStats()
         total_updates = t.iterations * self._updates_per_iteration()
         plan = None
-        n_terms = len(ro.sde_steps)
+        # The recorded SDE steps this update replays (train.trained_steps: a range of them).
+        span = t.trained_steps or (0, self.spec.num_steps)
+        terms = [i for i, k in enumerate(ro.sde_steps) if span[0] <= k < span[1]]
+        metrics["update/trained_step_mask"] = sum(1 << ro.sde_steps[i] for i in terms)
         if self.old_model is not None:
             plan = nft_plan(
                 size,
@@ -430,16 +460,33 @@ class Trainer:
                 t.inner_epochs,
                 self.generator,
             )
-            n_terms = plan.terms
+            terms = list(range(plan.terms))  # noise levels per sample, not recorded steps
+            metrics["update/trained_step_mask"] = 0
+        n_terms = len(terms)
+        metrics["update/trained_steps"] = n_terms
+        # train.drop_zero_advantage: only samples with a nonzero advantage (the same on every
+        # process: the advantages are the global batch's). They fill as many minibatches as
+        # the whole batch would, so the optimizer steps per iteration (and the lr and old-
+        # model schedules counted in them) do not depend on how many were dropped.
+        kept = None
+        if t.drop_zero_advantage:
+            kept = torch.nonzero(advantages.cpu() != 0).flatten()
+        metrics["update/dropped_samples"] = 0 if kept is None else size - len(kept)
+        steps_before = self.optimizer_steps
         pending = 0
         pending_loss = torch.zeros(())
         skipped = 0
         unit = 0
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(t.inner_epochs):
-            perm = torch.randperm(size, generator=self.generator)
-            for start in range(0, size, t.minibatch_size):
-                idx = perm[start : start + t.minibatch_size]
+            if kept is None:
+                perm = torch.randperm(size, generator=self.generator)
+                batches = list(perm.split(t.minibatch_size))
+            else:
+                perm = kept[torch.randperm(len(kept), generator=self.generator)]
+                count = min(math.ceil(size / t.minibatch_size), len(perm))
+                batches = list(perm.tensor_split(count)) if count else []
+            for b, idx in enumerate(batches):
                 # Our members of the minibatch, split into train.micro_batch passes (padded
                 # with empty ones to the count every process makes).
                 where = sh.mine(idx)
@@ -451,9 +498,9 @@ class Trainer:
                 # and the accumulated minibatches.
                 scale = sh.world_size / (len(idx) * n_terms * t.grad_accum)
                 pending += 1
-                last = epoch == t.inner_epochs - 1 and start + t.minibatch_size >= size
+                last = epoch == t.inner_epochs - 1 and b == len(batches) - 1
                 sync = pending == t.grad_accum or last
-                for i in range(n_terms):
+                for j, i in enumerate(terms):
                     noise = None
                     if plan is not None:  # the whole minibatch's, as one process draws it
                         shape = (len(idx), *ro.final.shape[1:])
@@ -463,7 +510,7 @@ class Trainer:
                         if not owned:  # a stand-in of ours keeps the passes in lockstep
                             part = where.new_zeros(1)
                         rows = (idx[part] - sh.shard.start).clamp(0, sh.shard.size - 1)
-                        with sh.backward_context(sync and i == n_terms - 1 and p == passes - 1):
+                        with sh.backward_context(sync and j == n_terms - 1 and p == passes - 1):
                             if plan is None:
                                 loss, call = step_loss(
                                     self.model,
@@ -512,6 +559,7 @@ class Trainer:
         metrics.update(stats.result(sh.gather if sh.world_size > 1 else None, n_terms))
         metrics.setdefault("grad_norm", math.nan)  # every step was skipped
         metrics["train/skipped_steps"] = skipped
+        metrics["update/optimizer_steps"] = self.optimizer_steps - steps_before
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def _updates_per_iteration(self) -> int:
@@ -582,7 +630,11 @@ class Trainer:
             )
             if cfg.kernel == "ode":  # a deterministic sampler: no exploration step
                 sde_steps = []
-            ro = self._rollout(prompts, group, sde_steps)
+            with self._rollout_weights(metrics):
+                ro = self._rollout(prompts, group, sde_steps)
+            # Which steps were stochastic, as a bit mask over the sampler's steps.
+            metrics["rollout/sde_steps"] = len(ro.sde_steps)
+            metrics["rollout/sde_step_mask"] = sum(1 << k for k in ro.sde_steps)
         with self._timed("reward", metrics):
             watchdog.mark("reward")
             reward_times: dict[str, float] = {}
@@ -598,6 +650,7 @@ class Trainer:
                 method=cfg.reward.combine,
                 std=cfg.reward.adv_std,
                 clip=cfg.reward.adv_clip,
+                eps=cfg.reward.adv_eps,
             ).to(ro.final.device)
         every, per_group = ref_kl_plan(cfg)
         if cfg.log.ref_kl and ro.sde_steps and (self.iteration + 1) % every == 0:
@@ -630,6 +683,18 @@ class Trainer:
         metrics.update({k: float(v) for k, v in self.counter.as_dict().items()})
         return metrics
 
+    @contextmanager
+    def _rollout_weights(self, metrics: dict):
+        """The weights that sample this iteration's rollout: DiffusionNFT's old model with
+        ``nft.rollout_model: old`` (swapped in on every process), else the policy."""
+        if self.old_model is None:
+            yield
+            return
+        old = self.cfg.nft.rollout_model == "old"
+        metrics["rollout/old_model"] = int(old)
+        with self.old_model.swapped_in(self.model.module) if old else nullcontext():
+            yield
+
     # ---------------------------------------------------------------- the run
     def _evaluated_weights(self):
         """A context holding the weights evaluations measure: the EMA when it is on."""
@@ -653,19 +718,25 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        """Resumed at the end of its budget with its summary written: nothing left to do."""
+        """Resumed at the end of its budget with a summary of that very iteration: nothing
+        left to do. A summary of an earlier iteration (a continued run) does not count."""
         return (
             self.iteration >= self.cfg.train.iterations
-            and (self.run_dir / "summary.json").is_file()
+            and summary_iteration(self.run_dir) == self.iteration
         )
 
     def train(self) -> dict:
         """Train to the end of the budget; a finished run returns its summary unchanged."""
         try:
             if self.finished:
-                return json.loads((self.run_dir / "summary.json").read_text())
+                return json.loads((self.run_dir / SUMMARY).read_text())
             self._train()
             return self._write_summary()
+        except OSError as exc:  # a grid, TensorBoard, the summary: one account, not a trace
+            raise TrainingError(
+                f"could not write {ckpt.describe_failure(exc)}. "
+                f"{ckpt.failure_fix(exc, self.run_dir)}; {self._surviving_checkpoint()}"
+            ) from exc
         finally:
             self._release_run_dir()
 
@@ -697,9 +768,10 @@ class Trainer:
             log.log(self.iteration, metrics)
         except OSError as exc:
             raise TrainingError(
-                f"could not append to {log.path} ({exc}); the checkpoints and the "
-                f"metrics already written are intact. Free disk space, then continue "
-                f"with --resume {self.run_dir}"
+                f"could not append to {exc.filename or log.path} ({exc.strerror or exc}); "
+                "the checkpoints and the metrics already written are intact. "
+                f"{ckpt.failure_fix(exc, self.run_dir)}, then continue with --resume "
+                f"{self.run_dir}"
             ) from exc
         progress.update(self.iteration - 1, cfg.train.iterations, metrics)
         signum, due = self._safe_point(stop)
@@ -751,8 +823,17 @@ class Trainer:
             "counts": self.counter.as_dict(),
             "run_dir": str(self.run_dir),
         }
-        ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        ckpt.write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=1))
         return summary
+
+
+def summary_iteration(run_dir: str | Path) -> int | None:
+    """The iteration ``RUN/summary.json`` describes; None without a readable one."""
+    try:
+        value = json.loads((Path(run_dir) / SUMMARY).read_text()).get("iterations")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def trust_region_of(cfg: Config) -> dict:

@@ -11,7 +11,10 @@ that ``imageio-ffmpeg`` ships; the ``video`` extra) play all frames.
 from __future__ import annotations
 
 import math
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,15 +152,35 @@ def write_grid(
         render_pages(images, captions, columns, rewards, cell, notes=notes), 1
     ):
         page = GridPage(page_path(path, k, ".png"))
-        frames[len(frames) // 2].save(page.png)
+        with written_whole(page.png) as tmp:
+            frames[len(frames) // 2].save(tmp)
         if len(frames) > 1:
             page.gif = page_path(path, k, ".gif")
-            frames[0].save(
-                page.gif, save_all=True, append_images=frames[1:], duration=1000 // FPS, loop=0
-            )
+            with written_whole(page.gif) as tmp:
+                frames[0].save(
+                    tmp, save_all=True, append_images=frames[1:], duration=1000 // FPS, loop=0
+                )
             page.mp4 = write_mp4(frames, page_path(path, k, ".mp4"))
         written.append(page)
     return written
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A hidden temporary name beside ``path`` (same suffix, so writers know the format),
+    renamed onto it once the block has written it; removed if the block fails. A kill
+    mid-write never leaves a cut file under the real name (a report would show it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:  # named after the file it was to be, not its temporary name
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_mp4(frames: list[Image.Image], path: Path) -> Path | None:
@@ -178,14 +201,17 @@ def write_mp4(frames: list[Image.Image], path: Path) -> Path | None:
     w, h = frames[0].size
     # yuv420p (what browsers play) needs even sides: pad with the background.
     even = (w + w % 2, h + h % 2)
-    with imageio.get_writer(
-        path,
-        fps=FPS,
-        codec="libx264",
-        pixelformat="yuv420p",
-        macro_block_size=1,
-        ffmpeg_log_level="error",
-    ) as writer:
+    with (
+        written_whole(path) as tmp,
+        imageio.get_writer(
+            tmp,
+            fps=FPS,
+            codec="libx264",
+            pixelformat="yuv420p",
+            macro_block_size=1,
+            ffmpeg_log_level="error",
+        ) as writer,
+    ):
         for frame in frames:
             padded = Image.new("RGB", even, "white")
             padded.paste(frame)

@@ -16,11 +16,14 @@ indefinitely, and "a second signal aborts at once" must hold then too.
 
 A signal repeated within :data:`REPEAT_WINDOW_S` counts once: under SLURM every process of
 a job step gets the signal, and ``torchrun`` forwards the one it got itself to its workers
-a few milliseconds later, so each worker sees the same request twice.
+a few milliseconds later, so each worker sees the same request twice. This holds until the
+process has exited, not only while the trainer runs: the copy may arrive while the process
+shuts down after its checkpoint.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -81,7 +84,13 @@ class StopSignals:
             return
         self._active = False
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            # After a stop request the process is on its way out (the checkpoint, the
+            # interpreter's and the process group's shutdown: a second or more). A repeat of
+            # the request in that time (torchrun's forwarded copy) must not turn exit 75
+            # into a death by the default action; one after the window still ends it.
+            signal.signal(sig, old if self.signum is None else self._late)
+        if self.signum is not None:
+            atexit.register(self._ignore_repeats_at_exit)
         signal.set_wakeup_fd(self._old_fd)
         self._writer.close()  # ends the reader thread
         # Joined before its socket closes: a daemon thread still inside recv() when the
@@ -101,6 +110,20 @@ class StopSignals:
             for signum in data:
                 if signum in SIGNALS:
                     self._received(signum)
+
+    def _late(self, signum: int, frame) -> None:
+        """The handler once the block is left after a stop request: repeats within the
+        window count as the same request, as inside the block."""
+        self._received(signum)
+
+    def _ignore_repeats_at_exit(self) -> None:
+        """The interpreter's shutdown, after its atexit calls, puts the default action back
+        for every signal with a Python handler, then tears down the modules (torch's take
+        most of a second): a repeat then would end the process with 143 after all. Ignored
+        signals stay ignored, so within the window the stop signals are ignored to the end."""
+        if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
     def _received(self, signum: int) -> None:
         now = time.monotonic()

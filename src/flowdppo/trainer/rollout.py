@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowdppo import kernels
+from flowdppo import kernels, solvers
 from flowdppo.models.base import Cond, FlowModel, index_cond
 from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.watchdog import mark
@@ -27,6 +27,7 @@ class SamplerSpec:
     guidance_scale: float = 1.0
     reduce: str = "mean"
     score: str = "gaussian"
+    solver: str = "euler"  # the deterministic steps' ODE solver (flowdppo.solvers)
 
     @property
     def num_steps(self) -> int:
@@ -46,6 +47,13 @@ class SamplerSpec:
             self.sigmas[k + 1],
             self.eta,
             sigma_max=self.sigma_max,
+        )
+
+    def ode_step(
+        self, k: int, velocity, x, history: solvers.History | None
+    ) -> tuple[torch.Tensor, solvers.History | None]:
+        return solvers.ode_step(
+            self.solver, velocity, x, self.sigmas[k], self.sigmas[k + 1], history
         )
 
     def step(self, k: int, kind: str, velocity, x, **kw) -> kernels.StepOutput:
@@ -167,20 +175,23 @@ def sample(
     record: dict[str, list] = {"states": [], "next_states": [], "means": [], "log_probs": []}
     stds = []
     sde = set(sde_steps)
+    history = None  # the ODE solver's last step; a stochastic step restarts it
     for k in range(spec.num_steps):
         sigma = spec.sigmas[k].expand(b)
         v = counter.velocity(model, phase, x, sigma, cond, spec.guidance_scale)
-        if shard is not None and k in sde:
+        if k not in sde:
+            x, history = spec.ode_step(k, v, x, history)
+            continue
+        if shard is not None:
             out = _sharded_step(spec, k, v, x, generator, shard)
         else:
-            out = spec.step(k, spec.kernel if k in sde else "ode", v, x, generator=generator)
-        if k in sde:
-            record["states"].append(x)
-            record["next_states"].append(out.prev_sample)
-            record["means"].append(out.mean)
-            record["log_probs"].append(out.log_prob)
-            stds.append(out.std.reshape(()))
-        x = out.prev_sample
+            out = spec.step(k, spec.kernel, v, x, generator=generator)
+        record["states"].append(x)
+        record["next_states"].append(out.prev_sample)
+        record["means"].append(out.mean)
+        record["log_probs"].append(out.log_prob)
+        stds.append(out.std.reshape(()))
+        x, history = out.prev_sample, None
     if not stds:  # an all-ODE pass records nothing
         return x, {}
     stacked = {k: torch.stack(v) for k, v in record.items()}

@@ -9,6 +9,8 @@ import math
 import netrc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ from PIL import Image
 
 from flowdppo.trainer.checkpoint import write_text_atomic
 from flowdppo.trainer.media import GridPage
+from flowdppo.verbosity import echo
 
 if TYPE_CHECKING:
     from flowdppo.config import Config
@@ -31,7 +34,10 @@ def _clean(value: float) -> float | None:
 
 class Logger:
     """One destination of a run's log. A new destination is one subclass: override what it
-    takes (scalars every iteration, the sample grid of every evaluation) and ``close``."""
+    takes (scalars every iteration, the sample grid of every evaluation) and ``close``;
+    ``where`` is the file or folder it writes, which a failed write is reported with."""
+
+    where: Path | None = None
 
     def scalars(self, iteration: int, metrics: dict[str, float]) -> None:
         pass
@@ -47,7 +53,7 @@ class JsonlLogger(Logger):
     """metrics.jsonl: one JSON line per iteration (the file the report and compare read)."""
 
     def __init__(self, run_dir: Path, start_iteration: int):
-        self.path = Path(run_dir) / METRICS
+        self.path = self.where = Path(run_dir) / METRICS
         truncate_metrics(self.path, start_iteration)
 
     def scalars(self, iteration: int, metrics: dict[str, float]) -> None:
@@ -66,7 +72,8 @@ class TensorBoardLogger(Logger):
         # run wrote past it (steps > start_iteration) are purged, the checkpoint's own step
         # is kept, as metrics.jsonl keeps its lines through it.
         purge = start_iteration + 1 if start_iteration > 0 else None
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+        self.where = Path(run_dir) / "tensorboard"
+        self.writer = SummaryWriter(str(self.where), purge_step=purge)
 
     def scalars(self, iteration: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -119,6 +126,9 @@ class WandbLogger(Logger):
             id=run_id,
             resume="allow",
             config=cfg.model_dump(mode="json"),
+            # Its files go into the run directory (WANDB_DIR, when set, wins), never into
+            # the working directory.
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
             settings=wandb.Settings(console="off", silent=True),
         )
         if run_id is None:
@@ -196,15 +206,39 @@ class RunLog:
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         for logger in self.loggers:
-            logger.scalars(iteration, metrics)
+            with _naming(logger):
+                logger.scalars(iteration, metrics)
 
     def grid(self, iteration: int, pages: list[GridPage]) -> None:
         for logger in self.loggers:
-            logger.grid(iteration, pages)
+            with _naming(logger):
+                logger.grid(iteration, pages)
 
     def close(self) -> None:
+        """Close every logger, even after one fails; the first failure is raised, unless an
+        error is already on its way out (TensorBoard re-raises its writer thread's error
+        here, which would hide the account of what stopped the run)."""
+        failed = None
         for logger in self.loggers:
-            logger.close()
+            try:
+                with _naming(logger):
+                    logger.close()
+            except OSError as exc:
+                failed = failed or exc
+        if failed is not None and sys.exc_info()[1] is None:
+            raise failed
+
+
+@contextmanager
+def _naming(logger: Logger) -> Iterator[None]:
+    """An OSError of ``logger`` that names no file (TensorBoard's writer thread, a write
+    into an open file) names the logger's."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or logger.where is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(logger.where)) from exc
 
 
 def open_run_log(cfg: Config, run_dir: Path, start_iteration: int = 0) -> RunLog:
@@ -233,7 +267,26 @@ def truncate_metrics(path: Path, keep_through: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of ``metrics.jsonl``; a line that is not a JSON object (the last one cut by
+    a kill while it was written) is a ValueError naming the file, the line and the fix."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            row, why = None, str(exc)
+        else:
+            why = "not a JSON object"
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}, line {n}, is not a metrics row ({why}): a run killed while writing "
+                f"it leaves its last line cut. `flowdppo train --resume {Path(path).parent}` "
+                "drops it (and redoes that iteration), or delete that line"
+            )
+        rows.append(row)
+    return rows
 
 
 class Progress:
@@ -260,10 +313,9 @@ class Progress:
             )
             self.bar.update(1)
         else:
-            print(
+            echo(
                 f"iter {iteration + 1}/{total} reward {reward:.4f} kl_ref {kl:.3e} "
-                f"{label} {extra:.3f} time {metrics.get('time/iteration', 0):.2f}s",
-                flush=True,
+                f"{label} {extra:.3f} time {metrics.get('time/iteration', 0):.2f}s"
             )
 
     def close(self) -> None:

@@ -72,3 +72,24 @@ class OneProcess:
     def gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Every process's ``t``, concatenated along ``dim`` in rank order."""
         return t
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A tensor FSDP sharded (a ``DTensor``). Only a process group can have made one, so a
+    one-process run never imports ``torch.distributed.tensor`` (seconds at start-up)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def copy_full(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy the full tensor ``src`` into ``dst``; a sharded ``dst`` keeps its own part."""
+    if is_sharded(dst) and not is_sharded(src):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(
+            src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None
+        )
+    dst.copy_(src)

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from flowdppo import kernels
 from flowdppo.models.base import FlowModel, index_cond
@@ -26,8 +25,8 @@ from flowdppo.objectives import (
     official_kl,
     reference_kl_penalty,
 )
-from flowdppo.trainer.fsdp import copy_full
 from flowdppo.trainer.rollout import ForwardCounter, Rollout, SamplerSpec
+from flowdppo.trainer.sharding import copy_full, is_sharded
 
 
 @dataclass
@@ -160,7 +159,7 @@ class OldModel:
 @torch.no_grad()
 def _exchange(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     for p, t in pairs:
-        if isinstance(p, DTensor):
+        if is_sharded(p):
             # FSDP gathers a sharded parameter from storage of its own, which a swap of
             # ``.data`` would not reach: exchange the values in place instead.
             held = p.detach().clone()
