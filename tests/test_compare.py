@@ -40,7 +40,8 @@ def _runs_csv(out: Path) -> list[dict]:
 def test_compare_writes_tables_and_plots_and_honours_seeds(tmp_path, toy_overrides):
     path = _experiment(tmp_path, toy_overrides, {"algorithms": ["dppo", "grpo"]})
     out = tmp_path / "out"
-    code, paths = compare(path, seeds="3,5", out=out, jobs=2, echo=lambda s: None)
+    said: list[str] = []
+    code, paths = compare(path, seeds="3,5", out=out, jobs=2, echo=said.append)
     assert code == 0
     for name in ["results.md", "results.csv", "runs.csv", *PLOTS]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -66,6 +67,11 @@ def test_compare_writes_tables_and_plots_and_honours_seeds(tmp_path, toy_overrid
         groups = {g["group"]: g for g in csv.DictReader(f)}
     gains = [float(r["gain"]) for r in rows if r["group"] == "dppo"]
     assert float(groups["dppo"]["gain"]) == pytest.approx(sum(gains) / 2, rel=1e-4)
+    # The console ends with the summary table: the groups, their seeds and gains.
+    table = next(s for s in said if "seeds ok" in s).strip().splitlines()
+    assert table[0].split()[:3] == ["group", "seeds", "ok"] and "held-out change" in table[0]
+    dppo = next(line for line in table if line.startswith("dppo "))
+    assert "2/2" in dppo and f"{float(groups['dppo']['gain']):+.3f}" in dppo
     # flowdppo report of the folder: one row per group with its seeds, the winner named.
     assert cli_main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()

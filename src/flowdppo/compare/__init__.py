@@ -44,7 +44,7 @@ def compare(
     The exit code is 0 when every run finished and 1 when any failed (the report still
     lists every run, failed ones with their error).
     """
-    from flowdppo.compare.report import write_report
+    from flowdppo.compare.report import summary_table, write_report
     from flowdppo.compare.runner import run_all
 
     if jobs < 0:
@@ -70,6 +70,7 @@ def compare(
     command = command or shlex.join(["flowdppo", "compare", *sys.argv[2:]])
     paths = write_report(exp, statuses, out_dir, command)
     failed = [s for s in statuses if not s.ok]
+    echo("\n" + summary_table(exp, statuses) + "\n")
     echo(
         f"wrote {paths['md']}, {paths['csv']} and {sum(str(p).endswith('.png') for p in paths.values())} plots"
     )

@@ -117,6 +117,31 @@ def write_report(
     return paths
 
 
+#: The columns the console ends with: what a reader needs first (results.md has them all).
+SUMMARY_COLUMNS = ("gain", "kl_ref", "heldout_change", "grad_blocked")
+
+
+def summary_table(exp: Experiment, statuses: list[RunStatus]) -> str:
+    """The groups' gain, KL, held-out change and blocked fraction as an aligned text table."""
+    results = [load_result(s) for s in statuses]
+    groups = group_results(exp, results)
+    fmt = {key: (title, f) for key, title, f in COLUMNS}
+    head = ["group", "seeds ok", *[fmt[k][0] for k in SUMMARY_COLUMNS]]
+    rows = [head]
+    for g, rs in groups.items():
+        stats = aggregate(rs)
+        ok = sum(r.ok for r in rs)
+        rows.append(
+            [g, f"{ok}/{len(rs)}", *[format_cell(stats, k, fmt[k][1]) for k in SUMMARY_COLUMNS]]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def _write_group_csv(path: Path, groups: dict, stats: dict) -> None:
     keys: list[str] = []
     for s in stats.values():
