@@ -88,6 +88,35 @@ def settings(ns: argparse.Namespace) -> list[tuple[str, float]]:
     return [(f"{ns.steps} steps, guidance {float(g)}", float(g)) for g in ns.guidance.split(",")]
 
 
+def score_splits(
+    ns: argparse.Namespace,
+    report: dict,
+    splits: dict[str, list[str]],
+    ground_truth: Callable[[list[str], int, int], dict],
+    truth: tuple[str, str, str],
+    score: Callable[[str, list[str], float, float], dict],
+) -> None:
+    """The body the task benchmarks share. The reward on freshly rendered ground truth of
+    each split (``ground_truth(prompts, n, seed)``; ``truth`` = (its overall key, what is
+    scored, a noun for the samples), then, per guidance setting and split,
+    ``score(split, prompts, guidance, start)`` -> the split's table (``start``: its clock)."""
+    key, what, noun = truth
+    report["prompts"] = {split: len(prompts) for split, prompts in splits.items()}
+    report["ground_truth"], report["settings"] = {}, {}
+    for split, prompts in splits.items():
+        gt = ground_truth(prompts, ns.n, ns.seed)
+        report["ground_truth"][split] = gt
+        print(
+            f"{what} on rendered ground truth ({split}, {int(gt[key]['n'])} {noun}): "
+            f"strict {gt[key]['strict']:.4f}"
+        )
+    for label, g in settings(ns):
+        report["settings"][label] = {}
+        print(f"\n{label}")
+        for split, prompts in splits.items():
+            report["settings"][label][split] = score(split, prompts, g, time.perf_counter())
+
+
 def write_json(ns: argparse.Namespace, report: dict) -> None:
     if ns.json:
         Path(ns.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -60,38 +60,28 @@ def main() -> None:
     p.add_argument("--grid", help="write a grid of guidance-1 samples (trained prompts) here")
     ns = p.parse_args()
     model, report = base_scores.load(ns, load_base_model, TRAIN_PROMPTS)
-    report["prompts"] = {"train": len(TRAIN_PROMPTS), "heldout": len(HELDOUT_PROMPTS)}
-    report["ground_truth"], report["settings"] = {}, {}
-    for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
-        gt = ground_truth(prompts, ns.n, ns.seed)
-        report["ground_truth"][split] = gt
-        print(
-            f"reward on rendered ground truth ({split}, {int(gt['all']['n'])} clips): "
-            f"strict {gt['all']['strict']:.4f}"
-        )
-    for label, g in base_scores.settings(ns):
-        report["settings"][label] = {}
-        print(f"\n{label}")
-        for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
-            start = time.perf_counter()
-            batch = [q for q in prompts for _ in range(ns.n)]
-            gen = torch.Generator().manual_seed(ns.seed)
-            clips = euler_sample(model, batch, ns.steps, g, gen)
-            checks = check_clips(clips, batch)
-            table = summary(checks)
-            report["settings"][label][split] = table
-            print_table(
-                f"{split} ({len(prompts)} prompts, {time.perf_counter() - start:.0f} s)", table
+
+    def score(split: str, prompts: list[str], g: float, start: float) -> dict:
+        batch = [q for q in prompts for _ in range(ns.n)]
+        gen = torch.Generator().manual_seed(ns.seed)
+        clips = euler_sample(model, batch, ns.steps, g, gen)
+        checks = check_clips(clips, batch)
+        table = summary(checks)
+        print_table(f"{split} ({len(prompts)} prompts, {time.perf_counter() - start:.0f} s)", table)
+        if ns.grid and split == "train" and g == 1.0:
+            keep = [i for i in range(len(batch)) if i % ns.n < min(ns.n, 4)][:48]
+            write_grid(
+                clips[keep],
+                [batch[i] for i in keep],
+                Path(ns.grid),
+                columns=min(ns.n, 4),
+                rewards=torch.tensor([checks[i].soft for i in keep]),
             )
-            if ns.grid and split == "train" and g == 1.0:
-                keep = [i for i in range(len(batch)) if i % ns.n < min(ns.n, 4)][:48]
-                write_grid(
-                    clips[keep],
-                    [batch[i] for i in keep],
-                    Path(ns.grid),
-                    columns=min(ns.n, 4),
-                    rewards=torch.tensor([checks[i].soft for i in keep]),
-                )
+        return table
+
+    splits = {"train": TRAIN_PROMPTS, "heldout": HELDOUT_PROMPTS}
+    truth = ("all", "reward", "clips")
+    base_scores.score_splits(ns, report, splits, ground_truth, truth, score)
     base_scores.write_json(ns, report)
 
 

@@ -59,35 +59,27 @@ def print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
 def main() -> None:
     ns = base_scores.parser(__doc__, samples=32, guidance="1.0,3.0").parse_args()
     model, report = base_scores.load(ns, load_base_model, TRAIN_PROMPTS, calls=10, warmup=10)
-    report["prompts"] = {"train": len(TRAIN_PROMPTS), "heldout": len(HELDOUT_PROMPTS)}
-    report["ground_truth"], report["settings"] = {}, {}
-    for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
-        gt = ground_truth(prompts, ns.n, ns.seed)
-        report["ground_truth"][split] = gt
-        print(
-            f"detector on rendered ground truth ({split}, {int(gt['overall']['n'])} scenes): "
-            f"strict {gt['overall']['strict']:.4f}"
+
+    def score(split: str, prompts: list[str], g: float, start: float) -> dict:
+        summary, _, images = evaluate_prompts(
+            model,
+            prompts,
+            samples_per_prompt=ns.n,
+            steps=ns.steps,
+            guidance_scale=g,
+            seed=ns.seed,
         )
-    for label, g in base_scores.settings(ns):
-        report["settings"][label] = {}
-        print(f"\n{label}")
-        for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
-            start = time.perf_counter()
-            summary, _, images = evaluate_prompts(
-                model,
-                prompts,
-                samples_per_prompt=ns.n,
-                steps=ns.steps,
-                guidance_scale=g,
-                seed=ns.seed,
-            )
-            batch = [q for q in prompts for _ in range(ns.n)]
-            summary["overall"]["smoothness"] = float(smoothness(images, batch).mean())
-            report["settings"][label][split] = summary
-            print_table(
-                f"{split} ({len(prompts)} prompts, {time.perf_counter() - start:.0f} s)", summary
-            )
-            print(f"    {'shapes_smoothness':<32}{summary['overall']['smoothness']:13.3f}")
+        batch = [q for q in prompts for _ in range(ns.n)]
+        summary["overall"]["smoothness"] = float(smoothness(images, batch).mean())
+        print_table(
+            f"{split} ({len(prompts)} prompts, {time.perf_counter() - start:.0f} s)", summary
+        )
+        print(f"    {'shapes_smoothness':<32}{summary['overall']['smoothness']:13.3f}")
+        return summary
+
+    splits = {"train": TRAIN_PROMPTS, "heldout": HELDOUT_PROMPTS}
+    truth = ("overall", "detector", "scenes")
+    base_scores.score_splits(ns, report, splits, ground_truth, truth, score)
     base_scores.write_json(ns, report)
 
 
