@@ -229,6 +229,8 @@ def test_recipes_are_found_by_name_and_print_with_every_key_explained(
     assert capsys.readouterr().out == out
     assert cli.main(["train", "sd3/grpoo"]) == 2
     assert "did you mean the recipe 'sd3/grpo'" in capsys.readouterr().err
+    assert cli.main(["train", "experiments/table_digits"]) == 2
+    assert "run it with `flowdppo compare" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 

@@ -123,7 +123,13 @@ def load_config(
     overrides = list(overrides or [])
     if path is not None:
         path = recipes.resolve(path)
-    tree = _merge(base or {}, read_yaml(path) if path is not None else {})
+    own = read_yaml(path) if path is not None else {}
+    if "compare" in own:
+        raise ConfigError(
+            f"{path} is an experiment (it has a compare section), not a run config: run it "
+            f"with `flowdppo compare {path}`"
+        )
+    tree = _merge(base or {}, own)
     tree = _merge(tree, parse_overrides(overrides))
     origin = str(path) if path else "the task's recommended settings" if base else "defaults"
     try:
