@@ -278,7 +278,7 @@ def test_the_built_wheel_carries_the_recipes(tmp_path):
 
 
 def test_train_writes_nothing_in_the_working_directory_but_runs(
-    tmp_path, monkeypatch, toy_overrides
+    tmp_path, monkeypatch, toy_overrides, capsys
 ):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("torch.set_num_threads", lambda n: None)
@@ -286,6 +286,26 @@ def test_train_writes_nothing_in_the_working_directory_but_runs(
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file()
+    # Piped output: a line as each slow start-up phase begins, in order, then one line per
+    # iteration with the elapsed time and the ETA.
+    lines = capsys.readouterr().out.splitlines()
+    starts = [
+        "flowdppo: building the reward",
+        "flowdppo: loading the toy base model",
+        "flowdppo: dppo on toy",
+        "flowdppo: evaluating the base model; prompts: 2 trained, 1 held-out, 4 samples each",
+        "flowdppo: iteration 1: the first rollouts",
+        "iter 1/2 ",
+        "iter 2/2 ",
+    ]
+    found = [next(i for i, x in enumerate(lines) if x.startswith(s)) for s in starts]
+    assert found == sorted(found)
+    assert lines[found[-1]].split()[-4::2] == ["elapsed", "eta"]
+    assert lines[found[-1]].endswith("eta 0:00")  # the last iteration: nothing left
+    from flowdppo import verbosity
+
+    verbosity.phase("not a command's")  # the command is over: library use prints nothing
+    assert capsys.readouterr().out == ""
 
 
 def test_eval_prints_the_train_table_and_json_on_request(toy_run, capsys):

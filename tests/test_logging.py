@@ -53,6 +53,49 @@ def test_grid_has_gaps_row_captions_and_rewards(tmp_path):
     assert without.size[1] == 2 * (text + cell + gap) + gap  # rewards are optional
 
 
+def test_heldout_rows_are_marked_in_the_grid():
+    images = torch.ones(4, 1, 8, 8)  # white cells: the captions are the only ink
+    captions = ["one", "one", "two", "two"]
+    (page,) = media.render_pages(images, captions, 2, heldout_from=2)
+    grid = np.asarray(page[0].convert("RGB")).astype(int)
+    row_h = media.TEXT_H + 64 + media.GAP
+
+    def caption(row):  # the caption strip's inked pixels
+        strip = grid[media.GAP + row * row_h :][: media.TEXT_H].reshape(-1, 3)
+        return strip[(strip < 200).any(axis=1)]
+
+    trained, held = caption(0), caption(1)
+    assert len(trained) and (trained[:, 0] == trained[:, 1]).all()  # grey ink
+    assert len(held) and (held[:, 0] > held[:, 1]).all()  # red ink: "held-out: two"
+    assert len(held) > len(trained)  # the mark's words
+    (plain,) = media.render_pages(images, captions, 2)
+    ink = np.asarray(plain[0].convert("RGB")).astype(int)
+    assert (ink[..., 0] == ink[..., 1]).all()  # no held-out prompts: no red
+
+
+def test_piped_progress_lines_carry_the_bars_eta():
+    from flowdppo.trainer.runlog import Progress
+
+    now = [100.0]
+    lines = []
+    progress = Progress(total=10, start=4, clock=lambda: now[0])  # resumed at 4 of 10
+    progress.tty, progress.bar = False, None  # piped
+    import flowdppo.trainer.runlog as runlog
+
+    echo = runlog.echo
+    runlog.echo = lines.append
+    try:
+        for it in (4, 5):
+            now[0] += 3.0  # 3 s per iteration since this start
+            progress.update(it, 10, {"reward/mean": 0.5, "kl_ref/mean": 2.889e-2})
+    finally:
+        runlog.echo = echo
+    # 6 iterations of 10 done, 3 s each: 4 left, 12 s; KL in the unit of every surface.
+    assert lines[-1].startswith("iter 6/10 reward 0.5000 kl_ref 28.9e-3/step ")
+    assert lines[-1].endswith("elapsed 0:06 eta 0:12")
+    assert lines[0].endswith("elapsed 0:03 eta 0:15")
+
+
 def test_grids_of_many_prompts_are_paged_by_16_rows(tmp_path):
     captions = [f"prompt {i}" for i in range(40) for _ in range(2)]
     pages = media.write_grid(torch.rand(80, 1, 4, 4), captions, tmp_path / "g.png", 2)

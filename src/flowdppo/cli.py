@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from flowdppo.verbosity import echo
+from flowdppo.verbosity import echo, phase, show_phases
 
 EPILOG_TRAIN = """examples:
   flowdppo train                                  # the default Flow-DPPO run on digits
@@ -241,6 +242,9 @@ def _train(ns) -> int:
 
             echo(explain_config(cfg).rstrip("\n"))
             return 0
+    # A line per slow start-up phase, from one process of a multi-process job.
+    show_phases(os.environ.get("RANK", "0") == "0")
+    phase("importing the trainer")
     from flowdppo.trainer import distributed
     from flowdppo.trainer.loop import Trainer
     from flowdppo.trainer.preemption import EXIT_PREEMPTED, Preempted
@@ -301,22 +305,27 @@ def _train(ns) -> int:
 
 def _print_before_after(before: dict, after: dict) -> None:
     """The evaluation table ``train`` ends with and ``eval`` prints: trained prompts, then
-    held-out ones, each metric before (the base model) -> after; "-" where no base value."""
+    held-out ones, each metric before (the base model) -> after; "-" where no base value.
+    The KL to the reference is in the unit of every surface (flowdppo.units); its sum along
+    the path stays in summary.json and ``--json``."""
+    from flowdppo.units import KL_LABEL, kl_shown
+
     for split, title in (("train", "trained prompts"), ("heldout", "held-out prompts")):
-        keys = [
-            k
+        kl = f"eval/{split}/kl_ref/mean"
+        rows = [(f"{kl} ({KL_LABEL})", kl, kl_shown)] if kl in after else []
+        rows += [
+            (k, k, "{:.4f}".format)
             for k in sorted(after)
-            if k.startswith(f"eval/{split}/") and ("/reward/" in k or "/kl_ref/" in k)
+            if k.startswith(f"eval/{split}/") and "/reward/" in k
         ]
-        if not keys:
+        if not rows:
             continue
-        width = max(len(k) for k in keys)
+        width = max(len(label) for label, _, _ in rows)
         echo(f"\n{title} (ODE samples, fixed noise)")
         echo(f"  {'':<{width}} {'before':>8} -> after")
-        for key in keys:
-            fmt = ".4f" if "/reward/" in key else ".2e"
-            b = f"{before[key]:{fmt}}" if key in before else "-"
-            echo(f"  {key:<{width}} {b:>8} -> {after[key]:{fmt}}")
+        for label, key, show in rows:
+            b = show(before[key]) if key in before else "-"
+            echo(f"  {label:<{width}} {b:>8} -> {show(after[key])}")
 
 
 def _print_summary(summary: dict, cfg) -> None:
@@ -408,6 +417,8 @@ def _sample(ns) -> int:
 
 
 def _eval(ns) -> int:
+    show_phases(not ns.json)  # --json prints the metrics alone
+    phase("importing the trainer")
     from flowdppo.evaluate import Evaluator
     from flowdppo.rewards import get_reward
     from flowdppo.runs import load_run
@@ -417,9 +428,11 @@ def _eval(ns) -> int:
 
     ns.steps = _step_counts(ns.steps)
     _check_sampling_options(ns)
+    phase(f"loading {ns.run}")
     cfg, task, model, iteration = load_run(ns.run, raw_weights=ns.raw_weights)
     if ns.solver is not None or cfg.log.eval_solver is not None:
         cfg.sampler.solver = ns.solver or cfg.log.eval_solver
+    phase("building the rewards")
     rewards = {
         n: bounded(n, get_reward(n, **reward_options(cfg, n)), cfg.reward.timeout_s)
         for n in (cfg.reward.names or task.default_rewards)
@@ -448,7 +461,12 @@ def _eval(ns) -> int:
         if ns.out:
             write_text_atomic(Path(ns.out), text)
         return 0
-    metrics = ev.run(*task.eval_split())
+    train, heldout = task.eval_split()
+    phase(
+        f"evaluating iteration {iteration}; prompts: {len(train)} trained, {len(heldout)} "
+        f"held-out, {ev.n} samples each"
+    )
+    metrics = ev.run(train, heldout)
     metrics["iteration"] = iteration
     text = json.dumps(metrics, indent=1)
     if ns.json:
@@ -563,6 +581,8 @@ def _main(argv: list[str] | None) -> int:
         place = Path(exc.filename).parent if exc.filename else Path.cwd()
         print(f"error: {describe_failure(exc)} ({failure_fix(exc, place)})", file=sys.stderr)
         return 2
+    finally:
+        show_phases(False)  # a command's choice, not the process's (main() runs in tests)
 
 
 def _user_error(exc: Exception) -> bool:

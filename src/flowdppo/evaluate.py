@@ -104,7 +104,9 @@ class Evaluator:
         """The metrics; with ``grid_path``, the grid's files are in ``self.grid_pages``."""
         self.notes: list[str] = []
         metrics, images, captions, rewards = self.split(train_prompts, "train")
+        heldout_from = None
         if heldout_prompts:
+            heldout_from = len(captions)
             held, held_images, held_captions, held_rewards = self.split(heldout_prompts, "heldout")
             metrics.update(held)
             images = torch.cat([images, held_images])
@@ -113,7 +115,8 @@ class Evaluator:
         self.grid_pages = []
         if grid_path is not None:
             # The first samples of every prompt (up to 8), one prompt per row, with each
-            # sample's reward (the sum over rewards) under it; videos also as GIF and MP4.
+            # sample's reward (the sum over rewards) under it, held-out rows marked; videos
+            # also as GIF and MP4.
             self.grid_pages = write_grid(
                 images,
                 captions,
@@ -121,6 +124,7 @@ class Evaluator:
                 columns=min(self.n, 8),
                 rewards=rewards if grid_rewards else None,
                 notes=self.notes if any(self.notes) else None,
+                heldout_from=heldout_from,
             )
         return metrics
 

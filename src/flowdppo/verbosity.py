@@ -1,10 +1,17 @@
-"""Quiet third-party libraries unless the user asked for ``--verbose``.
+"""What a command prints: quiet third-party libraries unless ``--verbose``, a line for
+each slow phase, and output that outlives a closed pipe.
 
 Loading a diffusers pipeline prints a progress bar per component and transformers warns
 about things a user of this package cannot change (advisory notes, deprecations inside
 the libraries). The command line calls :func:`set_verbose` before any of them is imported;
 the variables it sets are what those libraries read at import, and a library already
 imported is switched through its own API.
+
+A phase that can take more than a few seconds before the first progress line (building
+the rewards, loading the base model, restoring a checkpoint, evaluating the base model,
+the first iteration) announces itself with :func:`phase`, so that a run, on a terminal or
+in a log file, is never silent for long. The command line turns these lines on
+(:func:`show_phases`, in one process of a multi-process job); library use stays silent.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ _ENVIRONMENT = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
 _verbose = True
+_phases = False
 
 
 def verbose() -> bool:
@@ -54,6 +62,28 @@ def quiet_progress_bars() -> None:
             lib = sys.modules[f"{name}.utils.logging"]
             lib.disable_progress_bar()
             lib.set_verbosity_error()
+
+
+def show_phases(on: bool) -> None:
+    """Whether :func:`phase` prints (the command line's choice)."""
+    global _phases
+    _phases = on
+
+
+def phase(text: str) -> None:
+    """``flowdppo: TEXT...`` as a slow phase begins, when the command line asked for it."""
+    if _phases:
+        echo(f"flowdppo: {text}...")
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a progress bar shows them: ``0:07``, ``12:34``, ``1:02:03``; ``?`` when
+    not known yet."""
+    if not seconds >= 0 or seconds == float("inf"):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def echo(text: str = "", file: TextIO | None = None) -> None:

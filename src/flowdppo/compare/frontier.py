@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import statistics
 
-KL_UNIT = 1e-3  # KL to the reference is reported x 10^-3, as the paper does
+from flowdppo.units import KL_LABEL, KL_UNIT
+
 KL_KEY = "eval/train/kl_ref/mean"
 TRAIN_KEY = "eval/train/reward/mean"
 HELDOUT_KEY = "eval/heldout/reward/mean"
@@ -134,13 +135,13 @@ def frontier_markdown(rows: list[dict]) -> list[str]:
         "## Frontiers at matched KL",
         "",
         "Each algorithm's frontier, per seed, is the best gain any of its swept settings "
-        "reaches at the KL level (x 1e-3, interpolated between evaluations); the table gives "
+        "reaches at the KL level (KL to the reference in 1e-3 per SDE step, interpolated between evaluations); the table gives "
         "the mean ± sd over seeds of that gain and of the same run's held-out change"
         + (f", and the difference {', '.join(pairs)} paired by seed." if paired else "."),
         "",
     ]
     missing = (math.nan, math.nan, 0)
-    head = ["frontier", "KL (1e-3)", *[f"{a} gain" for a in algs]]
+    head = ["frontier", f"KL ({KL_LABEL})", *[f"{a} gain" for a in algs]]
     head += [f"{a} held-out" for a in algs] + (["difference"] if paired else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

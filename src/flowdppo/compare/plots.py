@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flowdppo.compare.frontier import KL_UNIT, frontier_table
+from flowdppo.compare.frontier import frontier_table
 from flowdppo.compare.results import PHASES, RunResult, reward_names
+from flowdppo.units import KL_LABEL, KL_UNIT
 
 EVAL_TRAIN = "eval/train/reward/mean"
 EVAL_HELD = "eval/heldout/reward/mean"
@@ -134,7 +135,7 @@ def draw_frontier(ax, ok: dict[str, list[RunResult]], styles: dict[str, Style]) 
             capsize=0,
             alpha=0.9,
         )
-    ax.set(xlabel="KL to reference, per step (x 1e-3)", ylabel="evaluation reward gain over base")
+    ax.set(xlabel=f"KL to reference ({KL_LABEL})", ylabel="evaluation reward gain over base")
 
 
 def draw_phase_times(ax, ok: dict[str, list[RunResult]]) -> None:
@@ -187,7 +188,7 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
             styles[g],
         )
     axes[0].set(xlabel="iteration", ylabel="held-out reward change from base")
-    axes[1].set(xlabel="iteration", ylabel="KL to reference, held-out (x 1e-3)")
+    axes[1].set(xlabel="iteration", ylabel=f"KL to reference, held-out ({KL_LABEL})")
     out["heldout"] = _finish(fig, axes, out_dir / "heldout_vs_iteration.png", seeds)
 
     # The fraction of step terms whose gradient the objective removed (every objective).
@@ -259,7 +260,7 @@ def _frontiers(exp, ok, out_dir: Path, seeds: str) -> Path:
                     ax.annotate(spec.variant.removeprefix(name).strip(), (x, y), fontsize=6)
         # Log KL: the loosest settings end orders of magnitude beyond the common range.
         ax.set(
-            xlabel="KL to reference (x 1e-3, log)",
+            xlabel=f"KL to reference ({KL_LABEL}, log)",
             ylabel="evaluation reward gain over base",
             title=f"frontier {name}",
             xscale="log",

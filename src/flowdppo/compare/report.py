@@ -23,6 +23,7 @@ from flowdppo.compare.results import (
     std_of,
 )
 from flowdppo.compare.runner import RunStatus
+from flowdppo.units import KL_LABEL, KL_SENTENCE
 
 
 def add_matched_kl(results: list[RunResult]) -> float:
@@ -42,12 +43,12 @@ COLUMNS = [
     ("train_before", "reward before", "{:.3f}"),
     ("train_after", "reward after", "{:.3f}"),
     ("gain", "gain", "{:+.3f}"),
-    ("kl_ref", "KL to ref (1e-3)", "{:.3g}"),
+    ("kl_ref", f"KL to ref ({KL_LABEL})", "{:.3g}"),
     ("efficiency", "gain per 1e-3 KL", "{:.3g}"),
     ("gain_at_matched_kl", "gain at matched KL", "{:+.3f}"),
     ("heldout_after", "held-out after", "{:.3f}"),
     ("heldout_change", "held-out change", "{:+.3f}"),
-    ("heldout_kl_ref", "held-out KL (1e-3)", "{:.3g}"),
+    ("heldout_kl_ref", f"held-out KL ({KL_LABEL})", "{:.3g}"),
     ("trust_per_step", "δ or ε (nats/step)", "{:.3g}"),
     ("grad_blocked", "grad blocked", "{:.3f}"),
     ("window_fraction", "outside zone", "{:.3f}"),
@@ -227,7 +228,7 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> 
         "",
         "Mean ± sample standard deviation over the seeds that finished. Rewards are on "
         "deterministic ODE samples with fixed noise (trained prompts unless marked held-out); "
-        "KL to the reference is the exact per-step KL averaged over SDE steps (x 10^-3); "
+        f"{KL_SENTENCE}; "
         "gain per 1e-3 KL is the KL-proximal efficiency (reward gain over the base model "
         "divided by the final KL to the reference, per seed, then averaged); δ or ε is the "
         "run's trust region in nats per step (Flow-DPPO's KL threshold, ratio clipping's "
@@ -236,7 +237,7 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> 
         "outside zone is the fraction outside the trust region, gradient kept or not (KL "
         "above the threshold for Flow-DPPO, ratio outside the clip window for ratio "
         "clipping). Gain at matched KL is each run's evaluation gain where its KL to the "
-        f"reference first reaches {matched:.3g} x 1e-3, the lowest final KL of any run "
+        f"reference first reaches {matched:.3g}e-3/step, the lowest final KL of any run "
         "(interpolated between evaluations): reward at equal KL.",
         "",
     ]

@@ -10,9 +10,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from flowdppo.compare.frontier import KL_UNIT
 from flowdppo.compare.runner import RunStatus
 from flowdppo.trainer.loop import metrics_of
+from flowdppo.units import KL_UNIT
 
 PHASES = ("rollout", "reward", "ref_kl", "update", "eval")
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowdppo.config.base import ConfigError
 from flowdppo.config.objective import _TRUST, ObjectiveConfig
+from flowdppo.units import kl_inline
 
 if TYPE_CHECKING:
     from flowdppo.config.run import Config
@@ -101,13 +102,22 @@ def describe_trust_region(cfg: Config) -> str:
         return f"DiffusionNFT beta {cfg.nft.beta:g}: no trust region on the policy"
     if o.latent_elements is None:
         raise ValueError("describe_trust_region needs a resolved config (resolve_trust_region)")
-    unit = "per element" if cfg.sampler.log_prob_reduce == "mean" else "(summed log-probs)"
+    d = o.latent_elements
+    mean = cfg.sampler.log_prob_reduce == "mean"
     if cfg.objective_name == "dppo":
+        # A KL, so in the unit every KL to the reference is shown in (flowdppo.units).
         head = (
-            f"Flow-DPPO threshold {o.dppo_threshold:.4g} {unit} = {o.dppo_threshold_per_step:.4g}"
+            f"Flow-DPPO threshold on KL(old || new): {kl_inline(o.dppo_threshold)}, the unit "
+            "of every KL shown (per SDE step, "
         )
-    else:
-        head = f"clip range {o.clip_range:.4g} {unit} = {o.clip_range_per_step:.4g}"
-        if o.clip_range_high is not None:
-            head += f" (high {o.clip_range_high:.4g} = {o.clip_range_high_per_step:.4g})"
-    return f"{head} nats per step (d = {o.latent_elements} latent elements)"
+        if not mean:
+            return head + f"log-probs summed over the d = {d} latent elements)"
+        return head + (
+            f"mean over the d = {d} latent elements; {o.dppo_threshold_per_step:.4g} nats "
+            "summed over them)"
+        )
+    unit = "per element" if mean else "(summed log-probs)"
+    head = f"clip range {o.clip_range:.4g} {unit} = {o.clip_range_per_step:.4g}"
+    if o.clip_range_high is not None:
+        head += f" (high {o.clip_range_high:.4g} = {o.clip_range_high_per_step:.4g})"
+    return f"{head} nats per step (d = {d} latent elements)"

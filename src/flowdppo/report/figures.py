@@ -10,8 +10,8 @@ import math
 import numpy as np
 
 from flowdppo.compare import plots
-from flowdppo.compare.frontier import KL_UNIT
 from flowdppo.compare.results import RunResult
+from flowdppo.units import KL_LABEL, KL_UNIT
 
 EVAL_TRAIN, EVAL_HELD = plots.EVAL_TRAIN, plots.EVAL_HELD
 EVAL_KL = "eval/train/kl_ref/mean"
@@ -120,8 +120,8 @@ def kl(ok, styles) -> str:
         ev = plots.curve(rs, EVAL_KL, scale, with_before=True)
         plots.band(axes[0], *ev, f"{g} evaluation", plots.Style(st.color, "--"))
         _by_wall(axes[1], rs, EVAL_KL, st, f"{g} evaluation", unit, scale, ls="--")
-    axes[0].set(xlabel="iteration", ylabel="KL to reference per step (x 1e-3)")
-    axes[1].set(xlabel=f"wall time ({name})", ylabel="KL to reference per step (x 1e-3)")
+    axes[0].set(xlabel="iteration", ylabel=f"KL to reference ({KL_LABEL})")
+    axes[1].set(xlabel=f"wall time ({name})", ylabel=f"KL to reference ({KL_LABEL})")
     _legend(axes)
     return data_uri(fig)
 

@@ -7,28 +7,38 @@ import html
 import math
 from pathlib import Path
 
-from flowdppo.compare.frontier import KL_UNIT
 from flowdppo.compare.report import add_matched_kl, aggregate, format_cell
 from flowdppo.compare.results import PHASES
 from flowdppo.config import ConfigError
 from flowdppo.report import figures
 from flowdppo.report.runs import Evaluation, ReportRun
+from flowdppo.trainer.media import HELDOUT_COLOR, HELDOUT_MARK
+from flowdppo.units import KL_LABEL, KL_SENTENCE, KL_UNIT, kl_inline
+
+# The verdict box's colour: a gain below GAIN_MIN is no gain (red); a gain whose held-out
+# reward fell by more than HELDOUT_DROP is a gain with forgetting (amber); else green.
+GAIN_MIN = 0.02
+HELDOUT_DROP = 0.05
 
 _MIME = {".png": "image/png", ".gif": "image/gif", ".mp4": "video/mp4"}
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-h3{font-size:15px;margin:18px 0 6px}.verdict{font-size:17px;background:#eef6ee;border:1px solid #9c9;
-padding:10px 14px;border-radius:6px;margin:12px 0}.note{color:#555;font-size:13px}
+h3{font-size:15px;margin:18px 0 6px}.verdict{font-size:17px;padding:10px 14px;border-radius:6px;
+margin:12px 0;border:1px solid}.verdict.good{background:#eef6ee;border-color:#9c9}
+.verdict.mixed{background:#fff4dd;border-color:#e0b050}.verdict.bad{background:#fbe9e7;
+border-color:#e08070}.verdict.none{background:#f4f4f4;border-color:#bbb}
+.note{color:#555;font-size:13px}.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:6px 0 10px}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
-tr.winner td{background:#fff6d5;font-weight:600}img.plot{max-width:100%}
-.evals{border:1px solid #ddd;padding:8px;border-radius:6px}.evals input{width:60%}
-.pair{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}.pair figure{margin:0}
-figcaption{font-size:12px;color:#444;margin-bottom:4px}pre{background:#f7f7f7;padding:8px;
-overflow:auto;max-height:420px;font-size:12px}details{margin:4px 0}
-"""
+tr.winner td{background:#fff6d5;font-weight:600}img,video{max-width:100%;height:auto}
+.evals{border:1px solid #ddd;padding:8px;border-radius:6px;min-width:0}.evals input{width:220px;
+max-width:100%;vertical-align:middle}.evlabel{display:block}.held{color:HELD;font-weight:600}
+.pair{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}.pair figure{margin:0;
+max-width:100%}figcaption{font-size:12px;color:#444;margin-bottom:4px}pre{background:#f7f7f7;
+padding:8px;overflow:auto;max-height:420px;font-size:12px}details{margin:4px 0}
+""".replace("HELD", HELDOUT_COLOR)
 
 SCRIPT = """
 document.querySelectorAll('.evals').forEach(function (box) {
@@ -74,7 +84,7 @@ COLUMNS = [
     ("train_before", "reward before", "{:.3f}"),
     ("train_after", "reward after", "{:.3f}"),
     ("gain", "gain", "{:+.3f}"),
-    ("kl_ref", "KL to ref (1e-3/step)", "{:.3g}"),
+    ("kl_ref", f"KL to ref ({KL_LABEL})", "{:.3g}"),
     ("gain_at_matched_kl", "gain at matched KL", "{:+.3f}"),
     ("heldout_change", "held-out change", "{:+.3f}"),
     ("grad_blocked", "grad blocked", "{:.3f}"),
@@ -89,12 +99,35 @@ def _matched_kl(groups: dict[str, list[ReportRun]]) -> float:
     return add_matched_kl([r.result for rs in groups.values() for r in rs])
 
 
+def verdict_class(gain: float, heldout_change: float) -> tuple[str, str]:
+    """The verdict box's colour class and its words, from the gain on the trained prompts
+    and the held-out change (NaN: no held-out prompts), by GAIN_MIN and HELDOUT_DROP."""
+    if not math.isfinite(gain):
+        return "none", "not finished"
+    if gain < GAIN_MIN:
+        return "bad", "no gain"
+    if math.isfinite(heldout_change) and heldout_change < -HELDOUT_DROP:
+        return "mixed", "gain with forgetting"
+    return "good", "gain without forgetting"
+
+
+VERDICT_RULES = (
+    f"Box colour: green when the trained prompts' reward gained at least +{GAIN_MIN:g} and the "
+    f"held-out reward fell by no more than {HELDOUT_DROP:g}; amber when it gained but the "
+    f"held-out reward fell by more than {HELDOUT_DROP:g} (forgetting); red when the gain is "
+    f"below +{GAIN_MIN:g}."
+)
+
+
 def summary(groups: dict[str, list[ReportRun]]) -> tuple[str, str | None]:
-    """The verdict line and the summary table; and the winning group."""
+    """The verdict box and the summary table; and the leading group (the highest reward
+    after training; with one group, that group, which is not called a winner)."""
     level = _matched_kl(groups)
+    several = len(groups) > 1
     stats = {g: aggregate([r.result for r in rs]) for g, rs in groups.items()}
     finished = {g: s for g, s in stats.items() if "train_after" in s}
-    winner = max(finished, key=lambda g: finished[g]["train_after"][0]) if finished else None
+    lead = max(finished, key=lambda g: finished[g]["train_after"][0]) if finished else None
+    winner = lead if several else None
     cols = [c for c in COLUMNS if c[0] != "gain_at_matched_kl" or math.isfinite(level)]
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in cols)
     rows = []
@@ -116,35 +149,38 @@ def summary(groups: dict[str, list[ReportRun]]) -> tuple[str, str | None]:
             f"<td>{state}</td>{cells}</tr>"
         )
     table = (
-        f"<table><tr><th>run</th><th>algorithm</th><th>runs ok</th>{head}</tr>"
+        f"<div class=scroll><table><tr><th>run</th><th>algorithm</th><th>runs ok</th>{head}</tr>"
         + "".join(rows)
-        + "</table>"
+        + "</table></div>"
     )
-    if winner is None:
+    if lead is None:
+        kind = "none"
         verdict = "No run has finished yet (no summary.json): the curves below are not drawn."
     else:
-        s = finished[winner]
-        lead = "Winner" if len(groups) > 1 else "Run"
+        s = finished[lead]
+        heldout = s.get("heldout_change", (math.nan,))[0]
+        kind, words = verdict_class(s["gain"][0], heldout)
         verdict = (
-            f"<b>{lead}: {html.escape(winner)}</b> — evaluation reward "
-            f"{s['train_after'][0]:.3f} ({s['gain'][0]:+.3f} over the base model) at KL to the "
-            f"reference {s['kl_ref'][0]:.3g} × 1e-3 per step; held-out change "
-            f"{s['heldout_change'][0]:+.3f}."
+            f"<b>{'Winner' if several else 'Run'}: {html.escape(lead)}</b> — {words}: "
+            f"evaluation reward {s['train_after'][0]:.3f} ({s['gain'][0]:+.3f} over the base "
+            f"model) at KL to the reference {kl_inline(s['kl_ref'][0] * KL_UNIT)}; held-out change "
+            f"{heldout:+.3f}."
         )
         if math.isfinite(level):
             best = max(finished, key=lambda g: finished[g].get("gain_at_matched_kl", (-1e9,))[0])
             verdict += (
-                f"<br><span class=note>At matched KL ({level:.3g} × 1e-3, the lowest final KL "
-                f"of any run) the largest gain is {html.escape(best)}'s "
+                f"<br><span class=note>At matched KL ({kl_inline(level * KL_UNIT)}, the lowest "
+                f"final KL of any run) the largest gain is {html.escape(best)}'s "
                 f"({finished[best]['gain_at_matched_kl'][0]:+.3f}).</span>"
             )
+        verdict += f"<br><span class=note>{VERDICT_RULES}</span>"
     table += (
         "<p class=note>Rewards are of the deterministic ODE samples of the fixed-noise "
-        "evaluation on the trained prompts; the winner has the highest reward after "
-        "training. KL to the reference is per SDE step, x 1e-3 (docs/method.md). With several "
-        "seeds: mean ± std.</p>"
+        "evaluation on the trained prompts"
+        + ("; the winner has the highest reward after training" if several else "")
+        + f". {KL_SENTENCE}. With several seeds: mean ± std.</p>"
     )
-    return f"<div class=verdict>{verdict}</div>" + table, winner
+    return f"<div class='verdict {kind}'>{verdict}</div>" + table, winner
 
 
 def counts_table(groups: dict[str, list[ReportRun]]) -> str:
@@ -168,7 +204,7 @@ def counts_table(groups: dict[str, list[ReportRun]]) -> str:
         "<h3>Forward and backward passes</h3><p class=note>Model forward calls per phase "
         "(samples in brackets) and backward calls over the whole run; equal budgets show "
         "equal counts.</p>"
-        f"<table><tr><th>run</th>{head}<th>backward</th></tr>{body}</table>"
+        f"<div class=scroll><table><tr><th>run</th>{head}<th>backward</th></tr>{body}</table></div>"
     )
 
 
@@ -183,8 +219,8 @@ def inference_table(label: str, rows: list[dict]) -> str:
         for r in rows
     )
     return (
-        f"<h3>{html.escape(label)}</h3><table><tr><th>model</th><th>steps</th><th>NFE</th>"
-        f"<th>reward</th><th>ms / image</th><th>LoRA</th></tr>{body}</table>"
+        f"<h3>{html.escape(label)}</h3><div class=scroll><table><tr><th>model</th><th>steps</th>"
+        f"<th>NFE</th><th>reward</th><th>ms / image</th><th>LoRA</th></tr>{body}</table></div>"
     )
 
 
@@ -214,7 +250,7 @@ def _eval_label(run: ReportRun, ev: Evaluation) -> str:
         if row.get(key) is not None:
             text += f", {name} {row[key]:.3f}"
     if row.get(figures.EVAL_KL) is not None:
-        text += f", KL {row[figures.EVAL_KL] / KL_UNIT:.3g} × 1e-3"
+        text += f", KL {kl_inline(row[figures.EVAL_KL])}"
     return text
 
 
@@ -230,8 +266,9 @@ def samples_section(run: ReportRun) -> str:
     )
     return (
         f"<h3>{html.escape(run.label)}</h3>"
-        "<p class=note>Trained prompts, then held-out prompts; one prompt per row, each "
-        "sample's reward under it; the same noise at every evaluation.</p>"
+        "<p class=note>Trained prompts, then held-out prompts (never trained on: their "
+        f"captions in <span class=held>red, after “{HELDOUT_MARK.strip()}”</span>); one prompt "
+        "per row, each sample's reward under it; the same noise at every evaluation.</p>"
         f"<div class=pair><figure><figcaption>{html.escape(_eval_label(run, first))} "
         f"(before training)</figcaption>{_evaluation_html(first)}</figure>"
         f"<figure class=evals><figcaption>evaluation <input type=range min=0 "

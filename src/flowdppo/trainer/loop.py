@@ -56,6 +56,7 @@ from flowdppo.trainer.update import (
     nft_term_loss,
     step_loss,
 )
+from flowdppo.verbosity import phase
 
 #: Written when a run reaches the end of its budget, and only then (removed when continued).
 SUMMARY = "summary.json"
@@ -142,6 +143,7 @@ class Trainer:
                 f"{reward_names})"
             )
         timeout = cfg.reward.timeout_s  # a reward that hangs stops the run, naming it
+        phase(f"building the reward{'s' * (len(reward_names) > 1)} {', '.join(reward_names)}")
         self.rewards = {
             name: guards.bounded(name, get_reward(name, **reward_options(cfg, name)), timeout)
             for name in reward_names
@@ -154,6 +156,8 @@ class Trainer:
             )
         if cfg.log.wandb:
             check_wandb(cfg)  # missing or not logged in: one error line before the model loads
+        where = cfg.model.path or cfg.model.weights
+        phase(f"loading the {cfg.task} base model" + (f" from {where}" if where else ""))
         self.model = self.task.build_model(cfg.model.weights)
         self.model.forward_batch_size = cfg.model.forward_batch_size
         # Trust regions in both forms (per element and nats per step) for this model's
@@ -273,6 +277,7 @@ class Trainer:
                 f"nothing to resume in {self.run_dir}: it holds no checkpoint "
                 "(start a new run without --resume)"
             )
+        phase(f"restoring {path.name}")
         try:
             payload, model_state, optim_state, rng = ckpt.load_checkpoint(path)
         except ckpt.CheckpointError as exc:
@@ -748,7 +753,14 @@ class Trainer:
         try:
             with preemption.StopSignals(self._surviving_checkpoint) as stop:
                 if "before" not in self.summary:
+                    train, heldout = self.task.eval_split()
+                    phase(
+                        f"evaluating the base model; prompts: {len(train)} trained, "
+                        f"{len(heldout)} held-out, {self.evaluator.n} samples each"
+                    )
                     self.summary["before"] = self._evaluate("iter-000000", log, None)
+                if self.iteration < cfg.train.iterations:
+                    phase(f"iteration {self.iteration + 1}: the first rollouts and update")
                 while self.iteration < cfg.train.iterations:
                     self._iterate(log, progress, stop)
         finally:

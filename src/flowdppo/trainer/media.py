@@ -3,7 +3,8 @@
 A grid has one row per prompt (a prompt with more samples than columns takes several
 rows), a caption over each row, each sample's reward under it when there is one, and a
 2-pixel gap between cells. Many prompts are split into pages of at most ``MAX_ROWS``
-rows, so no page grows to thousands of pixels. Videos [B, C, F, H, W] become a grid per
+rows, so no page grows to thousands of pixels. The rows of held-out prompts (never
+trained on) have their caption in red, after ``held-out:``. Videos [B, C, F, H, W] become a grid per
 frame: the PNG shows the middle frame, the GIF (Pillow) and the MP4 (the ffmpeg binary
 that ``imageio-ffmpeg`` ships; the ``video`` extra) play all frames.
 """
@@ -27,6 +28,8 @@ GAP = 2  # pixels between cells
 TEXT_H = 11  # a line of the default bitmap font
 CHAR_W = 6  # the default bitmap font's width per character
 FPS = 10  # a GIF counts in hundredths of a second
+HELDOUT_MARK = "held-out: "  # before a held-out prompt's row caption, drawn in HELDOUT_COLOR
+HELDOUT_COLOR = "#b3261e"
 _warned: set[str] = set()
 
 
@@ -66,6 +69,7 @@ def render_pages(
     cell: int | None = None,
     max_rows: int = MAX_ROWS,
     notes: list[str] | None = None,
+    heldout_from: int | None = None,
 ) -> list[list[Image.Image]]:
     """Grid pages of images [B, C, H, W] or videos [B, C, F, H, W] in [0, 1]; each page is
     its list of frames (one for images).
@@ -74,6 +78,7 @@ def render_pages(
     size, at least 64 and at most 256), keeping its aspect ratio: small images are
     enlarged with hard pixel edges, large ones smoothly. ``notes`` (one per sample, e.g.
     the text an OCR reward read) are written under each sample, before its reward.
+    Samples from index ``heldout_from`` on are of held-out prompts: their rows are marked.
     """
     images = images.detach().float().clamp(0, 1).cpu()
     if images.dim() == 4:
@@ -104,10 +109,12 @@ def render_pages(
         for r, row in enumerate(rows):
             idx = list(range(row * columns, min(b, (row + 1) * columns)))
             y = GAP + r * row_h
-            text = _row_caption([captions[i] for i in idx])[: (width - 2 * GAP) // CHAR_W]
+            held = heldout_from is not None and idx[0] >= heldout_from
+            text = (HELDOUT_MARK if held else "") + _row_caption([captions[i] for i in idx])
+            text = text[: (width - 2 * GAP) // CHAR_W]
             for f, canvas in enumerate(canvases):
                 draw = ImageDraw.Draw(canvas)
-                draw.text((GAP + 1, y), text, fill="black")
+                draw.text((GAP + 1, y), text, fill=HELDOUT_COLOR if held else "black")
                 for col, i in enumerate(idx):
                     x = GAP + col * (cw + GAP)
                     canvas.paste(_to_pil(images[i, :, f], (cw, ch)), (x, y + TEXT_H))
@@ -143,13 +150,18 @@ def write_grid(
     rewards: torch.Tensor | list[float] | None = None,
     cell: int | None = None,
     notes: list[str] | None = None,
+    heldout_from: int | None = None,
 ) -> list[GridPage]:
-    """Write the grid's pages next to ``path`` (a .png); videos also as GIF and MP4."""
+    """Write the grid's pages next to ``path`` (a .png); videos also as GIF and MP4.
+    ``heldout_from``: the first sample of a held-out prompt (their rows are marked)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for k, frames in enumerate(
-        render_pages(images, captions, columns, rewards, cell, notes=notes), 1
+        render_pages(
+            images, captions, columns, rewards, cell, notes=notes, heldout_from=heldout_from
+        ),
+        1,
     ):
         page = GridPage(page_path(path, k, ".png"))
         with written_whole(page.png) as tmp:

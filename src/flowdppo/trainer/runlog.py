@@ -9,6 +9,7 @@ import math
 import netrc
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,8 @@ from PIL import Image
 
 from flowdppo.trainer.checkpoint import write_text_atomic
 from flowdppo.trainer.media import GridPage
-from flowdppo.verbosity import echo
+from flowdppo.units import kl_inline
+from flowdppo.verbosity import echo, format_duration
 
 if TYPE_CHECKING:
     from flowdppo.config import Config
@@ -290,15 +292,19 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class Progress:
-    """A live bar on a terminal; one plain line per iteration otherwise."""
+    """A live bar on a terminal; one plain line per iteration otherwise (a log file, a
+    cluster job), with the bar's elapsed time and ETA: both take the mean time per
+    iteration since this start (tqdm with ``smoothing=0``), so they agree."""
 
-    def __init__(self, total: int, start: int):
+    def __init__(self, total: int, start: int, clock=time.monotonic):
         self.tty = sys.stderr.isatty()
         self.bar = None
+        self.start, self.clock = start, clock
+        self.began = clock()
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, smoothing=0)
 
     def update(self, iteration: int, total: int, metrics: dict[str, float]) -> None:
         reward = metrics.get("reward/mean", float("nan"))
@@ -309,13 +315,17 @@ class Progress:
         label = "blocked"
         if self.bar is not None:
             self.bar.set_postfix(
-                reward=f"{reward:.3f}", kl_ref=f"{kl:.2e}", **{label: f"{extra:.2f}"}
+                reward=f"{reward:.3f}", kl_ref=kl_inline(kl), **{label: f"{extra:.2f}"}
             )
             self.bar.update(1)
         else:
+            elapsed = self.clock() - self.began
+            done = iteration + 1 - self.start
+            eta = elapsed / done * (total - iteration - 1) if done > 0 else float("nan")
             echo(
-                f"iter {iteration + 1}/{total} reward {reward:.4f} kl_ref {kl:.3e} "
-                f"{label} {extra:.3f} time {metrics.get('time/iteration', 0):.2f}s"
+                f"iter {iteration + 1}/{total} reward {reward:.4f} kl_ref {kl_inline(kl)} "
+                f"{label} {extra:.3f} time {metrics.get('time/iteration', 0):.2f}s "
+                f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
             )
 
     def close(self) -> None:
