@@ -122,7 +122,14 @@ class Browser:
         )["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.send(f"{domain}.enable")
-        width, height = self.size
+        self.resize(*self.size)
+        self.send("Page.navigate", url=Path(path).resolve().as_uri())
+        self.wait_for("Page.loadEventFired")
+
+    def resize(self, width: int, height: int) -> None:
+        """Lay the open page out again in a window of this size (a desktop, not a phone:
+        no mobile viewport rules)."""
+        self.size = (width, height)
         self.send(
             "Emulation.setDeviceMetricsOverride",
             width=width,
@@ -130,8 +137,6 @@ class Browser:
             deviceScaleFactor=1,
             mobile=False,
         )
-        self.send("Page.navigate", url=Path(path).resolve().as_uri())
-        self.wait_for("Page.loadEventFired")
 
     def evaluate(self, expression: str):
         result = self.send(
@@ -193,6 +198,29 @@ VIDEOS_JS = """Promise.all(Array.from(document.querySelectorAll('video')).map(fu
     v.addEventListener('error', function () { done(0); });
   });
 }))"""
+
+# What sticks out of the window to the right: the page's own width, and every visible
+# element's right edge, except inside a box that scrolls sideways itself (wide tables,
+# the config). An empty list: nothing overflows.
+OVERFLOW_JS = """(function () {
+  var w = document.documentElement.clientWidth, out = [];
+  var page = document.documentElement.scrollWidth;
+  if (page > w) out.push('page ' + page + ' > ' + w);
+  document.querySelectorAll('body *').forEach(function (e) {
+    if (e.parentElement.closest('.scroll, pre')) return;
+    var r = e.getBoundingClientRect();
+    if (r.width > 0 && r.right > w + 0.5) {
+      out.push(e.tagName.toLowerCase() + '.' + e.className + ' ends at ' + Math.round(r.right));
+    }
+  });
+  return out;
+})()"""
+# The lines each element matching a selector takes (its text's line boxes).
+LINES_JS = """Array.from(document.querySelectorAll(%r)).map(function (e) {
+  var range = document.createRange(); range.selectNodeContents(e);
+  return new Set(Array.from(range.getClientRects()).map(function (r) {
+    return Math.round(r.top); })).size;
+})"""
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_report_of_a_run_embeds_everything(run_report, toy_run):
     after = summary["after"]["eval/train/reward/mean"]
     kl = summary["after"]["eval/train/kl_ref/mean"] / 1e-3
     # The verdict at the top names the run, its reward after training and its KL.
-    verdict = re.search(r"<div class=verdict>(.*?)</div>", text).group(1)
+    verdict = re.search(r"<div class='verdict \w+'>(.*?)</div>", text).group(1)
     assert f"{after:.3f}" in verdict and f"{kl:.3g}" in verdict and toy_run.name in verdict
     # One slider item per evaluation grid on disk, plus the fixed "before" grid.
     assert text.count("class=eval ") == len(list((toy_run / "grids").glob("iter-*.png"))) == 4
@@ -60,6 +60,78 @@ def two_runs(tmp_path_factory, toy_run) -> tuple[Path, Path]:
     out = tmp / "both.html"
     assert main(["report", str(toy_run), str(better), "--out", str(out)]) == 0
     return out, better
+
+
+def test_one_run_shows_one_kl_on_every_surface(toy_run, run_report, capsys):
+    """The run's final KL to the reference reads the same number in the same unit on the
+    console's end table (and flowdppo eval's), the report and compare's tables; the
+    progress lines and the trust-region line speak that unit too."""
+    from flowdppo.cli import _print_before_after
+    from flowdppo.compare.report import summary_table
+    from flowdppo.config import describe_trust_region
+    from flowdppo.report.runs import load_run
+    from flowdppo.runs import run_config
+    from flowdppo.trainer.runlog import Progress, read_metrics
+    from flowdppo.units import KL_LABEL, kl_inline, kl_shown
+
+    summary = json.loads((toy_run / "summary.json").read_text())
+    kl = summary["after"]["eval/train/kl_ref/mean"]
+    shown = kl_shown(kl)
+    assert kl > 0 and shown == f"{kl / 1e-3:.3g}" and kl_inline(kl) == f"{shown}e-3/step"
+    # The end-of-run table: the KL row, labelled with the unit, ends with the number.
+    _print_before_after(summary["before"], summary["after"])
+    table = capsys.readouterr().out.splitlines()
+    row = next(x for x in table if x.strip().startswith("eval/train/kl_ref/mean"))
+    assert f"({KL_LABEL})" in row and row.endswith(f"-> {shown}")
+    assert not any("kl_ref/path" in x for x in table)  # the path sum is not shown unlabelled
+    # The report: the verdict's text and the summary table's KL column.
+    page = run_report.read_text()
+    assert f"at KL to the reference {kl_inline(kl)};" in page
+    assert (
+        f"<th>KL to ref <span class=nw>({KL_LABEL})</span></th>" in page
+        and f"<td>{shown}</td>" in page
+    )
+    # compare's console table (the report's columns), from the same run record.
+    status = load_run(toy_run, "toy").result.status
+    groups = type("Experiment", (), {"groups": lambda self: ["toy"]})()
+    head, body = summary_table(groups, [status]).splitlines()
+    column = head.index(f"KL to ref ({KL_LABEL})")
+    assert body[: column + len(head[column:].split("  ")[0])].split()[-1] == shown
+    # Progress lines: the rollout KL of the last iteration, in the same unit.
+    last = read_metrics(toy_run / "metrics.jsonl")[-1]
+    progress = Progress(total=6, start=5)
+    progress.bar = None
+    progress.update(5, 6, last)
+    assert f" kl_ref {kl_inline(last['kl_ref/mean'])} " in capsys.readouterr().out
+    # The trust region at the start: Flow-DPPO's threshold is a KL, in that unit.
+    cfg = run_config(toy_run)
+    line = describe_trust_region(cfg)
+    assert (
+        f"Flow-DPPO threshold on KL(old || new): {kl_inline(cfg.objective.dppo_threshold)}" in line
+    )
+
+
+def test_the_verdict_colour_follows_gain_and_heldout_change(run_report, toy_run):
+    from flowdppo.report.page import GAIN_MIN, HELDOUT_DROP, VERDICT_RULES, verdict_class
+
+    nan = float("nan")
+    assert verdict_class(0.39, -0.27)[0] == "mixed"  # the default run: a gain that forgot
+    assert verdict_class(0.39, -HELDOUT_DROP / 2)[0] == "good"
+    assert verdict_class(0.39, nan)[0] == "good"  # no held-out prompts
+    assert verdict_class(GAIN_MIN / 2, +0.1)[0] == "bad"
+    assert verdict_class(-0.2, -0.3)[0] == "bad"
+    assert verdict_class(nan, 0.0)[0] == "none"
+    # One run is a run: no winner, no star; its box is coloured by its own numbers and the
+    # page states the rule.
+    text = run_report.read_text()
+    body = text.split("<body>", 1)[1]  # the style sheet styles a winner's row
+    assert "winner" not in body.lower() and "★" not in body
+    summary = json.loads((toy_run / "summary.json").read_text())
+    b, a = summary["before"], summary["after"]
+    gain = a["eval/train/reward/mean"] - b["eval/train/reward/mean"]
+    change = a["eval/heldout/reward/mean"] - b["eval/heldout/reward/mean"]
+    assert f"<div class='verdict {verdict_class(gain, change)[0]}'><b>Run: " in text
+    assert VERDICT_RULES in text and f"+{GAIN_MIN:g}" in VERDICT_RULES
 
 
 def test_report_of_several_runs_names_the_winner(two_runs):
@@ -110,16 +182,26 @@ def test_report_loads_in_headless_chromium(run_report, two_runs, tmp_path):
         assert browser.evaluate("document.querySelector('.evlabel').textContent").startswith(
             "iteration 0"
         )
-        shot = tmp_path / "report.png"
-        browser.screenshot(shot)
+        # The layout holds on a desktop and in a phone-wide window: nothing sticks out (wide
+        # tables scroll in their own box), and at 1280 px the slider's label is one line.
+        for width in (1280, 390):
+            browser.resize(width, 1000)
+            assert browser.evaluate(headless_chromium.OVERFLOW_JS) == [], width
+            browser.screenshot(tmp_path / f"report-{width}.png")
+            if width == 1280:
+                assert browser.evaluate(headless_chromium.LINES_JS % ".evlabel") == [1]
         # Several runs, one of them with a video evaluation: the video decodes too.
         browser.open(two_runs[0])
         assert all(w > 0 for w in browser.evaluate(headless_chromium.IMAGES_JS))
         videos = browser.evaluate(headless_chromium.VIDEOS_JS)
         assert len(videos) == (two_runs[1] / "grids" / "iter-000006.mp4").is_file()
         assert all(w > 0 for w in videos)
+        for width in (390, 1280):
+            browser.resize(width, 1000)
+            assert browser.evaluate(headless_chromium.OVERFLOW_JS) == [], width
         assert browser.console_errors() == []
-    assert Image.open(shot).size == (1280, 1000)
+    for width in (1280, 390):
+        assert Image.open(tmp_path / f"report-{width}.png").size == (width, 1000)
 
 
 @pytest.mark.parametrize(

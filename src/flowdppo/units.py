@@ -37,5 +37,5 @@ def kl_inline(kl: float) -> str:
     (0.02889 -> ``28.9e-3/step``); a KL of a nat or more per step is written whole."""
     shown = kl_shown(kl)
     if kl == 0:
-        return "0/step"
+        return "0"
     return f"{shown}e-3/step" if "e" not in shown else f"{kl:.3g}/step"

@@ -29,11 +29,11 @@ h3{font-size:15px;margin:18px 0 6px}.verdict{font-size:17px;padding:10px 14px;bo
 margin:12px 0;border:1px solid}.verdict.good{background:#eef6ee;border-color:#9c9}
 .verdict.mixed{background:#fff4dd;border-color:#e0b050}.verdict.bad{background:#fbe9e7;
 border-color:#e08070}.verdict.none{background:#f4f4f4;border-color:#bbb}
-.note{color:#555;font-size:13px}.scroll{overflow-x:auto;max-width:100%}
+.note{color:#555;font-size:13px}.nw{white-space:nowrap}.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:6px 0 10px}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 tr.winner td{background:#fff6d5;font-weight:600}img,video{max-width:100%;height:auto}
-.evals{border:1px solid #ddd;padding:8px;border-radius:6px;min-width:0}.evals input{width:220px;
+.evals{border:1px solid #ddd;padding:8px;border-radius:6px;flex:1 1 300px;min-width:0}.evals input{width:220px;
 max-width:100%;vertical-align:middle}.evlabel{display:block}.held{color:HELD;font-weight:600}
 .pair{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}.pair figure{margin:0;
 max-width:100%}figcaption{font-size:12px;color:#444;margin-bottom:4px}pre{background:#f7f7f7;
@@ -99,6 +99,12 @@ def _matched_kl(groups: dict[str, list[ReportRun]]) -> float:
     return add_matched_kl([r.result for rs in groups.values() for r in rs])
 
 
+def _heading(text: str) -> str:
+    """A column heading whose unit in brackets stays on one line ("1e-3/step")."""
+    name, bracket, unit = html.escape(text).partition(" (")
+    return f"{name} <span class=nw>({unit}</span>" if bracket else name
+
+
 def verdict_class(gain: float, heldout_change: float) -> tuple[str, str]:
     """The verdict box's colour class and its words, from the gain on the trained prompts
     and the held-out change (NaN: no held-out prompts), by GAIN_MIN and HELDOUT_DROP."""
@@ -129,7 +135,7 @@ def summary(groups: dict[str, list[ReportRun]]) -> tuple[str, str | None]:
     lead = max(finished, key=lambda g: finished[g]["train_after"][0]) if finished else None
     winner = lead if several else None
     cols = [c for c in COLUMNS if c[0] != "gain_at_matched_kl" or math.isfinite(level)]
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in cols)
+    head = "".join(f"<th>{_heading(h)}</th>" for _, h, _ in cols)
     rows = []
     for g, rs in groups.items():
         n_ok = sum(r.result.ok for r in rs)
