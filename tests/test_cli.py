@@ -90,9 +90,20 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
     assert cli.main(["eval", str(run), "--steps", "2,4", "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert "inference cost" in out and "ms/image" in out and "merged" in out
+    head = next(line for line in out.splitlines() if "ms/image" in line).split()
+    assert head[4:6] == ["trained", "held-out"]  # the splits apart, never averaged together
     rows = json.loads((run / "inference_cost.json").read_text())["rows"]
     keys = {"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora", "solver"}
-    assert all(set(r) == keys for r in rows)
+    assert all(set(r) == keys | {"reward_trained", "reward_heldout"} for r in rows)
+    # Each split's mean is its own: the mean over both lies between them, weighted by
+    # the toy task's 2 trained and 1 held-out prompts.
+    for r in rows:
+        both = (2 * r["reward_trained"] + r["reward_heldout"]) / 3
+        assert r["reward_mean"] == pytest.approx(both, abs=1e-6)
+    assert any(r["reward_trained"] != r["reward_heldout"] for r in rows)
+    base = next(r for r in rows if r["model"] == "base" and r["steps"] == 4)
+    line = next(x.split() for x in out.splitlines() if x.split()[:4] == ["base", "-", "4", "4"])
+    assert line[4:6] == [f"{base['reward_trained']:.4f}", f"{base['reward_heldout']:.4f}"]
     # The toy model has LoRA: the base, and the trained model unmerged and merged.
     assert [(r["model"], r["lora"], r["steps"]) for r in rows] == [
         (m, lora, s)
@@ -104,7 +115,8 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
         assert 0 <= r["reward_mean"] <= 1 and isinstance(r["ms_per_image"], float)
     unmerged, merged = rows[2:4], rows[4:6]
     for a, b in zip(unmerged, merged, strict=True):
-        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-5)
+        for key in ("reward_trained", "reward_heldout"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
 
 
 def test_sample_and_eval_take_the_ode_solver(toy_run, tmp_path, capsys):

@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         "--steps",
         default=None,
         metavar="N[,N...]",
-        help="sampling step counts, e.g. 4,10,20,40: reward against NFE and milliseconds per "
-        "image of the base and trained models, written to RUN_DIR/inference_cost.json",
+        help="sampling step counts, e.g. 4,10,20,40: reward on the trained and the held-out "
+        "prompts apart, against NFE, and milliseconds per image of the base and trained "
+        "models, written to RUN_DIR/inference_cost.json",
     )
     e.add_argument("--solver", choices=SOLVER_CHOICES, default=None, help=SOLVER_HELP)
     e.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS)

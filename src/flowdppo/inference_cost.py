@@ -3,11 +3,14 @@
 
 For the base model and the trained one (with LoRA: adapters applied on the fly, and merged
 into the weights), at each sampling step count: the mean reward of deterministic ODE
-samples on the evaluation prompts (fixed noise, as in evaluation; the solver is the run's
-``sampler.solver`` or ``--solver``) and the wall-clock milliseconds per image of sampling
-and decoding on this machine, after one untimed warm-up batch. NFE counts velocity evaluations per image: one per step, two with
-classifier-free guidance. Rows go to ``RUN/inference_cost.json`` as
-``{"rows": [{"model", "steps", "nfe", "reward_mean", "ms_per_image", "lora", "solver"}]}``.
+samples on the trained and on the held-out evaluation prompts apart (fixed noise, as in
+evaluation; the solver is the run's ``sampler.solver`` or ``--solver``), and the
+wall-clock milliseconds per image of sampling and decoding on this machine, after one
+untimed warm-up batch. NFE counts velocity evaluations per image: one per step, two with
+classifier-free guidance. Rows go to ``RUN/inference_cost.json`` as ``{"rows": [{"model",
+"steps", "nfe", "reward_trained", "reward_heldout", "reward_mean", "ms_per_image", "lora",
+"solver"}]}``; ``reward_heldout`` is null without held-out prompts and ``reward_mean`` is
+the mean over both (what files written before the split hold alone).
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ def _variants(model: FlowModel) -> list[tuple[str, str | None]]:
 @torch.no_grad()
 def _run(
     model: FlowModel, ev: Evaluator, cfg: Config, prompts: list[str], steps: int
-) -> tuple[float, float]:
-    """(mean reward, seconds) of ODE samples with ``steps`` steps, n per prompt."""
+) -> tuple[torch.Tensor, float]:
+    """(each sample's reward, seconds) of ODE samples with ``steps`` steps, n per prompt in
+    the order of ``prompts``."""
     sampler = cfg.sampler.model_copy(update={"num_steps": steps})
     spec = make_sampler_spec(
         cfg.model_copy(update={"sampler": sampler}),
@@ -69,8 +73,13 @@ def _run(
         torch.cuda.synchronize(images.device)
     seconds = time.perf_counter() - start
     scored = call_rewards(ev.rewards, images, batch, concurrent=ev.concurrent)
-    total = torch.as_tensor(sum(scored.values()))
-    return float(total[torch.isfinite(total)].mean()), seconds
+    return torch.as_tensor(sum(scored.values())).float().cpu(), seconds
+
+
+def _mean(rewards: torch.Tensor) -> float | None:
+    """The mean of the finite rewards (None for none)."""
+    finite = rewards[torch.isfinite(rewards)]
+    return float(finite.mean()) if len(finite) else None
 
 
 def measure(
@@ -81,19 +90,22 @@ def measure(
     step_counts: list[int],
 ) -> list[dict]:
     prompts = list(split[0]) + list(split[1])
+    trained = len(split[0]) * ev.n  # the samples of the trained prompts come first
     guided = cfg.sampler.guidance_scale > 1
     rows = []
     for name, lora in _variants(model):
         with _variant(model, name, lora):
             _run(model, ev, cfg, prompts[:1], min(step_counts))  # warm-up, untimed
             for steps in step_counts:
-                reward, seconds = _run(model, ev, cfg, prompts, steps)
+                rewards, seconds = _run(model, ev, cfg, prompts, steps)
                 rows.append(
                     {
                         "model": name,
                         "steps": steps,
                         "nfe": steps * (2 if guided else 1),
-                        "reward_mean": reward,
+                        "reward_trained": _mean(rewards[:trained]),
+                        "reward_heldout": _mean(rewards[trained:]),
+                        "reward_mean": _mean(rewards),
                         "ms_per_image": 1000 * seconds / (len(prompts) * ev.n),
                         "lora": lora,
                         "solver": cfg.sampler.solver,
@@ -104,16 +116,21 @@ def measure(
 
 def format_table(rows: list[dict], iteration: int) -> str:
     solver = rows[0]["solver"] if rows else "euler"
+
+    def reward(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
     lines = [
-        f"inference cost (ODE samples, {solver} solver; reward: mean over the trained and "
-        "held-out evaluation "
-        f"prompts; trained = checkpoint of iteration {iteration}; times measured on this "
-        "machine)",
-        f"  {'model':<8} {'lora':<9} {'steps':>5} {'NFE':>5} {'reward':>8} {'ms/image':>9}",
+        f"inference cost (ODE samples, {solver} solver; reward on the trained and on the "
+        f"held-out evaluation prompts apart; trained = checkpoint of iteration {iteration}; "
+        "times measured on this machine)",
+        f"  {'model':<8} {'lora':<9} {'steps':>5} {'NFE':>5} {'trained':>8} {'held-out':>8} "
+        f"{'ms/image':>9}",
     ]
     for r in rows:
         lines.append(
             f"  {r['model']:<8} {r['lora'] or '-':<9} {r['steps']:>5} {r['nfe']:>5} "
-            f"{r['reward_mean']:>8.4f} {r['ms_per_image']:>9.2f}"
+            f"{reward(r['reward_trained']):>8} {reward(r['reward_heldout']):>8} "
+            f"{r['ms_per_image']:>9.2f}"
         )
     return "\n".join(lines)

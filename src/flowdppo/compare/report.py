@@ -23,7 +23,7 @@ from flowdppo.compare.results import (
     std_of,
 )
 from flowdppo.compare.runner import RunStatus
-from flowdppo.units import KL_LABEL, KL_SENTENCE
+from flowdppo.units import KL_LABEL, KL_SENTENCE, kl_inline
 
 
 def add_matched_kl(results: list[RunResult]) -> float:
@@ -208,7 +208,7 @@ def _trust_regions(results: list[RunResult]) -> str:
     if tr is None:
         return "trust regions: see each run's config.yaml"
     text = (
-        f"Flow-DPPO threshold {tr['dppo_threshold']:.3g} per element = "
+        f"Flow-DPPO threshold {kl_inline(tr['dppo_threshold'])} (the KL unit of the tables) = "
         f"{tr['dppo_threshold_per_step']:.3g} nats per step, clip range "
         f"{tr['clip_range']:.3g} per element = {tr['clip_range_per_step']:.3g} nats per step "
         f"(d = {tr['latent_elements']})"

@@ -177,22 +177,37 @@ def phase_times(ok) -> str:
     return data_uri(fig, left=0.3 + 0.075 * max(len(g) for g in ok))
 
 
+def inference_rewards(rows: list[dict]) -> list[tuple[str, str]]:
+    """The reward columns of inference-cost rows, (key, name): trained and held-out prompts
+    apart (held-out where the run has them); a file written before the split has only the
+    mean over both."""
+    if not any("reward_trained" in r for r in rows):
+        return [("reward_mean", "evaluation prompts")]
+    keys = [("reward_trained", "trained prompts")]
+    if any(r.get("reward_heldout") is not None for r in rows):
+        keys.append(("reward_heldout", "held-out prompts"))
+    return keys
+
+
 def inference(runs: dict[str, list[dict]], styles) -> str:
-    """Evaluation reward against function evaluations per sample, base and trained."""
-    fig, ax = plots.pyplot().subplots(1, 1, figsize=(6.5, 4.2))
-    for g, rows in runs.items():
-        lines: dict[tuple, list[tuple[float, float]]] = {}
-        for r in rows:
-            if r.get("reward_mean") is None or not math.isfinite(r["reward_mean"]):
-                continue
-            key = (r.get("model"), r.get("lora"))
-            lines.setdefault(key, []).append((r["nfe"], r["reward_mean"]))
-        for (model, lora), pts in lines.items():
-            x, y = np.array(sorted(pts)).T
-            label = f"{g} {model}" + (f" (LoRA {lora})" if lora else "")
-            ls = "--" if model == "base" else "-"
-            ax.plot(x, y, marker="o", ms=4, color=styles[g].color, ls=ls, label=label)
-    ax.set(xlabel="function evaluations per sample (NFE)", ylabel="evaluation reward")
-    ax.set_xscale("log")
-    _legend([ax])
+    """Evaluation reward against function evaluations per sample, base and trained: one
+    panel for the trained prompts, one for the held-out ones."""
+    panels = inference_rewards([r for rows in runs.values() for r in rows])
+    fig, axes = plots.pyplot().subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2))
+    axes = np.atleast_1d(axes)
+    for ax, (key, name) in zip(axes, panels):
+        for g, rows in runs.items():
+            lines: dict[tuple, list[tuple[float, float]]] = {}
+            for r in rows:
+                if r.get(key) is None or not math.isfinite(r[key]):
+                    continue
+                lines.setdefault((r.get("model"), r.get("lora")), []).append((r["nfe"], r[key]))
+            for (model, lora), pts in lines.items():
+                x, y = np.array(sorted(pts)).T
+                label = f"{g} {model}" + (f" (LoRA {lora})" if lora else "")
+                ls = "--" if model == "base" else "-"
+                ax.plot(x, y, marker="o", ms=4, color=styles[g].color, ls=ls, label=label)
+        ax.set(xlabel="function evaluations per sample (NFE)", ylabel=f"reward, {name}")
+        ax.set_xscale("log")
+    _legend(axes)
     return data_uri(fig)

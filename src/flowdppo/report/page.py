@@ -218,15 +218,18 @@ def inference_table(label: str, rows: list[dict]) -> str:
     def cell(v, fmt):
         return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
+    rewards = figures.inference_rewards(rows)
     body = "".join(
         f"<tr><td>{html.escape(str(r.get('model', '-')))}</td><td>{cell(r.get('steps'), '{:d}')}</td>"
-        f"<td>{cell(r.get('nfe'), '{:d}')}</td><td>{cell(r.get('reward_mean'), '{:.3f}')}</td>"
-        f"<td>{cell(r.get('ms_per_image'), '{:.1f}')}</td><td>{html.escape(str(r.get('lora') or '-'))}</td></tr>"
+        f"<td>{cell(r.get('nfe'), '{:d}')}</td>"
+        + "".join(f"<td>{cell(r.get(key), '{:.3f}')}</td>" for key, _ in rewards)
+        + f"<td>{cell(r.get('ms_per_image'), '{:.1f}')}</td><td>{html.escape(str(r.get('lora') or '-'))}</td></tr>"
         for r in rows
     )
+    heads = "".join(f"<th>reward, {html.escape(name)}</th>" for _, name in rewards)
     return (
         f"<h3>{html.escape(label)}</h3><div class=scroll><table><tr><th>model</th><th>steps</th>"
-        f"<th>NFE</th><th>reward</th><th>ms / image</th><th>LoRA</th></tr>{body}</table></div>"
+        f"<th>NFE</th>{heads}<th>ms / image</th><th>LoRA</th></tr>{body}</table></div>"
     )
 
 
