@@ -177,6 +177,13 @@ def phase_times(ok) -> str:
     return data_uri(fig, left=0.3 + 0.075 * max(len(g) for g in ok))
 
 
+def compute(ok, styles, view) -> str:
+    fig, axes = plots.pyplot().subplots(1, 2, figsize=(11, 4))
+    plots.draw_compute(axes, ok, styles, view)
+    _legend(axes)
+    return data_uri(fig)
+
+
 def inference(runs: dict[str, list[dict]], styles) -> str:
     """Evaluation reward against function evaluations per sample, base and trained."""
     fig, ax = plots.pyplot().subplots(1, 1, figsize=(6.5, 4.2))
