@@ -174,9 +174,10 @@ def counts_table(groups: dict[str, list[ReportRun]]) -> str:
 
 
 def compute_section(ok: dict[str, list[RunResult]], styles) -> str:
-    """Reward against training compute, and the best at the smallest run's compute."""
+    """Reward against training compute, and with several runs the best at the smallest
+    run's compute."""
     view = compute.compute_view(ok)
-    line = html.escape(compute.best_line(view))
+    line = html.escape(compute.best_line(view)) if len(ok) > 1 or view is None else ""
     if view is None:
         return f"<h3>Reward against compute</h3><p class=note>{line}</p>"
     return (
