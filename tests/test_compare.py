@@ -20,6 +20,7 @@ PLOTS = [
     "grad_blocked_fraction.png",
     "ratio_stats.png",
     "time_per_phase.png",
+    "reward_vs_compute.png",
 ]
 
 
@@ -43,7 +44,7 @@ def test_compare_writes_tables_and_plots_and_honours_seeds(tmp_path, toy_overrid
     said: list[str] = []
     code, paths = compare(path, seeds="3,5", out=out, jobs=2, echo=said.append)
     assert code == 0
-    for name in ["results.md", "results.csv", "runs.csv", *PLOTS]:
+    for name in ["results.md", "results.csv", "runs.csv", "compute.csv", *PLOTS]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "reward_vs_iteration.png").read_bytes()[:4] == b"\x89PNG"
     rows = _runs_csv(out)
@@ -62,6 +63,16 @@ def test_compare_writes_tables_and_plots_and_honours_seeds(tmp_path, toy_overrid
     assert dppo3[0]["reward/mean"] != dppo5[0]["reward/mean"]
     md = (out / "results.md").read_text()
     assert "| dppo | 2/2 |" in md and "| grpo | 2/2 |" in md and "FAILED" not in md
+    # Compute: training forwards of the run's counters plus its backwards counted twice.
+    for r in rows:
+        n = {
+            k.removeprefix("count/forward_samples/"): float(v)
+            for k, v in r.items()
+            if v and k.startswith("count/forward_samples/")
+        }
+        fe = n["rollout"] + 3 * n["update"] + n.get("update_old", 0) + n.get("update_ref", 0)
+        assert float(r["forward_equivalents"]) == pytest.approx(fe, rel=1e-5)
+    assert "## Reward against compute" in md and "**Best at equal compute at" in md
     # The table's mean is the mean of the per-run values.
     with open(out / "results.csv") as f:
         groups = {g["group"]: g for g in csv.DictReader(f)}
@@ -72,11 +83,13 @@ def test_compare_writes_tables_and_plots_and_honours_seeds(tmp_path, toy_overrid
     assert table[0].split()[:3] == ["group", "seeds", "ok"] and "held-out change" in table[0]
     dppo = next(line for line in table if line.startswith("dppo "))
     assert "2/2" in dppo and f"{float(groups['dppo']['gain']):+.3f}" in dppo
+    assert any(s.strip().endswith("e-3/step.") and "Best at equal compute" in s for s in said)
     # flowdppo report of the folder: one row per group with its seeds, the winner named.
     assert cli_main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     winner = max(groups, key=lambda g: float(groups[g]["train_after"]))
     assert f"<b>Winner: {winner}</b>" in page
+    assert "Best at equal compute at" in page and 'alt="reward against compute"' in page
     for g in ("dppo", "grpo"):
         assert re.search(rf"<td>(★ )?{g}</td><td>{g}</td><td>2/2</td>", page)
 
@@ -119,8 +132,14 @@ def test_reuse_keeps_finished_runs(tmp_path, toy_overrides):
     compare(path, out=out, jobs=0, echo=lambda s: None)
     before = (out / "runs" / "dppo-seed0" / "metrics.jsonl").read_text()
     lines = []
-    code, _ = compare(path, out=out, jobs=0, reuse=True, echo=lines.append)
+    # Reusing every run re-renders the report: here at another compute budget.
+    budget = ["compare.compute_budget=1000", "compare.kl_bound=none"]
+    code, _ = compare(path, out=out, jobs=0, reuse=True, overrides=budget, echo=lines.append)
     assert code == 0 and any("reused" in line for line in lines)
+    assert (
+        "at 0.001 x 1e6 training forward-equivalents (compare.compute_budget) with no KL"
+        in (out / "results.md").read_text()
+    )
     assert (out / "runs" / "dppo-seed0" / "metrics.jsonl").read_text() == before
 
 

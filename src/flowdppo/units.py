@@ -11,10 +11,12 @@ report and ``flowdppo compare``'s tables and plots. The sum along the path
 (``kl_ref/path``) stays in ``metrics.jsonl`` and ``summary.json`` and is shown nowhere
 without that label (docs/method.md, "Units").
 
-No import here: the command line reads it before torch.
+Nothing but the standard library: the command line reads it before torch.
 """
 
 from __future__ import annotations
+
+import math
 
 KL_UNIT = 1e-3
 #: The unit as a heading shows it: ``KL to ref (1e-3/step)``.
@@ -38,4 +40,6 @@ def kl_inline(kl: float) -> str:
     shown = kl_shown(kl)
     if kl == 0:
         return "0"
-    return f"{shown}e-3/step" if "e" not in shown else f"{kl:.3g}/step"
+    if "e" in shown or not math.isfinite(kl):  # "nan" has no exponent either
+        return f"{kl:.3g}/step"
+    return f"{shown}e-3/step"

@@ -18,6 +18,8 @@ extra top-level section, ``compare``::
         nft: {nft.rollout_model: old, sampler.solver: dpm2}
       quick: {train.iterations: 40}  # applied with --quick
       probe: ratio_noise             # optional extra measurement (see ratio_noise.py)
+      compute_budget: 2.0e6          # optional; forward-equivalents (see compute.py)
+      kl_bound: 5                    # optional; KL to the reference x 1e-3, or none
 
 ``per_algorithm`` holds the settings that make a method the method its authors run (the
 released trainer's wiring: which model samples, which solver, which steps): they apply to
@@ -64,7 +66,11 @@ _COMPARE_KEYS = {
     "probe",
     "description",
     "per_algorithm",
+    "compute_budget",
+    "kl_bound",
 }
+# compare keys a command line may set (compare.kl_bound=3): how the report reads the runs.
+_CLI_COMPARE_KEYS = ("compute_budget", "kl_bound")
 _VARIANT_KEYS = {"label", "overrides", "algorithms", "frontier"}
 # Keys compare sets itself for every run; an override of them would be silently lost.
 _OWNED = {"algorithm": "--algorithms", "train.seed": "--seeds", "log.run_dir": "--out"}
@@ -107,6 +113,8 @@ class Experiment:
     quick: bool
     source: str
     per_algorithm: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted overrides
+    compute_budget: float | None = None  # forward-equivalents; None: the smallest total
+    kl_bound: float | str | None = None  # x 1e-3; None: the median; "none": no bound
 
     def algorithms_of(self, variant: Variant) -> list[str]:
         """A variant's own algorithms, restricted to the experiment's (or --algorithms)."""
@@ -307,6 +315,14 @@ def load_experiment(
             f"{source}: unknown keys {sorted(unknown)} in compare; valid: {sorted(_COMPARE_KEYS)}"
         )
     cli = _dotted_overrides(parse_cli_overrides(overrides or []), "overrides")
+    for key in [k for k in cli if k.startswith("compare.")]:
+        name = key.removeprefix("compare.")
+        if name not in _CLI_COMPARE_KEYS:
+            raise ConfigError(
+                f"override {key}: only compare.{' and compare.'.join(_CLI_COMPARE_KEYS)} may "
+                "be set on the command line; edit the experiment file for the rest"
+            )
+        section[name] = cli.pop(key)
     for key in cli:
         if key in _OWNED:
             raise ConfigError(f"override {key} is set by compare itself; use {_OWNED[key]}")
@@ -342,7 +358,42 @@ def load_experiment(
         quick=quick,
         source=source,
         per_algorithm=per_algorithm,
+        compute_budget=_compute_budget(section.get("compute_budget"), source),
+        kl_bound=_kl_bound(section.get("kl_bound"), source),
     )
+
+
+def _number(value: Any) -> Any:
+    """A number given as text on the command line (1e6, which YAML reads as text)."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _compute_budget(value: Any, source: str) -> float | None:
+    if value is None:
+        return None
+    value = _number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(
+            f"{source}: compare.compute_budget must be a positive number of training "
+            f"forward-equivalents (e.g. 2.0e6), got {value!r}; leave it out for the smallest "
+            "total of any run"
+        )
+    return float(value)
+
+
+def _kl_bound(value: Any, source: str) -> float | str | None:
+    if value is None or value == "none":
+        return value
+    value = _number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(
+            f"{source}: compare.kl_bound must be a KL to the reference x 1e-3 (e.g. 5 for "
+            f"0.005) or none, got {value!r}; leave it out for the median over groups"
+        )
+    return float(value)
 
 
 def _per_algorithm(raw: Any, source: str) -> dict[str, dict[str, Any]]:

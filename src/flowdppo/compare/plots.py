@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowdppo.compare.compute import FE_UNIT, ComputeView, points
 from flowdppo.compare.frontier import frontier_table
 from flowdppo.compare.results import PHASES, RunResult, reward_names
 from flowdppo.units import KL_LABEL, KL_UNIT
@@ -114,27 +115,32 @@ def _finish(fig, axes, path: Path, title: str) -> Path:
     return path
 
 
+def points_line(ax, x, y, label: str, style: Style, xerr=None, yerr=None) -> None:
+    """One group's evaluations joined by a line, each with its spread over seeds."""
+    ax.errorbar(
+        x,
+        y,
+        xerr=xerr,
+        yerr=yerr,
+        label=label,
+        color=style.color,
+        ls=style.ls,
+        marker="o",
+        ms=3,
+        lw=1.2,
+        elinewidth=0.6,
+        capsize=0,
+        alpha=0.9,
+    )
+
+
 def draw_frontier(ax, ok: dict[str, list[RunResult]], styles: dict[str, Style]) -> None:
     """Each group's evaluation reward gain against its KL to the reference, over training
     (mean ± std over seeds at each evaluation)."""
     for g, rs in ok.items():
         _, kl, kls = curve(rs, "eval/train/kl_ref/mean", 1 / KL_UNIT, with_before=True)
         _, rw, rws = curve(rs, EVAL_TRAIN, with_before=True, relative=True)
-        ax.errorbar(
-            kl,
-            rw,
-            xerr=kls,
-            yerr=rws,
-            label=g,
-            color=styles[g].color,
-            ls=styles[g].ls,
-            marker="o",
-            ms=3,
-            lw=1.2,
-            elinewidth=0.6,
-            capsize=0,
-            alpha=0.9,
-        )
+        points_line(ax, kl, rw, g, styles[g], xerr=kls, yerr=rws)
     ax.set(xlabel=f"KL to reference ({KL_LABEL})", ylabel="evaluation reward gain over base")
 
 
@@ -149,7 +155,31 @@ def draw_phase_times(ax, ok: dict[str, list[RunResult]]) -> None:
     ax.set(xlabel="seconds per run (mean over seeds)")
 
 
-def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[str, Path]:
+def draw_compute(axes, ok: dict[str, list[RunResult]], styles, view: ComputeView) -> None:
+    """Evaluation reward gain against training forward-equivalents (left) and training wall
+    seconds (right): mean ± std over seeds at each evaluation, the budget marked."""
+    for g, rs in ok.items():
+        runs = [{p.iteration: p for p in points(r)} for r in rs]
+        runs = [p for p in runs if p]
+        if not runs:
+            continue
+        its = sorted(set.intersection(*(set(p) for p in runs)))
+        for ax, attr, scale in ((axes[0], "fe", 1 / FE_UNIT), (axes[1], "wall_s", 1.0)):
+            x = np.array([[getattr(p[i], attr) * scale for i in its] for p in runs])
+            y = np.array([[p[i].gain for i in its] for p in runs])
+            err = y.std(0, ddof=1) if len(runs) > 1 else None
+            points_line(ax, x.mean(0), y.mean(0), g, styles[g], yerr=err)
+    axes[0].axvline(view.budget / FE_UNIT, color="k", ls=":", lw=1, label="budget")
+    axes[0].set(
+        xlabel="training forward-equivalents (x 1e6; a backward = 2 forwards)",
+        ylabel="evaluation reward gain over base",
+    )
+    axes[1].set(xlabel="training wall seconds (rollout, reward, update)")
+
+
+def write_all(
+    exp, groups: dict[str, list[RunResult]], out_dir: Path, view: ComputeView | None = None
+) -> dict[str, Path]:
     plt = pyplot()
     ok = _ok(groups)
     out: dict[str, Path] = {}
@@ -213,6 +243,11 @@ def write_all(exp, groups: dict[str, list[RunResult]], out_dir: Path) -> dict[st
     axes = [axes]
     draw_phase_times(axes[0], ok)
     out["time"] = _finish(fig, axes, out_dir / "time_per_phase.png", "wall time per phase")
+
+    if view is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        draw_compute(axes, ok, styles, view)
+        out["compute"] = _finish(fig, axes, out_dir / "reward_vs_compute.png", seeds)
 
     names = reward_names(next(iter(ok.values()))[0].rows)
     if len(names) > 1:

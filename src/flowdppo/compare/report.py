@@ -11,7 +11,7 @@ import math
 import platform
 from pathlib import Path
 
-from flowdppo.compare import plots
+from flowdppo.compare import compute, plots
 from flowdppo.compare.experiment import Experiment
 from flowdppo.compare.frontier import frontier_markdown, frontier_table, gain_at_kl
 from flowdppo.compare.results import (
@@ -73,10 +73,10 @@ def aggregate(results: list[RunResult]) -> dict[str, tuple[float, float]]:
     }
 
 
-def format_cell(stats: dict, key: str, fmt: str) -> str:
+def format_cell(stats: dict, key: str, fmt: str, scale: float = 1.0) -> str:
     if key not in stats or math.isnan(stats[key][0]):
         return "-"
-    m, s = stats[key]
+    m, s = (x * scale for x in stats[key])
     text = fmt.format(m)
     return text if math.isnan(s) else f"{text} ± {fmt.format(s).lstrip('+')}"
 
@@ -108,39 +108,48 @@ def write_report(
     results = [load_result(s) for s in statuses]
     matched = add_matched_kl(results)
     groups = group_results(exp, results)
+    view = compute.compute_view(groups, exp.compute_budget, exp.kl_bound)
     stats = {g: aggregate(rs) for g, rs in groups.items()}
     paths = {"csv": out_dir / "results.csv", "runs_csv": out_dir / "runs.csv"}
     _write_group_csv(paths["csv"], groups, stats)
     _write_runs_csv(paths["runs_csv"], results)
-    paths.update(plots.write_all(exp, groups, out_dir))
+    if view is not None:
+        paths["compute_csv"] = out_dir / "compute.csv"
+        _write_compute_csv(paths["compute_csv"], view)
+    paths.update(plots.write_all(exp, groups, out_dir, view))
     paths["md"] = out_dir / "results.md"
-    paths["md"].write_text(_markdown(exp, groups, stats, results, paths, command, out_dir, matched))
+    page = _markdown(exp, groups, stats, results, paths, command, out_dir, matched, view)
+    paths["md"].write_text(page)
     return paths
 
 
 #: The columns the console ends with: what a reader needs first (results.md has them all).
 SUMMARY_COLUMNS = ("gain", "kl_ref", "heldout_change", "grad_blocked")
+#: The compute columns beside them, when the runs counted their passes.
+SUMMARY_COMPUTE = ("forward_equivalents", "gain_at_budget")
 
 
 def summary_table(exp: Experiment, statuses: list[RunStatus]) -> str:
-    """The groups' gain, KL, held-out change and blocked fraction as an aligned text table."""
+    """The groups' gain, KL, held-out change, blocked fraction, compute and gain at the
+    compute budget as an aligned text table, and the best-at-equal-compute line."""
     results = [load_result(s) for s in statuses]
     groups = group_results(exp, results)
-    fmt = {key: (title, f) for key, title, f in COLUMNS}
-    head = ["group", "seeds ok", *[fmt[k][0] for k in SUMMARY_COLUMNS]]
+    view = compute.compute_view(groups, exp.compute_budget, exp.kl_bound)
+    fmt = {key: (title, f, 1.0) for key, title, f in COLUMNS}
+    keys = SUMMARY_COLUMNS + (SUMMARY_COMPUTE if view is not None else ())
+    fmt.update({k: compute.COLUMNS[k] for k in SUMMARY_COMPUTE})
+    head = ["group", "seeds ok", *[fmt[k][0] for k in keys]]
     rows = [head]
     for g, rs in groups.items():
         stats = aggregate(rs)
         ok = sum(r.ok for r in rs)
-        rows.append(
-            [g, f"{ok}/{len(rs)}", *[format_cell(stats, k, fmt[k][1]) for k in SUMMARY_COLUMNS]]
-        )
+        rows.append([g, f"{ok}/{len(rs)}", *[format_cell(stats, k, *fmt[k][1:]) for k in keys]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         for r in rows
     ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", compute.best_line(view)])
 
 
 def _write_group_csv(path: Path, groups: dict, stats: dict) -> None:
@@ -159,6 +168,48 @@ def _write_group_csv(path: Path, groups: dict, stats: dict) -> None:
                 m, s = stats[g].get(k, (math.nan, math.nan))
                 row += [f"{m:.6g}", f"{s:.6g}"]
             w.writerow(row)
+
+
+def _write_compute_csv(path: Path, view: compute.ComputeView) -> None:
+    """The compute table: per group, mean and sample std over seeds, the budget and bound."""
+    keys = list(compute.COLUMNS)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        head = [f"{k}{x}" for k in keys for x in ("", "_std")]
+        w.writerow(["group", *head, "budget_forward_equivalents", "kl_bound", "best"])
+        for g, row in view.rows.items():
+            cells = [f"{v:.6g}" for k in keys for v in row[k]]
+            w.writerow([g, *cells, f"{view.budget:.6g}", f"{view.kl_bound:.6g}", g == view.best])
+
+
+def _compute_markdown(view: compute.ComputeView | None) -> list[str]:
+    """The reward-against-compute section of results.md."""
+    lines = ["## Reward against compute", ""]
+    if view is None:
+        return [*lines, compute.best_line(view)]
+    lines += [
+        "Training compute in forward-equivalents: one model forward of one sample in a "
+        "training phase (rollout, update, and the update's old-model and reference forwards) "
+        "counts 1, its backward 2; evaluations and the logged KL to the reference are left "
+        "out (they measure the run). Training wall seconds are the rollout, reward and "
+        "update phases, each run on one thread, several runs at a time on a machine that "
+        "may be shared: compare them as ratios within one experiment. Gain and KL at the "
+        f"budget ({view.budget / compute.FE_UNIT:.3g} x 1e6, {view.budget_source}) are read "
+        "along each run's evaluations, interpolated linearly in compute between the two "
+        "evaluations around the budget (a run that ended below it counts with its last "
+        "evaluation); mean ± sample std over seeds. Plot: `reward_vs_compute.png`; table: "
+        "`compute.csv`.",
+        "",
+    ]
+    head = ["group", *[c[0] for c in compute.COLUMNS.values()]]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, row in view.rows.items():
+        cells = [format_cell(row, k, f, scale) for k, (_, f, scale) in compute.COLUMNS.items()]
+        lines.append("| " + " | ".join([f"**{g}**" if g == view.best else g, *cells]) + " |")
+    lines += ["", f"**{compute.best_line(view)}**"]
+    if view.missing:
+        lines += ["", f"No counters in the metrics of: {', '.join(view.missing)} (left out)."]
+    return lines
 
 
 def _write_runs_csv(path: Path, results: list[RunResult]) -> None:
@@ -216,7 +267,7 @@ def _trust_regions(results: list[RunResult]) -> str:
     return text
 
 
-def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> str:
+def _markdown(exp, groups, stats, results, paths, command, out_dir, matched, view) -> str:
     mode = "quick" if exp.quick else "full"
     lines = [f"# {exp.name} ({mode} mode)", ""]
     if exp.description:
@@ -265,6 +316,8 @@ def _markdown(exp, groups, stats, results, paths, command, out_dir, matched) -> 
         lines.append(
             "| " + " | ".join([g, *cells, format_cell(stats[g], "wall_s", "{:.0f}")]) + " |"
         )
+    if any(r.ok for r in results):
+        lines += ["", *_compute_markdown(view)]
     frontiers = frontier_table(results, exp.algorithms)
     if frontiers:
         lines += ["", *frontier_markdown(frontiers)]

@@ -189,6 +189,13 @@ def inference_rewards(rows: list[dict]) -> list[tuple[str, str]]:
     return keys
 
 
+def compute(ok, styles, view) -> str:
+    fig, axes = plots.pyplot().subplots(1, 2, figsize=(11, 4))
+    plots.draw_compute(axes, ok, styles, view)
+    _legend(axes)
+    return data_uri(fig)
+
+
 def inference(runs: dict[str, list[dict]], styles) -> str:
     """Evaluation reward against function evaluations per sample, base and trained: one
     panel for the trained prompts, one for the held-out ones."""

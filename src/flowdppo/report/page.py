@@ -7,8 +7,9 @@ import html
 import math
 from pathlib import Path
 
+from flowdppo.compare import compute
 from flowdppo.compare.report import add_matched_kl, aggregate, format_cell
-from flowdppo.compare.results import PHASES
+from flowdppo.compare.results import PHASES, RunResult
 from flowdppo.config import ConfigError
 from flowdppo.report import figures
 from flowdppo.report.runs import Evaluation, ReportRun
@@ -214,6 +215,22 @@ def counts_table(groups: dict[str, list[ReportRun]]) -> str:
     )
 
 
+def compute_section(ok: dict[str, list[RunResult]], styles) -> str:
+    """Reward against training compute, and with several runs the best at the smallest
+    run's compute."""
+    view = compute.compute_view(ok)
+    line = html.escape(compute.best_line(view)) if len(ok) > 1 or view is None else ""
+    if view is None:
+        return f"<h3>Reward against compute</h3><p class=note>{line}</p>"
+    return (
+        "<h3>Reward against compute</h3><p class=note>Evaluation reward gain against the "
+        "training forward-equivalents spent to reach it (a backward counts as two forwards; "
+        "evaluations left out) and against the training wall seconds (flowdppo compare's "
+        f"results.md explains both).</p><p>{line}</p>"
+        f'<img class=plot alt="reward against compute" src="{figures.compute(ok, styles, view)}">'
+    )
+
+
 def inference_table(label: str, rows: list[dict]) -> str:
     def cell(v, fmt):
         return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
@@ -319,6 +336,7 @@ def render(groups: dict[str, list[ReportRun]], title: str, command: str) -> str:
             "<h2>Cost</h2>",
             f'<img class=plot alt="time per phase" src="{figures.phase_times(ok)}">',
             counts_table(groups),
+            compute_section(ok, styles),
         ]
     inference = {g: rs[0].inference for g, rs in groups.items() if rs[0].inference}
     if inference:
