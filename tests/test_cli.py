@@ -86,8 +86,9 @@ def test_sample_and_eval_options_are_one_error_line(toy_run, tmp_path, capsys, a
 
 
 def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
-    run, _ = toy_run
-    assert cli.main(["eval", str(run), "--steps", "2,4", "-n", "2"]) == 0
+    run, summary = toy_run
+    # 6 steps and 4 samples per prompt are the run's own: its evaluation, reproduced.
+    assert cli.main(["eval", str(run), "--steps", "2,6", "-n", "4"]) == 0
     out = capsys.readouterr().out
     assert "inference cost" in out and "ms/image" in out and "merged" in out
     head = next(line for line in out.splitlines() if "ms/image" in line).split()
@@ -100,15 +101,20 @@ def test_eval_steps_writes_the_inference_cost_table(toy_run, capsys):
     for r in rows:
         both = (2 * r["reward_trained"] + r["reward_heldout"]) / 3
         assert r["reward_mean"] == pytest.approx(both, abs=1e-6)
-    assert any(r["reward_trained"] != r["reward_heldout"] for r in rows)
-    base = next(r for r in rows if r["model"] == "base" and r["steps"] == 4)
-    line = next(x.split() for x in out.splitlines() if x.split()[:4] == ["base", "-", "4", "4"])
+    base, trained = (
+        next(r for r in rows if r["model"] == m and r["steps"] == 6) for m in ("base", "trained")
+    )
+    for row, when in ((base, "before"), (trained, "after")):
+        for split in ("trained", "heldout"):
+            key = f"eval/{'train' if split == 'trained' else split}/reward/mean"
+            assert row[f"reward_{split}"] == pytest.approx(summary[when][key], abs=1e-6)
+    line = next(x.split() for x in out.splitlines() if x.split()[:4] == ["base", "-", "6", "6"])
     assert line[4:6] == [f"{base['reward_trained']:.4f}", f"{base['reward_heldout']:.4f}"]
     # The toy model has LoRA: the base, and the trained model unmerged and merged.
     assert [(r["model"], r["lora"], r["steps"]) for r in rows] == [
         (m, lora, s)
         for m, lora in (("base", None), ("trained", "unmerged"), ("trained", "merged"))
-        for s in (2, 4)
+        for s in (2, 6)
     ]
     for r in rows:
         assert r["nfe"] == r["steps"]  # no guidance: one evaluation per step

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import headless_chromium
 import pytest
@@ -93,8 +94,8 @@ def test_one_run_shows_one_kl_on_every_surface(toy_run, run_report, capsys):
     )
     # compare's console table (the report's columns), from the same run record.
     status = load_run(toy_run, "toy").result.status
-    groups = type("Experiment", (), {"groups": lambda self: ["toy"]})()
-    head, body = summary_table(groups, [status]).splitlines()
+    exp = SimpleNamespace(groups=lambda: ["toy"], compute_budget=None, kl_bound=None)
+    head, body = summary_table(exp, [status]).splitlines()[:2]
     column = head.index(f"KL to ref ({KL_LABEL})")
     assert body[: column + len(head[column:].split("  ")[0])].split()[-1] == shown
     # Progress lines: the rollout KL of the last iteration, in the same unit.

@@ -55,7 +55,9 @@ def _run(
     model: FlowModel, ev: Evaluator, cfg: Config, prompts: list[str], steps: int
 ) -> tuple[torch.Tensor, float]:
     """(each sample's reward, seconds) of ODE samples with ``steps`` steps, n per prompt in
-    the order of ``prompts``."""
+    the order of ``prompts``; none for no prompt."""
+    if not prompts:
+        return torch.empty(0), 0.0
     sampler = cfg.sampler.model_copy(update={"num_steps": steps})
     spec = make_sampler_spec(
         cfg.model_copy(update={"sampler": sampler}),
@@ -90,21 +92,25 @@ def measure(
     step_counts: list[int],
 ) -> list[dict]:
     prompts = list(split[0]) + list(split[1])
-    trained = len(split[0]) * ev.n  # the samples of the trained prompts come first
     guided = cfg.sampler.guidance_scale > 1
     rows = []
     for name, lora in _variants(model):
         with _variant(model, name, lora):
             _run(model, ev, cfg, prompts[:1], min(step_counts))  # warm-up, untimed
             for steps in step_counts:
-                rewards, seconds = _run(model, ev, cfg, prompts, steps)
+                # Each split from the evaluation's own noise, as the trainer evaluates it:
+                # at the run's step count these are its evaluation's numbers.
+                (trained, t1), (heldout, t2) = (
+                    _run(model, ev, cfg, list(part), steps) for part in split
+                )
+                rewards, seconds = torch.cat([trained, heldout]), t1 + t2
                 rows.append(
                     {
                         "model": name,
                         "steps": steps,
                         "nfe": steps * (2 if guided else 1),
-                        "reward_trained": _mean(rewards[:trained]),
-                        "reward_heldout": _mean(rewards[trained:]),
+                        "reward_trained": _mean(trained),
+                        "reward_heldout": _mean(heldout),
                         "reward_mean": _mean(rewards),
                         "ms_per_image": 1000 * seconds / (len(prompts) * ev.n),
                         "lora": lora,
