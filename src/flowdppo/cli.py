@@ -199,7 +199,7 @@ EPILOG_COMPARE = """examples:
   flowdppo compare configs/digits/dppo.yaml --algorithms dppo,grpo --seeds 3 train.iterations=60
 Writes results.md, results.csv, runs.csv, compute.csv and PNG plots into --out; exits 1 if any
 run failed. Reward against compute: compare.compute_budget=N (training forward-equivalents)
-and compare.kl_bound=X (x 1e-3, or none) choose where "best at equal compute" is read;
+and compare.kl_bound=X (KL in 1e-3 per SDE step, or none) choose where "best at equal compute" is read;
 with --reuse on a finished folder the report is rewritten without training.
 """
 

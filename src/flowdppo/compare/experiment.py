@@ -19,7 +19,7 @@ extra top-level section, ``compare``::
       quick: {train.iterations: 40}  # applied with --quick
       probe: ratio_noise             # optional extra measurement (see ratio_noise.py)
       compute_budget: 2.0e6          # optional; forward-equivalents (see compute.py)
-      kl_bound: 5                    # optional; KL to the reference x 1e-3, or none
+      kl_bound: 5                    # optional; KL to the reference in 1e-3 per SDE step, or none
 
 ``per_algorithm`` holds the settings that make a method the method its authors run (the
 released trainer's wiring: which model samples, which solver, which steps): they apply to
