@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "benchmarks" / "peer_flow_grpo.patch"
@@ -210,7 +211,7 @@ def _child(side: str, spec: dict) -> None:
 
 
 # ---------------------------------------------------------------- the parent
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise SystemExit(f"error: {message}")
 
 
@@ -349,11 +350,10 @@ def measure(args, t: int, pipe: Path, work: Path, copy: Path) -> dict:
         for i, side in enumerate(order):
             spec = {"copy": str(copy), "flags": args.theirs_flag}
             if side == "ours":
-                run_dir = work / f"ours-{t}-{p}"
                 spec = {
                     "recipe": "sd3/grpo",
                     "overrides": overrides,
-                    "run_dir": str(run_dir),
+                    "run_dir": str(work / f"ours-{t}-{p}"),
                     "iterations": args.iterations,
                 }
             runs[side] = summarize(run_side(side, spec), args.iterations)
