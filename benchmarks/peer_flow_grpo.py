@@ -19,14 +19,16 @@ The reward on both sides is JPEG compressibility (minus the JPEG size at quality
 side its own implementation): a cheap, deterministic function of the image, so the
 reward is not what is measured.
 
-Each run is a fresh subprocess. The iteration's wall time is, for theirs, the patch's
-stamp from the start of its sampling section to the end of its training loop (prompt
+Each run is a fresh subprocess of ``--iterations`` iterations (default 2: the first is a
+warm-up, the time is the mean of the rest). An iteration's wall and process CPU time are,
+for theirs, the patch's stamps from the start of its sampling section to the end of its training loop (prompt
 encoding, rollout with decoding, reward, advantages, their wandb image-logging block with
 wandb disabled, update); for ours, ``Trainer.run_iteration`` (prompts, rollout with
 decoding, reward, advantages, update). Model loading, LoRA setup and evaluation are
 outside on both sides. Runs alternate order within pairs (A B, then B A, ...) so a shared
 machine's load falls on both; the result is the median of the per-pair ratios
-ours / theirs. Transformer forwards are counted by wrapping
+ours / theirs, in wall time and in CPU time. About 4 minutes per setting and 3 pairs on
+2 shared cores. Transformer forwards are counted by wrapping
 ``SD3Transformer2DModel.forward`` in each subprocess (calls, rows through the network,
 calls under gradient). Memory is the subprocess's peak resident set (``ru_maxrss``) and
 its resident set at the first transformer forward (models loaded, iteration starting).
