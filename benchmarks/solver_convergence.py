@@ -214,15 +214,19 @@ def main() -> None:
                 f"{res['euler_at_2R_error']:.1e}; {res['seconds']} s",
                 flush=True,
             )
+    write_record(ns.out, "solver_convergence", ns.threads, steps=steps, cases=results)
+
+
+def write_record(out: str | Path, benchmark: str, threads: int, **fields) -> None:
+    """The benchmark's JSON: its name, the machine, torch, threads, then ``fields``."""
     record = {
-        "benchmark": "solver_convergence",
-        "steps": steps,
+        "benchmark": benchmark,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
-        "threads": ns.threads,
-        "cases": results,
+        "threads": threads,
+        **fields,
     }
-    out = Path(ns.out)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

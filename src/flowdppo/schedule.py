@@ -60,3 +60,30 @@ def choose_sde_steps(
         )
     pick = torch.randperm(len(candidates), generator=generator)[:num_sde_steps]
     return sorted(candidates[i] for i in pick.tolist())
+
+
+def step_plan(num_steps: int, sde_steps: list[int], ode_stride: int = 1) -> list[tuple[int, int]]:
+    """The sampler's steps as ``(a, b)``: from level ``a`` of the schedule to level ``b``.
+
+    Every SDE step ``k`` is ``(k, k + 1)``, exactly the training schedule's transition.
+    Each stretch of deterministic steps between them (and before the first, after the
+    last) lands on every ``ode_stride``-th level from the stretch's start and always on its
+    end, so a stretch of ``m`` steps costs ``ceil(m / ode_stride)`` forwards (the last one
+    may be shorter). ``ode_stride = 1`` is every level: ``(k, k + 1)`` for all ``k``.
+    """
+    if ode_stride < 1:
+        raise ValueError(f"ode_stride must be >= 1, got {ode_stride}")
+    sde = set(sde_steps)
+    if not sde <= set(range(num_steps)):
+        raise ValueError(f"SDE steps {sorted(sde)} must lie in 0..{num_steps - 1}")
+    plan = []
+    a = 0
+    while a < num_steps:
+        if a in sde:
+            plan.append((a, a + 1))
+            a += 1
+            continue
+        end = next((k for k in range(a, num_steps) if k in sde), num_steps)
+        plan += [(k, min(k + ode_stride, end)) for k in range(a, end, ode_stride)]
+        a = end
+    return plan

@@ -106,6 +106,18 @@ class Config(_Section):
             raise ValueError(f"sampler.eta must be <= 1 with the cps kernel, got {s.eta}")
         if s.eta == 0:
             raise ValueError("sampler.eta must be > 0: with eta = 0 no step is stochastic")
+        if s.ode_stride > s.num_steps:
+            raise ValueError(
+                f"sampler.ode_stride ({s.ode_stride}) is more than sampler.num_steps "
+                f"({s.num_steps}): a stride of {s.num_steps} already runs every deterministic "
+                "stretch in one step"
+            )
+        if s.shared_prefix and self.kernel == "ode":
+            raise ValueError(
+                f"sampler.shared_prefix branches a group at its first SDE step, and algorithm "
+                f"{self.algorithm!r} samples with no SDE step (every member of a group would be "
+                "the same sample): drop it, or sample with an SDE kernel (e.g. nft+flow)"
+            )
         check_trust_region_forms(self.objective, s.log_prob_reduce)
         self._check_algorithm_options()
         self._check_trained_steps(first, stop)

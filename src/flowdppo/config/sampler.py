@@ -36,6 +36,21 @@ class SamplerConfig(_Section):
         "DPM-Solver++ of DiffusionNFT's trainer (first-order on the first step, after each "
         "SDE step and on the step to sigma 0); SDE steps keep their kernel",
     )
+    ode_stride: int = Field(
+        1,
+        ge=1,
+        description="training rollouts only: each stretch of deterministic steps lands on "
+        "every ode_stride-th level of the schedule (and on the stretch's end), so a stretch "
+        "of m steps costs ceil(m / ode_stride) forwards; SDE steps keep their levels, so "
+        "log-probs and KL are unchanged in meaning; pair with solver dpm2. 1: every level. "
+        "Evaluation, reference KL and flowdppo sample / eval use every level",
+    )
+    shared_prefix: bool = Field(
+        False,
+        description="training rollouts only: the members of a group start from one noise "
+        "draw and share their deterministic steps up to the first SDE step (computed once "
+        "per group) and branch at its noise; members then differ only after the branch",
+    )
 
     @field_validator("sde_window")
     @classmethod

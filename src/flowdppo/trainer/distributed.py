@@ -204,6 +204,16 @@ def check_world_size(cfg: Config, world_size: int) -> None:
             f"cannot be split evenly over {world_size} processes: make it a multiple of "
             f"{world_size}"
         )
+    g = cfg.train.group_size
+    if cfg.sampler.shared_prefix and (n // world_size) % g:
+        # Whole groups per process: each computes its own groups' prefixes, and every
+        # process makes forwards of one size (an FSDP forward is a collective).
+        raise TrainingError(
+            f"sampler.shared_prefix needs whole groups on every process: the "
+            f"{n // world_size} samples of each of {world_size} processes are not a multiple "
+            f"of train.group_size = {g}; make train.prompts_per_iteration "
+            f"({cfg.train.prompts_per_iteration}) a multiple of {world_size}"
+        )
 
 
 class DistributedTrainer(Trainer):
@@ -408,11 +418,12 @@ class DistributedTrainer(Trainer):
             self.model,
             self._local(prompts),
             self._local(group),
-            self.spec,
+            self.rollout_spec,
             sde_steps,
             self.generator,
             self.counter,
             shard=self.shard,
+            share_prefix=self.share_prefix,
         )
 
     def _score(self, images: torch.Tensor, prompts: list[str], times: dict[str, float]):

@@ -189,6 +189,10 @@ class Trainer:
         self.spec = make_sampler_spec(
             cfg, self.model.shift, getattr(self.model, "num_train_timesteps", None), self.model
         )
+        # Only the training rollouts take the coarse deterministic grid and shared prefixes:
+        # evaluations, reference KLs and replay keep every level of the schedule.
+        self.rollout_spec = dataclasses.replace(self.spec, ode_stride=cfg.sampler.ode_stride)
+        self.share_prefix = t.group_size if cfg.sampler.shared_prefix else 1
         o = cfg.objective
         self.objective = ObjectiveSpec(
             cfg.objective_name,
@@ -607,7 +611,14 @@ class Trainer:
     # Hooks that multi-process training (trainer/distributed.py) overrides.
     def _rollout(self, prompts: list[str], group: torch.Tensor, sde_steps: list[int]):
         return rollout(
-            self.model, prompts, group, self.spec, sde_steps, self.generator, self.counter
+            self.model,
+            prompts,
+            group,
+            self.rollout_spec,
+            sde_steps,
+            self.generator,
+            self.counter,
+            share_prefix=self.share_prefix,
         )
 
     def _reference_kl(self, ro, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -635,8 +646,12 @@ class Trainer:
             )
             if cfg.kernel == "ode":  # a deterministic sampler: no exploration step
                 sde_steps = []
+            before = self.counter.samples.get("rollout", 0)
             with self._rollout_weights(metrics):
                 ro = self._rollout(prompts, group, sde_steps)
+            # Forwards the rollout spent per sample (with a shared prefix, fewer than steps).
+            spent = self.counter.samples.get("rollout", 0) - before
+            metrics["rollout/forwards_per_sample"] = spent / ro.batch_size
             # Which steps were stochastic, as a bit mask over the sampler's steps.
             metrics["rollout/sde_steps"] = len(ro.sde_steps)
             metrics["rollout/sde_step_mask"] = sum(1 << k for k in ro.sde_steps)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowdppo import kernels, solvers
+from flowdppo import kernels, schedule, solvers
 from flowdppo.models.base import Cond, FlowModel, index_cond
 from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.watchdog import mark
@@ -28,6 +28,8 @@ class SamplerSpec:
     reduce: str = "mean"
     score: str = "gaussian"
     solver: str = "euler"  # the deterministic steps' ODE solver (flowdppo.solvers)
+    # Deterministic stretches step over every ode_stride-th level (schedule.step_plan).
+    ode_stride: int = 1
 
     @property
     def num_steps(self) -> int:
@@ -50,11 +52,13 @@ class SamplerSpec:
         )
 
     def ode_step(
-        self, k: int, velocity, x, history: solvers.History | None
+        self, a: int, b: int, velocity, x, history: solvers.History | None
     ) -> tuple[torch.Tensor, solvers.History | None]:
-        return solvers.ode_step(
-            self.solver, velocity, x, self.sigmas[k], self.sigmas[k + 1], history
-        )
+        """The deterministic step from level ``a`` of the schedule to level ``b``."""
+        return solvers.ode_step(self.solver, velocity, x, self.sigmas[a], self.sigmas[b], history)
+
+    def plan(self, sde_steps: list[int]) -> list[tuple[int, int]]:
+        return schedule.step_plan(self.num_steps, sde_steps, self.ode_stride)
 
     def step(self, k: int, kind: str, velocity, x, **kw) -> kernels.StepOutput:
         return kernels.step(
@@ -163,29 +167,41 @@ def sample(
     counter: ForwardCounter,
     phase: str = "rollout",
     shard: Shard | None = None,
+    members: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run the sampler; return final latents and the recorded SDE steps.
 
     With ``shard``, ``noise`` holds this process's rows of a global batch: every SDE step
     draws the whole global batch's noise from ``generator`` and keeps these rows (see
-    :class:`Shard`).
+    :class:`Shard`). With ``members`` ([B]: the row of ``noise`` each sample starts from),
+    the samples that share a row share everything up to the first SDE step: it is computed
+    once per row of ``noise`` (with the condition of the row's first sample) and the
+    samples branch at that step's noise.
     """
     x = noise.float()
-    b = x.shape[0]
     record: dict[str, list] = {"states": [], "next_states": [], "means": [], "log_probs": []}
     stds = []
     sde = set(sde_steps)
+    branch, step_cond = None, cond
+    if members is not None:
+        if not sde:
+            raise ValueError("a shared prefix needs an SDE step to branch at; got none")
+        branch = min(sde)
+        first = [int((members == i).nonzero()[0]) for i in range(x.shape[0])]
+        step_cond = index_cond(cond, torch.tensor(first))
     history = None  # the ODE solver's last step; a stochastic step restarts it
-    for k in range(spec.num_steps):
-        sigma = spec.sigmas[k].expand(b)
-        v = counter.velocity(model, phase, x, sigma, cond, spec.guidance_scale)
-        if k not in sde:
-            x, history = spec.ode_step(k, v, x, history)
+    for a, b in spec.plan(sde_steps):
+        sigma = spec.sigmas[a].expand(x.shape[0])
+        v = counter.velocity(model, phase, x, sigma, step_cond, spec.guidance_scale)
+        if a == branch:  # the shared prefix ends: every sample goes on with its own row
+            x, v, step_cond = x[members], v[members], cond
+        if a not in sde:
+            x, history = spec.ode_step(a, b, v, x, history)
             continue
         if shard is not None:
-            out = _sharded_step(spec, k, v, x, generator, shard)
+            out = _sharded_step(spec, a, v, x, generator, shard)
         else:
-            out = spec.step(k, spec.kernel, v, x, generator=generator)
+            out = spec.step(a, spec.kernel, v, x, generator=generator)
         record["states"].append(x)
         record["next_states"].append(out.prev_sample)
         record["means"].append(out.mean)
@@ -210,13 +226,34 @@ def rollout(
     cond: Cond | None = None,
     phase: str = "rollout",
     shard: Shard | None = None,
+    share_prefix: int = 1,
 ) -> Rollout:
+    """Sample ``prompts`` (this process's rows of the global batch with ``shard``).
+
+    ``share_prefix = G > 1``: every run of ``G`` consecutive rows of the global batch (a
+    group of the trainer's batch, one prompt) starts from one noise draw and shares its
+    deterministic prefix up to the first SDE step, computed once per group (``sample``'s
+    ``members``); the groups branch at that step. ``1``: every sample is independent.
+    """
     cond = model.encode(prompts) if cond is None else cond
-    if shard is None:
-        noise = model.initial_noise(len(prompts), generator)
+    rows = shard or Shard(0, len(prompts), len(prompts))
+    members = None
+    if share_prefix == 1:
+        noise = rows.rows(model.initial_noise(rows.global_size, generator))
     else:
-        noise = shard.rows(model.initial_noise(shard.global_size, generator))
-    final, rec = sample(model, cond, noise, spec, sde_steps, generator, counter, phase, shard)
+        if share_prefix < 1 or rows.global_size % share_prefix:
+            raise ValueError(
+                f"share_prefix must divide the global batch of {rows.global_size} samples "
+                f"into groups, got {share_prefix}"
+            )
+        # The global group of each of our rows; the noise of the groups we touch.
+        groups = torch.arange(rows.start, rows.start + rows.size) // share_prefix
+        first, last = int(groups[0]), int(groups[-1])
+        noise = model.initial_noise(rows.global_size // share_prefix, generator)
+        noise, members = noise[first : last + 1], groups - first
+    final, rec = sample(
+        model, cond, noise, spec, sde_steps, generator, counter, phase, shard, members
+    )
     if not rec:  # a deterministic rollout (DiffusionNFT's default) records no transition
         empty = final.new_empty((0, *final.shape))
         rec = {"states": empty, "next_states": empty, "means": empty}
