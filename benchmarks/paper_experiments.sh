@@ -16,7 +16,7 @@ experiments=("$@")
 if [[ ${#experiments[@]} -eq 0 ]]; then
   # The paper's settings transferred in nats per step and the matched-KL sweeps first; then
   # the earlier experiments at per-element settings (docs/RESULTS.md, section 6).
-  experiments=(scaled_digits matched_kl_digits multi_reward_scaled_digits scaled_shapes
+  experiments=(scaled_digits matched_kl_digits multi_reward_scaled_digits scaled_shapes scaled_motion
                ratio_noise_digits single_reward_digits multi_epoch_digits sensitivity_digits
                forgetting_digits multi_reward_digits single_reward_shapes)
 fi
