@@ -242,3 +242,26 @@ def test_per_algorithm_wiring_applies_to_that_method_under_every_variant(tmp_pat
     bad = _experiment(tmp_path, toy_overrides, {"per_algorithm": {"nft": {"train.seed": 1}}})
     with pytest.raises(ConfigError, match="use --seeds"):
         load_experiment(bad)
+
+
+def test_results_md_gap_table_is_what_the_stored_runs_give():
+    # RESULTS.md section 10 and docs/results/gap_vs_latent.json come from the runs.csv files
+    # of the committed comparisons: reading them again pairs the same seeds, same numbers.
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import gap_vs_latent
+
+    table = gap_vs_latent.rows(root / "docs" / "results")
+    stored = json.loads((root / "docs" / "results" / "gap_vs_latent.json").read_text())
+    assert table == stored
+    assert {(r["task"], r["inner_epochs"]) for r in table} >= {("motion", 4), ("shapes", 1)}
+    assert all(r["seeds"] == [0, 1, 2] for r in table)
+    results = (root / "docs" / "RESULTS.md").read_text()
+    for line in gap_vs_latent.markdown(table).splitlines()[2:]:
+        task, inner, gain = (c.strip() for c in line.split("|")[1:4])
+        # the page writes minus signs as U+2212
+        row = re.search(rf"^\| {re.escape(task)} \| {inner} \| (\S+) ±", results, flags=re.M)
+        assert row and row.group(1).replace("−", "-") == gain.split(" ±")[0], (task, inner)
