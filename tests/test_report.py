@@ -292,3 +292,13 @@ def test_a_unicode_run_dir_under_an_ascii_locale(tmp_path, toy_run):
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     assert "flowdppo run: rün-ü" in (run / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_tiny_kl_stays_in_the_one_unit():
+    # The first iterations of a run print KLs of 1e-8..1e-6 nats per step: still x 1e-3.
+    from flowdppo.units import kl_inline
+
+    assert kl_inline(7.8e-8) == "0.000078e-3/step"
+    assert kl_inline(2.06e-6) == "0.00206e-3/step"
+    assert kl_inline(0.02889) == "28.9e-3/step" and kl_inline(0.0) == "0"
+    assert kl_inline(1.5) == "1.5/step"  # a nat or more per step is written whole

@@ -36,10 +36,14 @@ def kl_shown(kl: float) -> str:
 
 def kl_inline(kl: float) -> str:
     """The same number with its unit, for running text and progress lines
-    (0.02889 -> ``28.9e-3/step``); a KL of a nat or more per step is written whole."""
+    (0.02889 -> ``28.9e-3/step``; 7.8e-8 -> ``0.000078e-3/step``, still in the unit); a KL
+    of a nat or more per step is written whole."""
     shown = kl_shown(kl)
     if kl == 0:
         return "0"
-    if "e" in shown or not math.isfinite(kl):  # "nan" has no exponent either
+    if not math.isfinite(kl) or abs(kl) >= 1000 * KL_UNIT:
         return f"{kl:.3g}/step"
+    if "e" in shown:  # below 1e-4 of the unit: fixed point, three significant digits
+        digits = 2 - math.floor(math.log10(abs(kl / KL_UNIT)))
+        shown = f"{kl / KL_UNIT:.{digits}f}".rstrip("0")
     return f"{shown}e-3/step"
