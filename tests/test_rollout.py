@@ -217,3 +217,23 @@ def test_a_training_iteration_with_both_options_logs_its_forwards(tmp_path, toy_
     assert row["forward_samples/rollout"] == 2 * prefix + 8 * (len(plan) - prefix)
     assert row["rollout/forwards_per_sample"] == row["forward_samples/rollout"] / 8
     assert row["first_update_ratio_dev"] < 1e-5 and row["grad_norm"] > 0
+
+
+def test_an_evaluation_kl_rollout_stops_after_its_last_sde_step():
+    # The KL needs the states at the SDE steps only: stopping after the last one records
+    # the same tensors, draws the same noise and spends fewer forwards.
+    spec = SamplerSpec("flow", schedule.sigma_schedule(10), 0.7)
+    full_model, short_model = CountingToy(), CountingToy()
+    full = _rollout(full_model, spec, [1, 4])
+    gen = torch.Generator().manual_seed(0)
+    short = rollout(
+        short_model, PROMPTS, GROUP, spec, [1, 4], gen, ForwardCounter(), until_last_sde=True
+    )
+    for name in ("states", "next_states", "means", "log_probs", "stds"):
+        assert torch.equal(getattr(short, name), getattr(full, name)), name
+    assert torch.equal(short.final, full.next_states[-1])  # the state after step 4
+    assert (full_model.rows, short_model.rows) == (6 * 10, 6 * 5)
+    # No SDE step: nothing to stop after, the whole sampler runs.
+    gen = torch.Generator().manual_seed(0)
+    ode = rollout(ToyModel(), PROMPTS, GROUP, spec, [], gen, ForwardCounter(), until_last_sde=True)
+    assert torch.equal(ode.final, _rollout(ToyModel(), spec, []).final)

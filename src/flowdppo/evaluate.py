@@ -83,7 +83,20 @@ class Evaluator:
             self.spec.num_steps, self.num_sde_steps, self.sde_window, gen
         )
         group = torch.arange(len(prompts)).repeat_interleave(self.n)
-        ro = rollout(self.model, batch, group, self.spec, steps, gen, self.counter, cond, "eval")
+        # The KL needs the states at the SDE steps only: the steps after the last one are
+        # not run (they draw no noise, so the KL is the same).
+        ro = rollout(
+            self.model,
+            batch,
+            group,
+            self.spec,
+            steps,
+            gen,
+            self.counter,
+            cond,
+            "eval",
+            until_last_sde=True,
+        )
         kl = reference_kl(self.model, ro, self.spec, self.counter, phase="eval")
         out[f"eval/{tag}/kl_ref/mean"] = float(kl.mean())
         out[f"eval/{tag}/kl_ref/path"] = float(kl.sum(0).mean())

@@ -93,6 +93,9 @@ def _forked_child(spec: RunSpec, probe: str | None, config_path: Path, log_path:
         if "OMP_NUM_THREADS" not in os.environ:
             import torch
 
+            # One thread, as a subprocess run gets; the variable also tells the trainer
+            # not to follow the idle cores (trainer/threads.py).
+            os.environ["OMP_NUM_THREADS"] = "1"
             torch.set_num_threads(1)
         from flowdppo.compare.worker import main
 

@@ -65,7 +65,11 @@ class TrainConfig(_Section):
         3, ge=0, description="non-finite optimizer steps skipped in a row before aborting"
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch; null: the task's recommendation"
+        None,
+        ge=1,
+        description="CPU threads for torch; null: the task's recommendation (digits: 1; "
+        "shapes, text: the cores other processes leave idle, re-read after every iteration; "
+        "OMP_NUM_THREADS fixes it)",
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",

@@ -48,6 +48,7 @@ from flowdppo.trainer.rollout import (
 )
 from flowdppo.trainer.runlog import Progress, RunLog, check_wandb, open_run_log, read_metrics
 from flowdppo.trainer.sharding import OneProcess
+from flowdppo.trainer.threads import governor_for
 from flowdppo.trainer.update import (
     ObjectiveSpec,
     OldModel,
@@ -132,9 +133,8 @@ class Trainer:
     def _build(self, resume: bool) -> None:
         cfg = self.cfg
         self.task = task_for_config(cfg)
-        threads = cfg.train.threads or self.task.extra.get("threads")
-        if threads:
-            torch.set_num_threads(threads)
+        # torch's thread count: fixed, or following the cores left idle (trainer/threads.py).
+        self.threads = governor_for(cfg.train.threads, self.task.extra.get("threads"))
         reward_names = cfg.reward.names or self.task.default_rewards
         stray = sorted(set(cfg.reward.options) - set(reward_names))
         if stray:
@@ -633,7 +633,7 @@ class Trainer:
 
     def run_iteration(self) -> dict[str, float]:
         cfg = self.cfg
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"threads": torch.get_num_threads()}
         start = time.perf_counter()
         watchdog.progress.iteration = self.iteration
         with self._timed("rollout", metrics):
@@ -758,6 +758,8 @@ class Trainer:
                 f"{ckpt.failure_fix(exc, self.run_dir)}; {self._surviving_checkpoint()}"
             ) from exc
         finally:
+            if self.threads is not None:
+                self.threads.close()
             self._release_run_dir()
 
     def _train(self) -> None:
@@ -786,6 +788,8 @@ class Trainer:
         """One iteration, its log line, and at its end the checkpoint or stop it calls for."""
         cfg = self.cfg
         metrics = self.run_iteration()
+        if self.threads is not None:
+            self.threads.adjust()
         self.iteration += 1
         last = self.iteration == cfg.train.iterations
         every = cfg.log.eval_every

@@ -168,8 +168,13 @@ def sample(
     phase: str = "rollout",
     shard: Shard | None = None,
     members: torch.Tensor | None = None,
+    until_last_sde: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run the sampler; return final latents and the recorded SDE steps.
+
+    ``until_last_sde``: stop after the last SDE step and return the state reached there
+    instead of the final latents, for a caller that needs only the recorded steps (the
+    deterministic steps after it draw no noise, so the recorded steps are the same).
 
     With ``shard``, ``noise`` holds this process's rows of a global batch: every SDE step
     draws the whole global batch's noise from ``generator`` and keeps these rows (see
@@ -190,7 +195,10 @@ def sample(
         first = [int((members == i).nonzero()[0]) for i in range(x.shape[0])]
         step_cond = index_cond(cond, torch.tensor(first))
     history = None  # the ODE solver's last step; a stochastic step restarts it
-    for a, b in spec.plan(sde_steps):
+    plan = spec.plan(sde_steps)
+    if until_last_sde and sde:
+        plan = plan[: plan.index((max(sde), max(sde) + 1)) + 1]
+    for a, b in plan:
         sigma = spec.sigmas[a].expand(x.shape[0])
         v = counter.velocity(model, phase, x, sigma, step_cond, spec.guidance_scale)
         if a == branch:  # the shared prefix ends: every sample goes on with its own row
@@ -227,8 +235,12 @@ def rollout(
     phase: str = "rollout",
     shard: Shard | None = None,
     share_prefix: int = 1,
+    until_last_sde: bool = False,
 ) -> Rollout:
     """Sample ``prompts`` (this process's rows of the global batch with ``shard``).
+
+    ``until_last_sde``: only the recorded steps are wanted (an evaluation's KL); sampling
+    stops after the last SDE step and ``final`` holds the state reached there.
 
     ``share_prefix = G > 1``: every run of ``G`` consecutive rows of the global batch (a
     group of the trainer's batch, one prompt) starts from one noise draw and shares its
@@ -252,7 +264,17 @@ def rollout(
         noise = model.initial_noise(rows.global_size // share_prefix, generator)
         noise, members = noise[first : last + 1], groups - first
     final, rec = sample(
-        model, cond, noise, spec, sde_steps, generator, counter, phase, shard, members
+        model,
+        cond,
+        noise,
+        spec,
+        sde_steps,
+        generator,
+        counter,
+        phase,
+        shard,
+        members,
+        until_last_sde,
     )
     if not rec:  # a deterministic rollout (DiffusionNFT's default) records no transition
         empty = final.new_empty((0, *final.shape))

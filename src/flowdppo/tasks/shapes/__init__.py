@@ -121,10 +121,9 @@ register_builtin_task(
         "from a small caption-conditioned flow transformer; reward: an exact detector's "
         "fraction of satisfied sub-conditions"
     ),
-    # One thread: two gain little on this small network and collapse when the cores are
-    # shared (OpenMP threads spin-wait): 1.4 s against 100 s per iteration was measured on
-    # a busy 2-core machine.
-    threads=1,
+    # The cores other processes leave idle (trainer/threads.py): two threads take 0.6-0.7x
+    # one thread's time on an idle 2-core machine, and far longer when a core is busy.
+    threads="auto",
     # `flowdppo train --task shapes`: the budget of configs/shapes/dppo.yaml.
     recommended={
         "train": {"iterations": 150, "group_size": 16},
