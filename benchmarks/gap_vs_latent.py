@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
     ("digits", 64, "scaled_digits", r"^I=(\d) lr=1e-3$"),
     ("shapes", 768, "scaled_shapes", r"^I=(\d)$"),
-    ("text", 4096, "table_text", r"^I=(\d)$"),
+    ("text", 4096, "table_text", r"^I=(1)$"),
+    ("text", 4096, "scaled_text", r"^I=(\d)$"),
     ("motion", 13824, "scaled_motion", r"^I=(\d)$"),
 ]
 METHODS = ("dppo", "grpo")
