@@ -3,9 +3,9 @@
 A small network on a CPU runs nearly twice as fast on two threads as on one when the
 second core is idle, and more than twice as slow when it is not: OpenMP's threads
 spin-wait for each other, and a busy core makes every parallel region wait for the
-slowest. Measured with the text task on a 2-core machine (docs/cost.md, "CPU threads"):
-two threads took 0.6x one thread's wall time alone, and two such runs side by side,
-two threads each, 2.5x the time of one thread each.
+slowest. Measured with the text task on a 2-core machine (docs/cost.md, "The built-in
+tasks' default runs"): two threads took 0.57x one thread's wall time alone, and two runs
+started together with two threads each took 1.9x as long as with one thread each.
 
 ``train.threads: null`` with a task that asks for ``"auto"`` (shapes, text) hands the run
 to a :class:`ThreadGovernor`: before the first evaluation and after every iteration it
