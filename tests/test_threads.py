@@ -76,6 +76,20 @@ def test_fixed_counts_come_from_the_config_a_task_or_the_environment(monkeypatch
     assert isinstance(governor_for(None, "auto"), ThreadGovernor)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # flowdppo compare, torchrun
     assert governor_for(None, "auto") is None
+    # train.threads: auto asks for the governor on any task, over the environment
+    assert isinstance(governor_for("auto", 1), ThreadGovernor)
+
+
+def test_train_threads_takes_a_count_auto_or_null_and_names_them_when_wrong():
+    from flowdppo.config import ConfigError, load_config
+
+    assert load_config(None, ["train.threads=auto"]).train.threads == "auto"
+    assert load_config(None, ["train.threads=2"]).train.threads == 2
+    assert load_config(None, []).train.threads is None
+    for bad in ("0", "many"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"train.threads={bad}"])
+        assert "train.threads" in str(err.value)
 
 
 def test_usable_cpus_is_the_affinity_capped_by_a_cgroup_quota(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -64,12 +64,11 @@ class TrainConfig(_Section):
     max_skipped_steps: int = Field(
         3, ge=0, description="non-finite optimizer steps skipped in a row before aborting"
     )
-    threads: int | None = Field(
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
-        ge=1,
-        description="CPU threads for torch; null: the task's recommendation (digits: 1; "
-        "shapes, text: the cores other processes leave idle, re-read after every iteration; "
-        "OMP_NUM_THREADS fixes it)",
+        description="CPU threads for torch: a count; auto: the cores other processes leave "
+        "idle, re-read after every iteration; null: the task's recommendation (digits, "
+        "motion: 1; shapes, text: auto). A count or OMP_NUM_THREADS fixes it",
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -105,6 +104,20 @@ class TrainConfig(_Section):
         "the last checkpoint; null: only every log.checkpoint_every iterations",
     )
     ema: EmaConfig = Field(default_factory=EmaConfig)
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v):
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"must be a thread count >= 1, auto (the cores other processes leave idle) "
+                f"or null (the task's recommendation), got {v!r}"
+            )
+        return v
 
     @field_validator("trained_steps")
     @classmethod

@@ -7,8 +7,8 @@ slowest. Measured with the text task on a 2-core machine (docs/cost.md, "The bui
 tasks' default runs"): two threads took 0.57x one thread's wall time alone, and two runs
 started together with two threads each took 1.9x as long as with one thread each.
 
-``train.threads: null`` with a task that asks for ``"auto"`` (shapes, text) hands the run
-to a :class:`ThreadGovernor`: before the first evaluation and after every iteration it
+``train.threads: auto``, or ``null`` with a task that asks for ``"auto"`` (shapes, text),
+hands the run to a :class:`ThreadGovernor`: before the first evaluation and after every iteration it
 reads how much of the machine's CPU time went to other processes over the last stretch
 (``/proc/stat`` against this process's own CPU time) and sets torch's thread count to
 the cores this process used plus those left idle, at least 1 and at most the cores it may
@@ -109,11 +109,14 @@ class ThreadGovernor:
         torch.set_num_threads(self.before)
 
 
-def governor_for(configured: int | None, recommended) -> ThreadGovernor | None:
-    """The governor a run gets: ``train.threads`` or ``OMP_NUM_THREADS`` fix the count
+def governor_for(configured: int | str | None, recommended) -> ThreadGovernor | None:
+    """The governor a run gets: ``train.threads: N`` or ``OMP_NUM_THREADS`` fix the count
     (None returned; a configured count is set here), as does a task's integer
-    recommendation; a task recommending ``"auto"`` gets a governor. A task without one
-    leaves torch's own count alone."""
+    recommendation; ``train.threads: auto``, or a task recommending ``"auto"`` with
+    ``train.threads`` null, gets a governor. A task without one leaves torch's own count
+    alone."""
+    if configured == "auto":
+        return ThreadGovernor()
     if configured:
         torch.set_num_threads(configured)
         return None
