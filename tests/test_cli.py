@@ -31,6 +31,59 @@ def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypa
     assert cfg.train.group_size == 4  # the command line wins
 
 
+@pytest.mark.parametrize(
+    "algorithm, fast", [("dppo", True), ("grpo", True), ("cps", True), ("nft", False)]
+)
+def test_text_task_recommends_the_fast_rollout_to_sde_methods_only(
+    tmp_path, monkeypatch, algorithm, fast
+):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(self, cfg, run_dir, resume=False):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(Trainer, "__init__", fake_init)
+    args = ["train", "--task", "text", f"algorithm={algorithm}", f"log.run_dir={tmp_path}"]
+    with pytest.raises(Stop):
+        cli.main(args)
+    s, lg = seen["cfg"].sampler, seen["cfg"].log
+    assert seen["cfg"].train.iterations == 40  # the plain recommendation applies to all
+    if fast:  # dpm2 on a coarse grid, shared prefixes, evaluated with Euler
+        assert (s.solver, s.ode_stride, s.shared_prefix, lg.eval_solver) == (
+            "dpm2",
+            2,
+            True,
+            "euler",
+        )
+    else:  # an ODE-kernel method cannot branch at an SDE step: its own rollout, as before
+        assert not s.shared_prefix and s.ode_stride == 1 and lg.eval_solver is None
+    # The command line still wins over the recommendation.
+    with pytest.raises(Stop):
+        cli.main(args + ["sampler.shared_prefix=false", "sampler.ode_stride=1"])
+    assert not seen["cfg"].sampler.shared_prefix and seen["cfg"].sampler.ode_stride == 1
+
+
+def test_text_recipes_match_the_tasks_recommendation():
+    from flowdppo.config import load_config
+    from flowdppo.tasks import get_task
+
+    extra = get_task("text").extra
+    for name in ("dppo", "grpo"):
+        recipe = load_config(f"text/{name}")
+        flag = load_config(
+            None,
+            [f"algorithm={name}", "task=text", f"name={name}-text"],
+            base=extra["recommended"],
+            sde_base=extra["recommended_sde"],
+        )
+        assert recipe.sampler == flag.sampler and recipe.train == flag.train
+        assert recipe.log == flag.log
+
+
 def test_unknown_task_is_a_clear_error(capsys):
     assert cli.main(["train", "--task", "nope"]) == 2
     assert "unknown task 'nope'; available: digits, motion, shapes" in capsys.readouterr().err

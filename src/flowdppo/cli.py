@@ -234,13 +234,14 @@ def _train(ns) -> int:
         overrides = list(ns.args)
         if overrides and "=" not in overrides[0]:
             path = overrides.pop(0)
-        base = None
+        base = sde_base = None
         if ns.task:
             from flowdppo.tasks import get_task
 
-            base = get_task(ns.task).extra.get("recommended", {})
+            extra = get_task(ns.task).extra
+            base, sde_base = extra.get("recommended", {}), extra.get("recommended_sde")
             overrides.insert(0, f"task={ns.task}")
-        cfg = load_config(path, overrides, base=base)
+        cfg = load_config(path, overrides, base=base, sde_base=sde_base)
         if ns.print_config:
             from flowdppo.config import explain_config
 

@@ -114,11 +114,14 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict | None = None,
+    sde_base: dict | None = None,
 ) -> Config:
     """Build a validated :class:`Config` from an optional YAML file and overrides.
 
     Precedence, lowest first: the defaults, ``base`` (a task's recommended settings), the
-    YAML file, the overrides.
+    YAML file, the overrides. ``sde_base`` joins ``base`` when the resulting method samples
+    with SDE steps (a task's rollout settings that an ODE-kernel method cannot take, such
+    as ``sampler.shared_prefix``).
     """
     overrides = list(overrides or [])
     if path is not None:
@@ -129,11 +132,17 @@ def load_config(
             f"{path} is an experiment (it has a compare section), not a run config: run it "
             f"with `flowdppo compare {path}`"
         )
-    tree = _merge(base or {}, own)
-    tree = _merge(tree, parse_overrides(overrides))
+    ours = parse_overrides(overrides)
+
+    def tree(under: dict) -> dict:
+        return _merge(_merge(under, own), ours)
+
     origin = str(path) if path else "the task's recommended settings" if base else "defaults"
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree(base or {}))
+        if sde_base and cfg.kernel != "ode":
+            cfg = Config.model_validate(tree(_merge(base or {}, sde_base)))
+        return cfg
     except ValidationError as err:
         source = _source_of(err, origin, overrides)
         raise ConfigError(f"invalid configuration ({source}):\n  {_explain(err)}") from None

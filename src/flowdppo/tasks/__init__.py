@@ -67,7 +67,7 @@ def register_builtin_task(
     """Register the task ``name`` made of the parts its ``package`` exports by these names:
     ``load_base_model`` (``build_model``), ``TRAIN_PROMPTS``, ``HELDOUT_PROMPTS``,
     ``LORA_TARGETS`` and ``pretrain``. ``extra`` adds to :attr:`Task.extra` (``threads``,
-    ``recommended``, ``eval_group``, ...); every call gets its own copy.
+    ``recommended``, ``recommended_sde``, ``eval_group``, ...); every call gets its own copy.
     """
 
     def factory() -> Task:

@@ -88,4 +88,11 @@ register_builtin_task(
         "train": {"iterations": 40, "prompts_per_iteration": 8, "group_size": 8},
         "log": {"eval_every": 20, "checkpoint_every": 20, "eval_samples_per_prompt": 2},
     },
+    # Methods with SDE steps: 39% fewer rollout forwards (dpm2 on every other level between
+    # and after the SDE steps, a group's prefix computed once), no loss of reward over 3
+    # seeds (docs/cost.md, "Rollout forwards"); evaluations keep Euler on every level.
+    recommended_sde={
+        "sampler": {"solver": "dpm2", "ode_stride": 2, "shared_prefix": True},
+        "log": {"eval_solver": "euler"},
+    },
 )
