@@ -12,20 +12,27 @@ from flowdppo import cli
 from flowdppo.trainer.loop import Trainer
 
 
-def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypatch):
+class _Stop(Exception):
+    pass
+
+
+def _train_config(monkeypatch, args: list[str]):
+    """The config `flowdppo train ARGS` hands the trainer (which then stops)."""
     seen = {}
 
-    class Stop(Exception):
-        pass
-
     def fake_init(self, cfg, run_dir, resume=False):
-        seen["cfg"], seen["run_dir"] = cfg, run_dir
-        raise Stop
+        seen["cfg"] = cfg
+        raise _Stop
 
     monkeypatch.setattr(Trainer, "__init__", fake_init)
-    with pytest.raises(Stop):
-        cli.main(["train", "--task", "shapes", "train.group_size=4", f"log.run_dir={tmp_path}"])
-    cfg = seen["cfg"]
+    with pytest.raises(_Stop):
+        cli.main(["train", *args])
+    return seen["cfg"]
+
+
+def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypatch):
+    args = ["--task", "shapes", "train.group_size=4", f"log.run_dir={tmp_path}"]
+    cfg = _train_config(monkeypatch, args)
     assert cfg.task == "shapes" and cfg.run_name == "dppo-shapes"
     assert cfg.train.iterations == 150  # the shapes recommendation
     assert cfg.train.group_size == 4  # the command line wins
@@ -37,21 +44,10 @@ def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypa
 def test_text_task_recommends_the_fast_rollout_to_sde_methods_only(
     tmp_path, monkeypatch, algorithm, fast
 ):
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_init(self, cfg, run_dir, resume=False):
-        seen["cfg"] = cfg
-        raise Stop
-
-    monkeypatch.setattr(Trainer, "__init__", fake_init)
-    args = ["train", "--task", "text", f"algorithm={algorithm}", f"log.run_dir={tmp_path}"]
-    with pytest.raises(Stop):
-        cli.main(args)
-    s, lg = seen["cfg"].sampler, seen["cfg"].log
-    assert seen["cfg"].train.iterations == 40  # the plain recommendation applies to all
+    args = ["--task", "text", f"algorithm={algorithm}", f"log.run_dir={tmp_path}"]
+    cfg = _train_config(monkeypatch, args)
+    s, lg = cfg.sampler, cfg.log
+    assert cfg.train.iterations == 40  # the plain recommendation applies to all
     if fast:  # dpm2 on a coarse grid, shared prefixes, evaluated with Euler
         assert (s.solver, s.ode_stride, s.shared_prefix, lg.eval_solver) == (
             "dpm2",
@@ -62,9 +58,8 @@ def test_text_task_recommends_the_fast_rollout_to_sde_methods_only(
     else:  # an ODE-kernel method cannot branch at an SDE step: its own rollout, as before
         assert not s.shared_prefix and s.ode_stride == 1 and lg.eval_solver is None
     # The command line still wins over the recommendation.
-    with pytest.raises(Stop):
-        cli.main(args + ["sampler.shared_prefix=false", "sampler.ode_stride=1"])
-    assert not seen["cfg"].sampler.shared_prefix and seen["cfg"].sampler.ode_stride == 1
+    cfg = _train_config(monkeypatch, args + ["sampler.shared_prefix=false", "sampler.ode_stride=1"])
+    assert not cfg.sampler.shared_prefix and cfg.sampler.ode_stride == 1
 
 
 def test_text_recipes_match_the_tasks_recommendation():
