@@ -38,16 +38,18 @@ def test_train_task_flag_applies_the_tasks_recommended_budget(tmp_path, monkeypa
     assert cfg.train.group_size == 4  # the command line wins
 
 
+@pytest.mark.parametrize("task", ["text", "shapes"])
 @pytest.mark.parametrize(
     "algorithm, fast", [("dppo", True), ("grpo", True), ("cps", True), ("nft", False)]
 )
-def test_text_task_recommends_the_fast_rollout_to_sde_methods_only(
-    tmp_path, monkeypatch, algorithm, fast
+def test_task_recommends_the_fast_rollout_to_sde_methods_only(
+    tmp_path, monkeypatch, task, algorithm, fast
 ):
-    args = ["--task", "text", f"algorithm={algorithm}", f"log.run_dir={tmp_path}"]
+    args = ["--task", task, f"algorithm={algorithm}", f"log.run_dir={tmp_path}"]
     cfg = _train_config(monkeypatch, args)
     s, lg = cfg.sampler, cfg.log
-    assert cfg.train.iterations == 40  # the plain recommendation applies to all
+    # The plain recommendation applies to all.
+    assert cfg.train.iterations == {"text": 40, "shapes": 150}[task]
     if fast:  # dpm2 on a coarse grid, shared prefixes, evaluated with Euler
         assert (s.solver, s.ode_stride, s.shared_prefix, lg.eval_solver) == (
             "dpm2",
@@ -62,16 +64,19 @@ def test_text_task_recommends_the_fast_rollout_to_sde_methods_only(
     assert not cfg.sampler.shared_prefix and cfg.sampler.ode_stride == 1
 
 
-def test_text_recipes_match_the_tasks_recommendation():
+@pytest.mark.parametrize(
+    "task, recipes", [("text", ["dppo", "grpo"]), ("shapes", ["dppo", "grpo", "dppo_multi"])]
+)
+def test_task_recipes_match_the_tasks_recommendation(task, recipes):
     from flowdppo.config import load_config
     from flowdppo.tasks import get_task
 
-    extra = get_task("text").extra
-    for name in ("dppo", "grpo"):
-        recipe = load_config(f"text/{name}")
+    extra = get_task(task).extra
+    for name in recipes:
+        recipe = load_config(f"{task}/{name}")
         flag = load_config(
             None,
-            [f"algorithm={name}", "task=text", f"name={name}-text"],
+            [f"algorithm={recipe.algorithm}", f"task={task}"],
             base=extra["recommended"],
             sde_base=extra["recommended_sde"],
         )
