@@ -259,7 +259,7 @@ def test_missing_inputs_name_the_key(pipes, prompt_files, tmp_path, capsys):
     [
         (["model.kind=sd3"], "set task=prompts"),
         (["task=prompts"], "task 'prompts' needs a diffusers model"),
-        (["model.path=/x"], "model.kind 'auto' trains on prompts from text files"),
+        (["model.path=/x"], r"model.path '/x' \(a diffusers pipeline, model.kind 'auto'\) trains"),
         (["model.kind=task", "model.path=/x"], "model.path is for diffusers models"),
         (["task=prompts", "model.kind=sd3", "model.adapter=m:A"], "model.adapter chooses"),
         (["task=prompts", "model.kind=sd3", "model.weights=w.safetensors"], "model.weights"),

@@ -219,9 +219,13 @@ class Config(_Section):
             )
         if m.kind in DIFFUSERS_KINDS:
             if self.task != "prompts":
+                source = f"model.kind {m.kind!r}"
+                if m.path is not None:
+                    source = f"model.path {m.path!r} (a diffusers pipeline, {source})"
                 raise ValueError(
-                    f"model.kind {m.kind!r} trains on prompts from text files: set task=prompts "
-                    f"(and data.train_prompts), not task={self.task!r}"
+                    f"{source} trains on prompts from text files: set task=prompts (and "
+                    f"data.train_prompts), not task={self.task!r}; task {self.task!r} trains "
+                    "its built-in model (model.kind task, no model.path)"
                 )
             if m.weights is not None:
                 raise ValueError(
