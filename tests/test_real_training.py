@@ -259,7 +259,8 @@ def test_missing_inputs_name_the_key(pipes, prompt_files, tmp_path, capsys):
     [
         (["model.kind=sd3"], "set task=prompts"),
         (["task=prompts"], "task 'prompts' needs a diffusers model"),
-        (["model.path=/x"], r"model.path '/x' \(a diffusers pipeline, model.kind 'auto'\) trains"),
+        (["model.path=/x"], r"model.path '/x' \(a diffusers model, model.kind 'auto'\) trains"),
+        (["model.adapter=m:A"], r"model.adapter 'm:A' \(a diffusers model, model.kind 'auto'\)"),
         (["model.kind=task", "model.path=/x"], "model.path is for diffusers models"),
         (["task=prompts", "model.kind=sd3", "model.adapter=m:A"], "model.adapter chooses"),
         (["task=prompts", "model.kind=sd3", "model.weights=w.safetensors"], "model.weights"),

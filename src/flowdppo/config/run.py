@@ -219,13 +219,20 @@ class Config(_Section):
             )
         if m.kind in DIFFUSERS_KINDS:
             if self.task != "prompts":
+                # Name what made it a diffusers model: model.path or model.adapter (which
+                # make an unset model.kind 'auto'), else model.kind itself.
+                given = [
+                    f"model.{k} {getattr(m, k)!r}"
+                    for k in ("path", "adapter")
+                    if getattr(m, k) is not None
+                ]
                 source = f"model.kind {m.kind!r}"
-                if m.path is not None:
-                    source = f"model.path {m.path!r} (a diffusers pipeline, {source})"
+                if given:
+                    source = f"{' and '.join(given)} (a diffusers model, {source})"
                 raise ValueError(
                     f"{source} trains on prompts from text files: set task=prompts (and "
                     f"data.train_prompts), not task={self.task!r}; task {self.task!r} trains "
-                    "its built-in model (model.kind task, no model.path)"
+                    "its built-in model (model.kind task, no model.path or model.adapter)"
                 )
             if m.weights is not None:
                 raise ValueError(
