@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from flowdppo.tasks import register_builtin_task
 from flowdppo.tasks.blocks import LORA_TARGETS
+from flowdppo.tasks.common import FAST_ROLLOUT
 from flowdppo.tasks.shapes.detect import (
     Detection,
     PromptCheck,
@@ -129,12 +130,6 @@ register_builtin_task(
         "train": {"iterations": 150, "group_size": 16},
         "log": {"eval_every": 75, "checkpoint_every": 75, "eval_samples_per_prompt": 8},
     },
-    # Methods with SDE steps: the text task's rollout (dpm2 on every other level between and
-    # after the SDE steps, a group's prefix computed once; 40% fewer rollout forwards at
-    # groups of 16), no loss of reward over 3 seeds at this budget (docs/cost.md, "Rollout
-    # forwards"); evaluations keep Euler on every level.
-    recommended_sde={
-        "sampler": {"solver": "dpm2", "ode_stride": 2, "shared_prefix": True},
-        "log": {"eval_solver": "euler"},
-    },
+    # Methods with SDE steps: the fast rollout (tasks/common.py), evaluated with Euler.
+    recommended_sde=FAST_ROLLOUT,
 )

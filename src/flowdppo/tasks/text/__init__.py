@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from flowdppo.tasks import register_builtin_task
 from flowdppo.tasks.blocks import LORA_TARGETS
+from flowdppo.tasks.common import FAST_ROLLOUT
 from flowdppo.tasks.text.model import (
     BASE_WEIGHTS,
     TextAssetError,
@@ -88,11 +89,6 @@ register_builtin_task(
         "train": {"iterations": 40, "prompts_per_iteration": 8, "group_size": 8},
         "log": {"eval_every": 20, "checkpoint_every": 20, "eval_samples_per_prompt": 2},
     },
-    # Methods with SDE steps: 39% fewer rollout forwards (dpm2 on every other level between
-    # and after the SDE steps, a group's prefix computed once), no loss of reward over 3
-    # seeds (docs/cost.md, "Rollout forwards"); evaluations keep Euler on every level.
-    recommended_sde={
-        "sampler": {"solver": "dpm2", "ode_stride": 2, "shared_prefix": True},
-        "log": {"eval_solver": "euler"},
-    },
+    # Methods with SDE steps: the fast rollout (tasks/common.py), evaluated with Euler.
+    recommended_sde=FAST_ROLLOUT,
 )
