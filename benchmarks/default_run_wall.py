@@ -17,6 +17,12 @@ alone).
 
 ``OMP_NUM_THREADS`` is removed from the runs' environment: each commit chooses its own
 thread count, as a user's run would. The run directories go to a temporary folder.
+``--old-override`` / ``--new-override KEY=VALUE`` (repeatable) add config overrides to one
+side's command, so that one commit with and without an option runs side by side (the share
+of that option):
+
+    python benchmarks/default_run_wall.py HEAD HEAD --tasks shapes \
+        --old-override train.fuse_steps=false
 """
 
 from __future__ import annotations
@@ -44,10 +50,11 @@ def worktree(commit: str, where: Path) -> Path:
     return path
 
 
-def run(tree: Path, task: str, run_dir: Path) -> dict:
+def run(tree: Path, task: str, run_dir: Path, overrides: list[str] = ()) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = str(tree / "src")
-    cmd = [sys.executable, "-m", "flowdppo", "train", "--task", task, f"log.run_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "flowdppo", "train", "--task", task, *overrides]
+    cmd.append(f"log.run_dir={run_dir}")
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -85,13 +92,17 @@ def main() -> None:
     ap.add_argument("new")
     ap.add_argument("--tasks", default="text,shapes")
     ap.add_argument("--pairs", type=int, default=1)
+    ap.add_argument("--old-override", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--new-override", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    results: dict = {"old": args.old, "new": args.new, "tasks": {}}
+    overrides = {"old": args.old_override, "new": args.new_override}
+    results: dict = {"old": args.old, "new": args.new, "overrides": overrides, "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
         trees = {
-            name: worktree(commit, where) for name, commit in (("old", args.old), ("new", args.new))
+            name: worktree(commit, where / name)
+            for name, commit in (("old", args.old), ("new", args.new))
         }
         try:
             flip = False
@@ -102,7 +113,7 @@ def main() -> None:
                     pair = {}
                     for side in order:
                         run_dir = where / f"{task}-{side}-{p}"
-                        pair[side] = run(trees[side], task, run_dir)
+                        pair[side] = run(trees[side], task, run_dir, overrides[side])
                         print(f"{task} pair {p} {side}: {pair[side]['wall_s']:.1f} s", flush=True)
                     pair["order"] = list(order)
                     pair["ratio"] = pair["new"]["wall_s"] / pair["old"]["wall_s"]

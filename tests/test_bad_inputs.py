@@ -125,22 +125,25 @@ def test_broken_reward_stops_the_run_naming_it(tmp_path, toy_overrides, capsys, 
 
 # ---------------------------------------------------------------- non-finite gradients
 def _poison_steps(monkeypatch, calls: set[int] | None):
-    """Make the step_loss calls numbered in ``calls`` (1-based; None: all) NaN."""
-    original = loop.step_loss
+    """Make the step terms numbered in ``calls`` (1-based, in the order the update scores
+    them; None: all) NaN."""
+    original = loop.steps_loss
     count = [0]
 
     def poisoned(*args, **kwargs):
-        loss, stats = original(*args, **kwargs)
-        count[0] += 1
-        if calls is None or count[0] in calls:
-            loss = loss * float("nan")
-        return loss, stats
+        out = []
+        for loss, stats in original(*args, **kwargs):
+            count[0] += 1
+            if calls is None or count[0] in calls:
+                loss = loss * float("nan")
+            out.append((loss, stats))
+        return out
 
-    monkeypatch.setattr(loop, "step_loss", poisoned)
+    monkeypatch.setattr(loop, "steps_loss", poisoned)
 
 
 def test_non_finite_step_is_skipped_and_reported(tmp_path, toy_overrides, monkeypatch):
-    # 8 samples, minibatches of 4, 2 SDE steps: step_loss calls 5-6 are iteration 2's first
+    # 8 samples, minibatches of 4, 2 SDE steps: step terms 5-6 are iteration 2's first
     # optimizer step.
     _poison_steps(monkeypatch, {5})
     trainer = Trainer(load_config(None, toy_overrides), tmp_path / "run")

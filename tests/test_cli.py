@@ -50,15 +50,18 @@ def test_task_recommends_the_fast_rollout_to_sde_methods_only(
     s, lg = cfg.sampler, cfg.log
     # The plain recommendation applies to all.
     assert cfg.train.iterations == {"text": 40, "shapes": 150}[task]
-    if fast:  # dpm2 on a coarse grid, shared prefixes, evaluated with Euler
-        assert (s.solver, s.ode_stride, s.shared_prefix, lg.eval_solver) == (
+    if fast:  # dpm2 on a coarse grid, shared prefixes, folded LoRA, evaluated with Euler
+        assert (s.solver, s.ode_stride, s.shared_prefix, s.merge_lora, lg.eval_solver) == (
             "dpm2",
             2,
             True,
+            True,
             "euler",
         )
+        assert cfg.train.fuse_steps
     else:  # an ODE-kernel method cannot branch at an SDE step: its own rollout, as before
         assert not s.shared_prefix and s.ode_stride == 1 and lg.eval_solver is None
+        assert not s.merge_lora and not cfg.train.fuse_steps
     # The command line still wins over the recommendation.
     cfg = _train_config(monkeypatch, args + ["sampler.shared_prefix=false", "sampler.ode_stride=1"])
     assert not cfg.sampler.shared_prefix and cfg.sampler.ode_stride == 1

@@ -8,6 +8,8 @@ leave the sampler as it was.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -16,10 +18,18 @@ from conftest import ToyModel
 
 from flowdppo import schedule
 from flowdppo.config import ConfigError, load_config
+from flowdppo.models.finetune import apply_finetuning, lora_folded
 from flowdppo.trainer.distributed import check_world_size
 from flowdppo.trainer.guards import TrainingError
 from flowdppo.trainer.loop import Trainer
-from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, Shard, rollout, sample
+from flowdppo.trainer.rollout import (
+    ForwardCounter,
+    SamplerSpec,
+    Shard,
+    reference_kl,
+    rollout,
+    sample,
+)
 from flowdppo.trainer.update import ObjectiveSpec, step_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,6 +157,122 @@ def test_shared_prefix_members_are_one_sample_until_the_branch_and_differ_after(
         _rollout(model, spec, [], share=3)
     with pytest.raises(ValueError, match="share_prefix must divide the global batch of 6"):
         _rollout(model, spec, [2], share=4)
+
+
+def test_a_shared_prefix_branch_step_replays_once_per_group_with_the_same_loss_and_gradient():
+    # The members of a group have one state and condition at the branch step: the update,
+    # its reference penalty and the reference KL run it once per group present, and the
+    # index sums the members' gradients. The same numbers as one forward per sample.
+    spec = SamplerSpec("flow", schedule.sigma_schedule(8), 0.7)
+    model = CountingToy()
+    model.frozen_reference = copy.deepcopy(model.module)
+    with torch.no_grad():  # a policy away from the reference: a nonzero KL and penalty
+        for p in model.module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ro = _rollout(model, spec, [2, 5], share=3)
+    assert ro.branch_source.tolist() == [0, 0, 0, 3, 3, 3]
+    independent = dataclasses.replace(ro, branch_source=None)
+    idx = torch.tensor([5, 0, 2, 3, 1])  # both groups, out of order
+    advantages = torch.linspace(-1, 1, 6)
+    objective = ObjectiveSpec("dppo", 1e-4, 1e-4, beta=0.1)
+    seen = {}
+    for name, r in (("shared", ro), ("independent", independent)):
+        for i in range(2):
+            model.module.zero_grad()
+            counter = ForwardCounter()
+            loss, stats = step_loss(model, r, idx, i, advantages, spec, objective, counter)
+            loss.sum().backward()
+            grads = [p.grad.clone() for p in model.module.parameters()]
+            seen[name, i] = (loss.detach(), stats["ref_penalty"], grads, counter.samples)
+        counter = ForwardCounter()
+        seen[name, "kl"] = (reference_kl(model, r, spec, counter), counter.samples["ref_kl"])
+    for i in range(2):
+        (loss, penalty, grads, counts), (loss_i, penalty_i, grads_i, counts_i) = (
+            seen["shared", i],
+            seen["independent", i],
+        )
+        torch.testing.assert_close(loss, loss_i, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(penalty, penalty_i, rtol=1e-6, atol=1e-9)
+        assert float(penalty) > 0
+        for g, g_i in zip(grads, grads_i, strict=True):
+            torch.testing.assert_close(g, g_i, rtol=1e-5, atol=1e-7)
+        # Two groups in the minibatch: two rows at the branch step, five after it.
+        rows = 2 if i == 0 else 5
+        assert counts == {"update": rows, "update_ref": rows}
+        assert counts_i == {"update": 5, "update_ref": 5}
+    (kl, kl_rows), (kl_i, kl_rows_i) = seen["shared", "kl"], seen["independent", "kl"]
+    torch.testing.assert_close(kl, kl_i, rtol=1e-6, atol=1e-12)
+    assert float(kl.min()) > 0
+    assert (kl_rows, kl_rows_i) == (2 + 6, 6 + 6)
+    _assert_first_replay_ratio_is_one(model, ro, spec)
+
+
+def _lora_toy() -> ToyModel:
+    model = ToyModel()
+    apply_finetuning(model, "lora", rank=4, alpha=8.0, targets=["inp", "out"])
+    with torch.no_grad():  # trained adapters: B away from its zero start
+        for name, p in model.module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    return model
+
+
+def test_merge_lora_samples_the_same_function_and_puts_the_weights_back_exactly():
+    model = _lora_toy()
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    spec = SamplerSpec("flow", schedule.sigma_schedule(8), 0.7, solver="dpm2")
+    folded_spec = dataclasses.replace(spec, merge_lora=True)
+    plain, counter = _rollout(model, spec, [2, 5]), ForwardCounter()
+    folded = _rollout(model, folded_spec, [2, 5], counter=counter)
+    # The same samples up to float rounding, from the same number of forwards.
+    for name in ("states", "next_states", "means", "final"):
+        torch.testing.assert_close(
+            getattr(folded, name), getattr(plain, name), rtol=1e-5, atol=1e-6
+        )
+    assert counter.samples["rollout"] == 6 * 8
+    # Every tensor exactly as before, the adapters live again.
+    after = model.module.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    x, sigma, cond = plain.states[0], torch.full((6,), 0.5), model.encode(PROMPTS)
+    unfolded = model.velocity(x, sigma, cond)
+    with lora_folded(model.module):
+        v = model.velocity(x, sigma, cond)
+        assert not torch.equal(v, unfolded)  # the fold rounds differently ...
+        torch.testing.assert_close(v, unfolded, rtol=1e-5, atol=1e-6)  # ... to the same values
+    # An error inside the block restores the weights too.
+    with pytest.raises(RuntimeError, match="inside"):
+        with lora_folded(model.module):
+            raise RuntimeError("inside")
+    assert all(torch.equal(before[k], model.module.state_dict()[k]) for k in before)
+    # The reference (adapters disabled) is left alone: it stays the base network.
+    with model.reference():
+        reference = model.velocity(x, sigma, cond)
+        with lora_folded(model.module):
+            assert torch.equal(model.velocity(x, sigma, cond), reference)
+    # The stored transitions replay through the adapters with a ratio of 1 to rounding.
+    for i in range(2):
+        _, stats = step_loss(
+            model,
+            folded,
+            torch.arange(6),
+            i,
+            torch.linspace(-1, 1, 6),
+            spec,
+            ObjectiveSpec("dppo", 1e-4, 1e-4),
+            ForwardCounter(),
+        )
+        assert abs(float(stats["ratio_max"]) - 1) < 1e-5
+        assert abs(float(stats["ratio_min"]) - 1) < 1e-5
+
+
+def test_merge_lora_is_refused_where_folding_would_not_be_the_same_function():
+    with pytest.raises(ConfigError, match="model.finetune is 'full'"):
+        load_config(None, ["sampler.merge_lora=true", "model.finetune=full"])
+    with pytest.raises(ConfigError, match="sharded weights"):
+        load_config(None, ["sampler.merge_lora=true", "train.distributed=fsdp"])
+    cfg = load_config(None, ["sampler.merge_lora=true"])
+    assert cfg.sampler.merge_lora and not load_config(None, []).sampler.merge_lora
 
 
 def test_shared_prefix_rows_of_a_shard_are_those_rows_of_the_whole_rollout():

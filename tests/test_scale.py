@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowdppo.config import load_config
+from flowdppo.config import ConfigError, load_config
 from flowdppo.trainer.loop import Trainer, metrics_of
 from flowdppo.trainer.rollout import ForwardCounter, SamplerSpec, rollout
 
@@ -375,6 +375,34 @@ def test_micro_batches_give_the_minibatch_gradient(tmp_path, toy_overrides):
     a = load_file(tmp_path / "whole" / "ckpt-000002" / "model.safetensors")
     b = load_file(tmp_path / "micro" / "ckpt-000002" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_fused_steps_give_the_per_step_gradient_in_one_forward_per_pass(tmp_path, toy_overrides):
+    from safetensors.torch import load_file
+
+    # Micro-batches and the reference penalty too: one forward and backward per pass over
+    # all trained steps (one more forward under the reference), the same numbers.
+    over = toy_overrides + ["train.minibatch_size=4", "train.micro_batch=3", "objective.beta=0.1"]
+    steps = _run(tmp_path, over, "steps")
+    fused = _run(tmp_path, over + ["train.fuse_steps=true"], "fused")
+    calls = ("backward_calls", "forward_calls/update", "forward_calls/update_ref")
+    skip = ("time/", "first_update_ratio_dev", *calls)
+    _same_numbers(steps, fused, rel=1e-5, skip=skip)
+    assert all(r["first_update_ratio_dev"] < 1e-6 for r in steps + fused)
+    terms = int(steps[-1]["update/trained_steps"])
+    assert terms > 1
+    for key in calls:
+        assert fused[-1][key] * terms == steps[-1][key], key
+    for key in ("forward_samples/update", "forward_samples/update_ref"):
+        assert fused[-1][key] == steps[-1][key] > 0
+    a = load_file(tmp_path / "steps" / "ckpt-000002" / "model.safetensors")
+    b = load_file(tmp_path / "fused" / "ckpt-000002" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_fused_steps_are_refused_where_there_are_no_recorded_steps():
+    with pytest.raises(ConfigError, match="train.fuse_steps batches the recorded SDE steps"):
+        load_config(None, ["algorithm=nft", "train.fuse_steps=true"])
 
 
 # ---------------------------------------------------------------- the GPU benchmark

@@ -24,6 +24,7 @@ import torch
 from flowdppo.config import Config
 from flowdppo.evaluate import Evaluator
 from flowdppo.models.base import FlowModel
+from flowdppo.models.finetune import lora_folded
 from flowdppo.trainer.guards import call_rewards
 from flowdppo.trainer.loop import make_sampler_spec
 from flowdppo.trainer.rollout import ForwardCounter, sample
@@ -35,11 +36,8 @@ def _variant(model: FlowModel, name: str, lora: str | None) -> Iterator[None]:
         with model.reference():
             yield
     elif lora == "merged":
-        model.module.merge_adapter()
-        try:
+        with lora_folded(model.module):
             yield
-        finally:
-            model.module.unmerge_adapter()
     else:
         yield
 
@@ -59,6 +57,8 @@ def _run(
     if not prompts:
         return torch.empty(0), 0.0
     sampler = cfg.sampler.model_copy(update={"num_steps": steps})
+    # The variant decides whether the adapters are folded, not the run's sampler.merge_lora.
+    sampler = sampler.model_copy(update={"merge_lora": False})
     spec = make_sampler_spec(
         cfg.model_copy(update={"sampler": sampler}),
         model.shift,

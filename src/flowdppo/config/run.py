@@ -118,6 +118,8 @@ class Config(_Section):
                 f"{self.algorithm!r} samples with no SDE step (every member of a group would be "
                 "the same sample): drop it, or sample with an SDE kernel (e.g. nft+flow)"
             )
+        if s.merge_lora:
+            self._check_merge_lora()
         check_trust_region_forms(self.objective, s.log_prob_reduce)
         self._check_algorithm_options()
         self._check_trained_steps(first, stop)
@@ -131,6 +133,25 @@ class Config(_Section):
             self._check_summed_clip_window()
         self._check_model_and_data()
         return self
+
+    def _check_merge_lora(self) -> None:
+        m = self.model
+        if m.finetune != "lora":
+            raise ValueError(
+                "sampler.merge_lora folds LoRA adapters into the base weights, and "
+                "model.finetune is 'full' (no adapter): drop sampler.merge_lora"
+            )
+        if m.kind != "task" and m.dtype != "float32":
+            raise ValueError(
+                f"sampler.merge_lora needs float32 weights, and model.dtype is {m.dtype!r}: a "
+                "LoRA update folded into low-precision weights is mostly rounded away. Set "
+                "model.dtype=float32 or drop sampler.merge_lora"
+            )
+        if self.train.distributed == "fsdp":
+            raise ValueError(
+                "sampler.merge_lora cannot fold adapters into sharded weights "
+                "(train.distributed 'fsdp'): drop sampler.merge_lora or use 'ddp'"
+            )
 
     def _check_algorithm_options(self) -> None:
         # An option another method reads is refused rather than silently ignored, so that
@@ -159,6 +180,11 @@ class Config(_Section):
                     f"train.{key} is an option of {users} (and their OBJECTIVE+KERNEL forms), "
                     f"not of algorithm {self.algorithm!r}: drop it"
                 )
+        if name == "nft" and self.train.fuse_steps:
+            raise ValueError(
+                "train.fuse_steps batches the recorded SDE steps of a minibatch, and algorithm "
+                f"{self.algorithm!r} trains on noise levels drawn per sample instead: drop it"
+            )
         s = self.sampler
         if name in ("guard", "nft") and s.score != "gaussian":
             raise ValueError(

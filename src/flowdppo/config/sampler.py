@@ -51,6 +51,14 @@ class SamplerConfig(_Section):
         "draw and share their deterministic steps up to the first SDE step (computed once "
         "per group) and branch at its noise; members then differ only after the branch",
     )
+    merge_lora: bool = Field(
+        False,
+        description="rollouts and evaluation sampling run with the LoRA adapters folded into "
+        "the base weights (W + scaling B A, restored exactly after): fewer products per "
+        "forward, the same function up to float rounding (the first replay's ratio is 1 to "
+        "about 1e-6, not exactly); reference KL and update keep the adapters. LoRA on "
+        "float32 weights only",
+    )
 
     @field_validator("sde_window")
     @classmethod

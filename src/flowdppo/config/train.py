@@ -42,6 +42,13 @@ class TrainConfig(_Section):
         description="samples per forward and backward in the update (a minibatch is split "
         "into micro-batches whose gradients add up to its own); null: the whole minibatch",
     )
+    fuse_steps: bool = Field(
+        False,
+        description="one forward and backward per minibatch (or micro-batch) over all its "
+        "trained steps, their rows batched together, instead of one per step: the same loss "
+        "and gradient up to float rounding in fewer, larger network calls; activation "
+        "memory grows with the trained steps. Methods with SDE steps only",
+    )
     drop_zero_advantage: bool = Field(
         False,
         description="train only on samples whose advantage is not exactly 0 (a group of "

@@ -7,7 +7,11 @@ the pre-trained model costs no second copy. Full fine-tuning keeps a frozen copy
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from flowdppo.models.base import FlowModel
@@ -58,3 +62,43 @@ def trainable_state(module: nn.Module) -> dict:
 
 def linear_module_names(module: nn.Module) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+@contextmanager
+def lora_folded(module: nn.Module) -> Iterator[None]:
+    """Inside the block, every active LoRA layer of ``module`` answers from its base weight
+    with the adapter folded in, ``W + scaling * B A``: one matrix product where the adapter
+    adds two, a product and a sum, for the same function up to float rounding (the folded
+    weight is rounded once). For passes without gradient (``sampler.merge_lora``). The
+    base weights are put back exactly afterwards: the originals are kept and restored, not
+    unfolded by a subtraction that would round. A network without peft LoRA layers, or
+    one whose adapters are disabled (the reference), is left as it is.
+    """
+    layers = []
+    if "peft" in sys.modules:  # no peft imported: no LoRA layer can exist
+        from peft.tuners.lora import LoraLayer
+
+        layers = [
+            m
+            for m in module.modules()
+            if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters
+        ]
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                delta = sum(
+                    layer.get_delta_weight(name)
+                    for name in layer.active_adapters
+                    if name in layer.lora_A
+                )
+                saved.append((layer, weight, weight.data))
+                weight.data = weight.data + delta.to(weight.dtype)
+                # peft's disabled path runs the base layer alone, here with the fold.
+                layer._disable_adapters = True
+        yield
+    finally:
+        for layer, weight, original in saved:
+            weight.data = original
+            layer._disable_adapters = False

@@ -25,7 +25,8 @@ METADATA_KEY = "flowdppo"
 #: group's prefix computed once, evaluations with Euler on every level. Over 3 seeds on each
 #: task, no loss of reward at 39-41 % fewer rollout forwards (docs/cost.md, "Rollout forwards").
 FAST_ROLLOUT = {
-    "sampler": {"solver": "dpm2", "ode_stride": 2, "shared_prefix": True},
+    "sampler": {"solver": "dpm2", "ode_stride": 2, "shared_prefix": True, "merge_lora": True},
+    "train": {"fuse_steps": True},
     "log": {"eval_solver": "euler"},
 }
 

@@ -55,7 +55,7 @@ from flowdppo.trainer.update import (
     UpdateStats,
     nft_plan,
     nft_term_loss,
-    step_loss,
+    steps_loss,
 )
 from flowdppo.verbosity import phase
 
@@ -81,7 +81,14 @@ def make_sampler_spec(
     # the reference with the Flow-SDE kernel, as every other method does.
     kernel = "flow" if cfg.kernel == "ode" else cfg.kernel
     return SamplerSpec(
-        kernel, sigmas, s.eta, s.guidance_scale, s.log_prob_reduce, s.score, s.solver
+        kernel,
+        sigmas,
+        s.eta,
+        s.guidance_scale,
+        s.log_prob_reduce,
+        s.score,
+        s.solver,
+        merge_lora=s.merge_lora,
     )
 
 
@@ -509,7 +516,9 @@ class Trainer:
                 pending += 1
                 last = epoch == t.inner_epochs - 1 and b == len(batches) - 1
                 sync = pending == t.grad_accum or last
-                for j, i in enumerate(terms):
+                # train.fuse_steps: every trained step of a pass in one forward and backward.
+                chunks = [terms] if t.fuse_steps and plan is None else [[i] for i in terms]
+                for c, chunk in enumerate(chunks):
                     noise = None
                     if plan is not None:  # the whole minibatch's, as one process draws it
                         shape = (len(idx), *ro.final.shape[1:])
@@ -519,39 +528,45 @@ class Trainer:
                         if not owned:  # a stand-in of ours keeps the passes in lockstep
                             part = where.new_zeros(1)
                         rows = (idx[part] - sh.shard.start).clamp(0, sh.shard.size - 1)
-                        with sh.backward_context(sync and j == n_terms - 1 and p == passes - 1):
+                        final = sync and c == len(chunks) - 1 and p == passes - 1
+                        with sh.backward_context(final):
                             if plan is None:
-                                loss, call = step_loss(
+                                calls = steps_loss(
                                     self.model,
                                     ro,
                                     rows,
-                                    i,
+                                    chunk,
                                     local_adv,
                                     self.spec,
                                     self.objective,
                                     route,
                                 )
                             else:
-                                loss, call = nft_term_loss(
-                                    self.model,
-                                    ro,
-                                    rows,
-                                    plan.steps[epoch, idx[part], i],
-                                    local_adv,
-                                    self.spec,
-                                    self.cfg.nft,
-                                    self.old_model,
-                                    noise[part],
-                                    route,
-                                )
+                                calls = [
+                                    nft_term_loss(
+                                        self.model,
+                                        ro,
+                                        rows,
+                                        plan.steps[epoch, idx[part], chunk[0]],
+                                        local_adv,
+                                        self.spec,
+                                        self.cfg.nft,
+                                        self.old_model,
+                                        noise[part],
+                                        route,
+                                    )
+                                ]
+                            loss = sum(term.sum() for term, _ in calls)
                             if owned:
-                                (loss.sum() * scale).backward()
-                                pending_loss = pending_loss + loss.detach().sum()
+                                (loss * scale).backward()
+                                pending_loss = pending_loss + loss.detach()
                             else:  # exactly zero, even if the stand-in's loss is not finite
-                                (torch.nan_to_num(loss).sum() * 0.0).backward()
+                                zero = sum(torch.nan_to_num(term).sum() for term, _ in calls)
+                                (zero * 0.0).backward()
                         self.counter.backward += 1
-                        stats.add(unit, owned, call)
-                    unit += 1
+                        for u, (_, call) in enumerate(calls):
+                            stats.add(unit + u, owned, call)
+                    unit += len(chunk)
                 if sync:
                     # Every process takes the same skip decision: it judges the summed loss.
                     norm = self._optimizer_step(total_updates, sh.sum(pending_loss))

@@ -7,12 +7,14 @@ forward pass beyond what sampling already did.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from flowdppo import kernels, schedule, solvers
-from flowdppo.models.base import Cond, FlowModel, index_cond
+from flowdppo.models.base import Cond, FlowModel, cat_cond, index_cond
+from flowdppo.models.finetune import lora_folded
 from flowdppo.trainer.faults import fault_point
 from flowdppo.trainer.watchdog import mark
 
@@ -30,6 +32,8 @@ class SamplerSpec:
     solver: str = "euler"  # the deterministic steps' ODE solver (flowdppo.solvers)
     # Deterministic stretches step over every ode_stride-th level (schedule.step_plan).
     ode_stride: int = 1
+    # Sample with the LoRA adapters folded into the base weights (models.finetune.lora_folded).
+    merge_lora: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -89,10 +93,24 @@ class Rollout:
     means: torch.Tensor
     log_probs: torch.Tensor  # [K, B]
     stds: torch.Tensor  # [K]
+    # With a shared prefix: [B], the sample whose state and condition the group's first
+    # recorded step was computed from (the sampler's ``members`` rows). Every sample of a
+    # group has that step's state, condition and mean, so a replay of the step needs one
+    # forward per group (``branch_rows``). None: every sample is its own.
+    branch_source: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.final.shape[0]
+
+    def branch_rows(self, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For recorded step ``i`` of the samples ``idx``: ``(rows, inverse)`` when the step
+        is a shared prefix's branch step, so that a forward on ``rows`` (one sample per group
+        present), indexed by ``inverse``, is the forward on ``idx``; None otherwise."""
+        if self.branch_source is None or i != 0:
+            return None
+        rows, inverse = torch.unique(self.branch_source[idx], return_inverse=True)
+        return rows, inverse
 
 
 @dataclass(frozen=True)
@@ -198,28 +216,31 @@ def sample(
     plan = spec.plan(sde_steps)
     if until_last_sde and sde:
         plan = plan[: plan.index((max(sde), max(sde) + 1)) + 1]
-    for a, b in plan:
-        sigma = spec.sigmas[a].expand(x.shape[0])
-        v = counter.velocity(model, phase, x, sigma, step_cond, spec.guidance_scale)
-        if a == branch:  # the shared prefix ends: every sample goes on with its own row
-            x, v, step_cond = x[members], v[members], cond
-        if a not in sde:
-            x, history = spec.ode_step(a, b, v, x, history)
-            continue
-        if shard is not None:
-            out = _sharded_step(spec, a, v, x, generator, shard)
-        else:
-            out = spec.step(a, spec.kernel, v, x, generator=generator)
-        record["states"].append(x)
-        record["next_states"].append(out.prev_sample)
-        record["means"].append(out.mean)
-        record["log_probs"].append(out.log_prob)
-        stds.append(out.std.reshape(()))
-        x, history = out.prev_sample, None
+    with lora_folded(model.module) if spec.merge_lora else nullcontext():
+        for a, b in plan:
+            sigma = spec.sigmas[a].expand(x.shape[0])
+            v = counter.velocity(model, phase, x, sigma, step_cond, spec.guidance_scale)
+            if a == branch:  # the shared prefix ends: every sample goes on with its own row
+                x, v, step_cond = x[members], v[members], cond
+            if a not in sde:
+                x, history = spec.ode_step(a, b, v, x, history)
+                continue
+            if shard is not None:
+                out = _sharded_step(spec, a, v, x, generator, shard)
+            else:
+                out = spec.step(a, spec.kernel, v, x, generator=generator)
+            record["states"].append(x)
+            record["next_states"].append(out.prev_sample)
+            record["means"].append(out.mean)
+            record["log_probs"].append(out.log_prob)
+            stds.append(out.std.reshape(()))
+            x, history = out.prev_sample, None
     if not stds:  # an all-ODE pass records nothing
         return x, {}
     stacked = {k: torch.stack(v) for k, v in record.items()}
     stacked["stds"] = torch.stack(stds)
+    if members is not None:
+        stacked["branch_source"] = torch.tensor(first)[members]
     return x, stacked
 
 
@@ -295,17 +316,46 @@ def reference_kl(
     """Exact per-step KL between the policy that sampled ``ro`` and the reference model,
     at every recorded SDE step of the rollout's own trajectories: [K, B], or [K, len(rows)]
     for the samples ``rows`` only. The forwards are counted under ``phase``."""
-    cond = ro.cond if rows is None else index_cond(ro.cond, rows)
+    rows = torch.arange(ro.batch_size) if rows is None else rows
     out = []
     with model.reference():
         for i, k in enumerate(ro.sde_steps):
-            x = ro.states[i] if rows is None else ro.states[i, rows]
-            means = ro.means[i] if rows is None else ro.means[i, rows]
-            sigma = spec.sigmas[k].expand(x.shape[0])
-            v_ref = counter.velocity(model, phase, x, sigma, cond, spec.guidance_scale)
-            mean_ref, std = spec.transition(k, v_ref, x)
-            out.append(kernels.gaussian_kl(means, mean_ref, std, spec.reduce))
+            (v_ref,) = replay_velocities(model, ro, [i], rows, spec, counter, phase)
+            mean_ref, std = spec.transition(k, v_ref, ro.states[i, rows])
+            out.append(kernels.gaussian_kl(ro.means[i, rows], mean_ref, std, spec.reduce))
     return torch.stack(out)
+
+
+def replay_velocities(
+    model: FlowModel,
+    ro: Rollout,
+    steps: list[int],
+    idx: torch.Tensor,
+    spec: SamplerSpec,
+    counter: ForwardCounter,
+    phase: str,
+) -> list[torch.Tensor]:
+    """The model's velocity at each recorded step in ``steps`` of the samples ``idx``, from
+    one forward over all of their rows (each row at its step's noise level), counted under
+    ``phase``. A shared prefix's branch step runs once per group present in ``idx``
+    (:meth:`Rollout.branch_rows`): its members have one state and one condition there, so
+    the rows are the same numbers, and under gradient the index sums the members'
+    gradients into that one row's."""
+    rows, inverses = [], []
+    for i in steps:
+        shared = ro.branch_rows(i, idx)
+        rows.append(idx if shared is None else shared[0])
+        inverses.append(None if shared is None else shared[1])
+    levels = [spec.sigmas[ro.sde_steps[i]].expand(len(r)) for i, r in zip(steps, rows)]
+    if len(steps) == 1:
+        x, sigma, cond = ro.states[steps[0], rows[0]], levels[0], index_cond(ro.cond, rows[0])
+    else:
+        x = torch.cat([ro.states[i, r] for i, r in zip(steps, rows)])
+        sigma = torch.cat(levels)
+        cond = cat_cond([index_cond(ro.cond, r) for r in rows])
+    v = counter.velocity(model, phase, x, sigma, cond, spec.guidance_scale)
+    chunks = v.split([len(r) for r in rows])
+    return [c if inv is None else c[inv] for c, inv in zip(chunks, inverses, strict=True)]
 
 
 def reference_kl_rows(group: torch.Tensor, per_group: int, seed: int) -> torch.Tensor:

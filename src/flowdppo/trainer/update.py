@@ -25,7 +25,7 @@ from flowdppo.objectives import (
     official_kl,
     reference_kl_penalty,
 )
-from flowdppo.trainer.rollout import ForwardCounter, Rollout, SamplerSpec
+from flowdppo.trainer.rollout import ForwardCounter, Rollout, SamplerSpec, replay_velocities
 from flowdppo.trainer.sharding import copy_full, is_sharded
 
 
@@ -69,11 +69,45 @@ def step_loss(
     counter: ForwardCounter,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Element-wise loss of SDE step ``i`` for the samples ``idx``, with its statistics."""
+    return steps_loss(model, ro, idx, [i], advantages, spec, obj, counter)[0]
+
+
+def steps_loss(
+    model: FlowModel,
+    ro: Rollout,
+    idx: torch.Tensor,
+    steps: list[int],
+    advantages: torch.Tensor,
+    spec: SamplerSpec,
+    obj: ObjectiveSpec,
+    counter: ForwardCounter,
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """:func:`step_loss` of each recorded step in ``steps``, from one forward over all of
+    their rows (``train.fuse_steps``; one more under the reference with ``beta``)."""
+    velocities = replay_velocities(model, ro, steps, idx, spec, counter, "update")
+    references: list[torch.Tensor | None] = [None] * len(steps)
+    if obj.beta > 0:
+        with torch.no_grad(), model.reference():
+            references = replay_velocities(model, ro, steps, idx, spec, counter, "update_ref")
+    return [
+        _objective(ro, idx, i, v, v_ref, advantages, spec, obj)
+        for i, v, v_ref in zip(steps, velocities, references, strict=True)
+    ]
+
+
+def _objective(
+    ro: Rollout,
+    idx: torch.Tensor,
+    i: int,
+    v: torch.Tensor,
+    v_ref: torch.Tensor | None,
+    advantages: torch.Tensor,
+    spec: SamplerSpec,
+    obj: ObjectiveSpec,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    # Step i's transition replayed with the policy's velocity v (the reference's v_ref).
     k = ro.sde_steps[i]
     x = ro.states[i, idx]
-    cond = index_cond(ro.cond, idx)
-    sigma = spec.sigmas[k].expand(x.shape[0])
-    v = counter.velocity(model, "update", x, sigma, cond, spec.guidance_scale)
     out = spec.step(k, spec.kernel, v, x, prev_sample=ro.next_states[i, idx])
     adv = advantages[idx]
     logp_old = ro.log_probs[i, idx]
@@ -104,9 +138,8 @@ def step_loss(
             out.log_prob, logp_old, adv, obj.clip_range, obj.clip_range_high
         )
         stats["kl_mean"], stats["kl_max"] = kl.mean(), kl.max()
-    if obj.beta > 0:
-        with torch.no_grad(), model.reference():
-            v_ref = counter.velocity(model, "update_ref", x, sigma, cond, spec.guidance_scale)
+    if v_ref is not None:
+        with torch.no_grad():
             mean_ref, _ = spec.transition(k, v_ref, x)
         penalty = reference_kl_penalty(out.mean, mean_ref, out.std, obj.beta, spec.reduce)
         stats["ref_penalty"] = penalty.detach().mean()
