@@ -266,13 +266,23 @@ def test_merge_lora_samples_the_same_function_and_puts_the_weights_back_exactly(
         assert abs(float(stats["ratio_min"]) - 1) < 1e-5
 
 
-def test_merge_lora_is_refused_where_folding_would_not_be_the_same_function():
-    with pytest.raises(ConfigError, match="model.finetune is 'full'"):
-        load_config(None, ["sampler.merge_lora=true", "model.finetune=full"])
-    with pytest.raises(ConfigError, match="sharded weights"):
-        load_config(None, ["sampler.merge_lora=true", "train.distributed=fsdp"])
-    cfg = load_config(None, ["sampler.merge_lora=true"])
-    assert cfg.sampler.merge_lora and not load_config(None, []).sampler.merge_lora
+def test_merge_lora_leaves_what_it_cannot_fold_alone():
+    # The text and shapes tasks recommend it: full fine-tuning (no adapter) and FSDP
+    # (sharded weights) still run, unfolded.
+    from flowdppo.trainer.loop import make_sampler_spec
+
+    cfg = load_config(None, ["sampler.merge_lora=true", "model.finetune=full"])
+    assert make_sampler_spec(cfg, 1.0, None).merge_lora
+    fsdp = load_config(None, ["sampler.merge_lora=true", "train.distributed=fsdp"])
+    assert not make_sampler_spec(fsdp, 1.0, None).merge_lora
+    assert not load_config(None, []).sampler.merge_lora
+    model = ToyModel()  # no LoRA layer: the fold is the identity
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    x, sigma, cond = torch.randn(6, 2, 2, 2), torch.full((6,), 0.5), model.encode(PROMPTS)
+    v = model.velocity(x, sigma, cond)
+    with lora_folded(model.module):
+        assert torch.equal(model.velocity(x, sigma, cond), v)
+    assert all(torch.equal(before[k], model.module.state_dict()[k]) for k in before)
 
 
 def test_shared_prefix_rows_of_a_shard_are_those_rows_of_the_whole_rollout():

@@ -136,21 +136,11 @@ class Config(_Section):
 
     def _check_merge_lora(self) -> None:
         m = self.model
-        if m.finetune != "lora":
-            raise ValueError(
-                "sampler.merge_lora folds LoRA adapters into the base weights, and "
-                "model.finetune is 'full' (no adapter): drop sampler.merge_lora"
-            )
         if m.kind != "task" and m.dtype != "float32":
             raise ValueError(
                 f"sampler.merge_lora needs float32 weights, and model.dtype is {m.dtype!r}: a "
                 "LoRA update folded into low-precision weights is mostly rounded away. Set "
                 "model.dtype=float32 or drop sampler.merge_lora"
-            )
-        if self.train.distributed == "fsdp":
-            raise ValueError(
-                "sampler.merge_lora cannot fold adapters into sharded weights "
-                "(train.distributed 'fsdp'): drop sampler.merge_lora or use 'ddp'"
             )
 
     def _check_algorithm_options(self) -> None:

@@ -56,8 +56,9 @@ class SamplerConfig(_Section):
         description="rollouts and evaluation sampling run with the LoRA adapters folded into "
         "the base weights (W + scaling B A, restored exactly after): fewer products per "
         "forward, the same function up to float rounding (the first replay's ratio is 1 to "
-        "about 1e-6, not exactly); reference KL and update keep the adapters. LoRA on "
-        "float32 weights only",
+        "about 1e-6, not exactly); reference KL and update keep the adapters. Diffusers "
+        "models in float32 only; no effect with full fine-tuning (no adapters) or FSDP "
+        "(sharded weights are not folded)",
     )
 
     @field_validator("sde_window")

@@ -88,7 +88,8 @@ def make_sampler_spec(
         s.log_prob_reduce,
         s.score,
         s.solver,
-        merge_lora=s.merge_lora,
+        # Sharded weights are not folded (the config's description says so).
+        merge_lora=s.merge_lora and cfg.train.distributed != "fsdp",
     )
 
 
